@@ -1,0 +1,31 @@
+# The two commands of the README: `make run` and `make test`.
+# Each creates .venv when missing and installs into it only when pyproject.toml changed,
+# so a second run installs nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# FAST=1 skips the slow tests (image builds, browser, load); CI always runs everything.
+PYTEST_FLAGS := $(if $(FAST),-m "not slow",)
+
+.PHONY: run test lint clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(VENV)/bin/vitserve serve
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,158 @@
+"""The contract between model/ and service/: what an exported ONNX file carries in its metadata_props.
+
+The exporter writes ``ModelMetadata.to_props()``; the service reads ``ModelMetadata.from_props()``
+and needs nothing else. Pure Python on purpose: both halves import it, neither pulls the
+other's heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+FORMAT_VERSION = "1"
+PREFIX = "vitserve."
+
+ResizeMode = Literal["shortest", "squash"]
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MetadataError(ValueError):
+    """The ONNX file's vitserve metadata is missing or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input; reproduces timm's and Hugging Face's eval transforms.
+
+    Args:
+        image_size: the model's input side (square crop), pixels.
+        resize_size: "shortest": the shorter side is resized to this, aspect kept (timm:
+            floor(image_size / crop_pct)); "squash": both sides are resized to exactly this
+            (Hugging Face ViTImageProcessor).
+        resize_mode: "shortest" or "squash", see resize_size.
+        interpolation: Pillow resampling filter used for the resize.
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+    """
+
+    image_size: int = 224
+    resize_size: int = 248
+    resize_mode: ResizeMode = "shortest"
+    interpolation: Interpolation = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in ("shortest", "squash"):
+            raise MetadataError(f"resize_mode must be 'shortest' or 'squash', got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise MetadataError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.image_size <= 0 or self.resize_size < self.image_size:
+            raise MetadataError(
+                f"need 0 < image_size <= resize_size, got image_size={self.image_size}, resize_size={self.resize_size}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise MetadataError(f"mean and std need 3 channels with std > 0, got mean={self.mean}, std={self.std}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @classmethod
+    def timm_eval(cls, image_size: int, crop_pct: float = 0.9, interpolation: str = "bicubic",
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Preprocessing:
+        """timm's eval transform: Resize(floor(size / crop_pct)) on the short side, CenterCrop(size)."""
+        import math
+
+        return cls(image_size, math.floor(image_size / crop_pct), "shortest", interpolation, tuple(mean), tuple(std))
+
+    @classmethod
+    def hf_vit(cls, image_size: int = 224, interpolation: str = "bilinear",
+               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Preprocessing:
+        """Hugging Face ViTImageProcessor: resize both sides to size, no crop."""
+        return cls(image_size, image_size, "squash", interpolation, tuple(mean), tuple(std))
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything the service needs to know about one exported model."""
+
+    architecture: str  # e.g. "vit_base_patch16_224"
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    input_dtype: Literal["float32", "float16"] = "float32"  # what the service must feed pixel_values as
+    source: str = ""  # the checkpoint the export came from
+    weights_sha256: str = ""  # hash of the source weights, to tell exports apart
+    extra: dict[str, str] = field(default_factory=dict)  # further vitserve.* keys, kept verbatim
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_props(self) -> dict[str, str]:
+        p = self.preprocessing
+        props = {
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            "num_classes": str(self.num_classes),
+            "labels": json.dumps(list(self.labels)),
+            "image_size": str(p.image_size),
+            "resize_size": str(p.resize_size),
+            "resize_mode": p.resize_mode,
+            "interpolation": p.interpolation,
+            "crop_size": str(p.image_size),
+            "mean": json.dumps(list(p.mean)),
+            "std": json.dumps(list(p.std)),
+            "precision": self.precision,
+            "input_dtype": self.input_dtype,
+            "source": self.source,
+            "weights_sha256": self.weights_sha256,
+        }
+        props.update(self.extra)
+        return {PREFIX + k: v for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
+        """Parse metadata_props; raise MetadataError naming every missing or malformed key."""
+        ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+        required = ("architecture", "labels", "image_size", "resize_size", "resize_mode", "interpolation",
+                    "mean", "std", "precision")
+        missing = [PREFIX + k for k in required if k not in ours]
+        if missing:
+            raise MetadataError(f"ONNX file lacks vitserve metadata keys: {', '.join(missing)}")
+        try:
+            labels = tuple(json.loads(ours["labels"]))
+            preprocessing = Preprocessing(
+                image_size=int(ours["image_size"]),
+                resize_size=int(ours["resize_size"]),
+                resize_mode=ours["resize_mode"],
+                interpolation=ours["interpolation"],
+                mean=tuple(json.loads(ours["mean"])),
+                std=tuple(json.loads(ours["std"])),
+            )
+        except (ValueError, TypeError) as exc:
+            raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
+        if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
+            raise MetadataError(f"{PREFIX}num_classes={ours['num_classes']} but {len(labels)} labels")
+        known = set(required) | {"format_version", "num_classes", "crop_size", "input_dtype", "source",
+                                 "weights_sha256"}
+        return cls(
+            architecture=ours["architecture"],
+            labels=labels,
+            preprocessing=preprocessing,
+            precision=ours["precision"],
+            input_dtype=ours.get("input_dtype", "float16" if ours["precision"] == "fp16" else "float32"),
+            source=ours.get("source", ""),
+            weights_sha256=ours.get("weights_sha256", ""),
+            extra={k: v for k, v in ours.items() if k not in known},
+        )
+
+    def summary(self) -> dict:
+        """A JSON-friendly view (for GET /v1/models and `vitserve inspect`)."""
+        out = asdict(self)
+        out["num_classes"] = self.num_classes
+        out.pop("labels")
+        return out
