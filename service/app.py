@@ -1,0 +1,238 @@
+"""The FastAPI application: ``create_app(settings, engine=None)``.
+
+The lifespan loads the engine (or takes an injected one, e.g. a fake in tests), starts the
+batcher and the pre-processing pool, then warms the engine up in the background: the server
+listens at once (/healthz 200), /readyz and the inference routes answer 503 until warm-up is
+done. On shutdown it stops accepting (503), drains the batcher and frees the pools.
+
+One pure-ASGI middleware does the per-request plumbing that must happen before a route runs:
+API key, body-size limit (Content-Length first, then counting a streamed body), draining
+gate, in-flight count, and request metrics by route template and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import Batcher
+from service.errors import PayloadTooLarge, Unauthorized, error_response, install_error_handlers
+from service.metrics import Metrics
+from service.routes import v1
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("vitserve.app")
+
+# Reachable without the API key and while draining: probes and scrapers must always get through.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Routers from other modules, included when their module is installed (KServe v2, the web page).
+OPTIONAL_ROUTERS = ("service.routes.v2", "service.routes.page")
+
+
+class ServiceMiddleware:
+    """API key, body limit, draining gate, in-flight count and request metrics (pure ASGI: no overhead
+    of BaseHTTPMiddleware, and the body is never buffered here)."""
+
+    def __init__(self, app: ASGIApp, *, service: FastAPI) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.service.state
+        settings: Settings = state.settings
+        started = time.perf_counter()
+        status = 500
+        path = scope["path"]
+        guarded = path not in OPEN_PATHS
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        rejection = self._reject(scope, settings, state) if guarded else None
+        if guarded:
+            state.in_flight_requests += 1
+            state.metrics.in_flight_requests.inc()
+        try:
+            if rejection is not None:
+                await rejection(scope, receive, send_tracking)
+            else:
+                await self.app(scope, _limited_receive(receive, settings.max_upload_bytes) if guarded else receive,
+                               send_tracking)
+        finally:
+            if guarded:
+                state.in_flight_requests -= 1
+                state.metrics.in_flight_requests.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or self._route_template(scope)
+            state.metrics.observe_request(template, scope["method"], status, time.perf_counter() - started)
+
+    def _reject(self, scope: Scope, settings: Settings, state: Any):
+        headers = {k.lower(): v for k, v in ((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])}
+        if settings.api_key:
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                exc = Unauthorized()
+                return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+        if getattr(state, "draining", False):
+            return error_response(503, "not_ready", "server is shutting down; retry on another instance",
+                                  {"Retry-After": "1", "Connection": "close"})
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return error_response(400, "bad_request", f"invalid Content-Length header {length!r}")
+            if declared > settings.max_upload_bytes:
+                # Answer from the header alone: the body is never read.
+                return error_response(413, "payload_too_large",
+                                      f"request body of {declared} bytes is over the limit of "
+                                      f"{settings.max_upload_bytes} bytes (max_upload_bytes)",
+                                      {"Connection": "close"})
+        return None
+
+    def _route_template(self, scope: Scope) -> str:
+        # Early rejections never reached the router; label them by the route they were meant for.
+        for route in self.service.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", "other")
+        return "unmatched"
+
+
+def _limited_receive(receive: Receive, limit: int) -> Receive:
+    """Count body bytes as they stream in (chunked bodies have no Content-Length) and stop at the limit."""
+    received = 0
+
+    async def wrapped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (max_upload_bytes); "
+                                      "stopped reading")
+        return message
+
+    return wrapped
+
+
+def _build_engine(settings: Settings):
+    from service.engine import Engine  # onnxruntime import deferred: tests with a fake engine skip it
+
+    settings.check_model_file()
+    return Engine(settings.model, providers=settings.providers or None, intra_op_threads=settings.intra_op_threads,
+                  allow_spinning=settings.ort_allow_spinning)
+
+
+def _cores() -> int:
+    from service.engine import default_intra_op_threads
+
+    return default_intra_op_threads()
+
+
+def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: configuration; defaults to ``get_settings()`` (environment variables).
+        engine: an already-built engine (anything with ``run``, ``metadata`` and optionally
+            ``warmup`` and ``describe``); None builds ``service.engine.Engine`` from settings.model.
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        state.engine = engine if engine is not None else await asyncio.to_thread(_build_engine, settings)
+        state.metadata = state.engine.metadata
+        state.preprocess_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads or _cores(),
+                                                   thread_name_prefix="vitserve-preprocess")
+        state.batcher = Batcher(state.engine, max_batch_size=settings.max_batch_size,
+                                max_queue_delay_ms=settings.max_queue_delay_ms,
+                                max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch)
+        await state.batcher.start()
+        state.metrics.watch_queue(lambda: state.batcher.queue_depth)
+        state.warmup_task = asyncio.create_task(_warm_up(app), name="vitserve-warmup")
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.ready = False
+            state.metrics.ready.set(0)
+            state.warmup_task.cancel()
+            try:
+                await asyncio.wait_for(state.batcher.stop(drain=True), timeout=settings.shutdown_grace_s)
+            except TimeoutError:
+                log.warning("drain took over %.0f s; failing what is left", settings.shutdown_grace_s)
+                await state.batcher.stop(drain=False)
+            state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+            log.info("shut down cleanly")
+
+    app = FastAPI(
+        title="vitserve",
+        summary="Vision Transformer image classification on ONNX Runtime, with dynamic batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.ready = False
+    app.state.draining = False
+    app.state.in_flight_requests = 0
+    install_error_handlers(app)
+    app.add_middleware(ServiceMiddleware, service=app)
+    app.include_router(v1.health_router)
+    app.include_router(v1.router)
+    for module_name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        app.include_router(module.router)
+    return app
+
+
+async def _warm_up(app: FastAPI) -> None:
+    state = app.state
+    sizes = state.settings.warmup_sizes()
+    try:
+        if hasattr(state.engine, "warmup"):
+            started = time.perf_counter()
+            timings = await asyncio.to_thread(state.engine.warmup, sizes)
+            log.info("warm-up done in %.2f s (%s)", time.perf_counter() - started,
+                     ", ".join(f"batch {n}: {t * 1000:.1f} ms" for n, t in sorted(timings.items())))
+    except Exception:
+        log.exception("warm-up failed; the service stays not-ready")
+        return
+    state.ready = True
+    state.metrics.ready.set(1)
+    log.info("ready: %s", state.metadata.architecture)
+
+
+async def wait_for_idle(app: FastAPI, timeout_s: float) -> bool:
+    """Wait until no guarded request is in flight (used by the SIGTERM drain); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while app.state.in_flight_requests > 0:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -1,0 +1,261 @@
+"""The adaptive dynamic batcher: many concurrent requests, one engine, one inference at a time.
+
+One bounded ``asyncio.Queue`` and one consumer task. Each image is one queue item with its own
+future. The consumer:
+
+- blocks for the first item; if the engine was idle and nothing else is waiting, that item is
+  dispatched at once (no added latency at low load);
+- otherwise (requests piled up while the previous batch ran) takes everything waiting, up to
+  ``max_batch_size``, and waits for more at most until the oldest item has been queued
+  ``max_queue_delay_ms``: the delay is anchored at the oldest request, so no request waits
+  longer than that for company;
+- drops items whose future is already done (the client went away: its request task cancelled
+  the future) and answers items past their deadline with DeadlineExceeded, without running them;
+- runs the batch in a single worker thread (``engine.run``), and resolves every future on the
+  event loop. An exception fails exactly that batch's futures and is logged.
+
+Back-pressure: ``submit`` uses ``put_nowait``; a full queue raises Overloaded at once.
+asyncio + numpy only: no HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+
+log = logging.getLogger("vitserve.batcher")
+
+
+class BatchEngine(Protocol):
+    def run(self, batch: np.ndarray) -> np.ndarray:  # (N, 3, H, W) -> (N, K)
+        ...
+
+
+@dataclass(eq=False)
+class _Item:
+    pixels: np.ndarray  # (3, H, W)
+    future: asyncio.Future
+    enqueued_at: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() by which an answer is due
+    timings: dict | None = field(default=None)
+
+
+BatchObserver = Callable[[int, float], None]  # (batch size, inference seconds)
+
+
+class Batcher:
+    """Groups concurrent ``submit`` calls into batches for one engine.
+
+    Args:
+        engine: anything with ``run(batch (N, 3, H, W)) -> logits (N, K)``; called from one
+            worker thread, never concurrently.
+        max_batch_size: most images in one ``engine.run`` call.
+        max_queue_delay_ms: longest a queued request waits for a batch to fill once the engine
+            is busy; 0 means never wait, take what is there.
+        max_queue_size: images waiting beyond which ``submit`` answers Overloaded at once.
+        on_batch: optional callback (batch size, inference seconds) after every batch, for metrics.
+    """
+
+    def __init__(self, engine: BatchEngine, *, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
+                 max_queue_size: int = 256, on_batch: BatchObserver | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._consumer: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._accepting = False
+        self._in_flight = 0  # images taken off the queue whose batch has not finished
+        self._last_batch_s = 0.0  # duration of the last engine.run, for Retry-After hints
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-infer")
+        self._accepting = True
+        self._consumer = asyncio.create_task(self._consume(), name="vitserve-batcher")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; with ``drain`` finish everything already accepted, else fail it with NotReady."""
+        self._accepting = False
+        if self._consumer is None:
+            return
+        assert self._queue is not None
+        if drain:
+            await self._queue.join()  # every accepted item answered (run, skipped or failed)
+        self._consumer.cancel()
+        try:
+            await self._consumer
+        except asyncio.CancelledError:
+            pass
+        self._consumer = None
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(NotReady("server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting in the queue (not counting the batch running now)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- requests ----------------------------------------------------------------------------
+    async def submit(self, pixels: np.ndarray, *, deadline: float | None = None,
+                     timings: dict | None = None) -> np.ndarray:
+        """Queue one image (3, H, W) and wait for its logits (K,) float32.
+
+        Args:
+            pixels: the pre-processed image.
+            deadline: ``time.monotonic()`` by which the answer is due; later -> DeadlineExceeded.
+            timings: if given, filled with ``queue_ms``, ``inference_ms`` and ``batch_size``.
+
+        Raises Overloaded (queue full), NotReady (not started or shutting down),
+        DeadlineExceeded, InferenceFailed (the batch raised).
+        """
+        if not self._accepting or self._queue is None:
+            raise NotReady("server is not accepting requests (starting up or shutting down)", retry_after_s=1)
+        loop = asyncio.get_running_loop()
+        item = _Item(pixels, loop.create_future(), time.monotonic(), deadline, timings)
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"queue full ({self.max_queue_size} images waiting); retry later",
+                retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size),
+            ) from None
+        try:
+            if deadline is None:
+                return await item.future
+            remaining = deadline - time.monotonic()
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await item.future
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within the request deadline "
+                                   f"({(deadline - item.enqueued_at) * 1000:.0f} ms in the queue and engine)") from None
+        finally:
+            # Client gone (task cancelled) or timed out: mark the item so the consumer skips it.
+            if not item.future.done():
+                item.future.cancel()
+
+    # -- the consumer ------------------------------------------------------------------------
+    def _take(self, batch: list[_Item], now: float) -> None:
+        """Move waiting items into ``batch`` (up to the limit), answering dead ones on the spot."""
+        assert self._queue is not None
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            self._admit(item, batch, now)
+
+    def _admit(self, item: _Item, batch: list[_Item], now: float) -> None:
+        assert self._queue is not None
+        if item.future.done():  # the client went away (or its deadline fired in submit)
+            self._queue.task_done()
+        elif item.deadline is not None and now >= item.deadline:
+            item.future.set_exception(DeadlineExceeded("request deadline passed while queued; not run"))
+            self._queue.task_done()
+        else:
+            batch.append(item)
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch: list[_Item] = []
+            was_idle = self._queue.empty()
+            first = await self._queue.get()
+            self._admit(first, batch, time.monotonic())
+            self._take(batch, time.monotonic())
+            # Busy engine (items had piled up): fill the batch until the oldest item's delay is spent.
+            if not was_idle and self.max_queue_delay_s > 0:
+                while batch and len(batch) < self.max_batch_size:
+                    wait_s = batch[0].enqueued_at + self.max_queue_delay_s - time.monotonic()
+                    if wait_s <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(wait_s):
+                            item = await self._queue.get()
+                    except TimeoutError:
+                        break
+                    self._admit(item, batch, time.monotonic())
+                    self._take(batch, time.monotonic())
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Item]) -> None:
+        assert self._queue is not None and self._executor is not None
+        loop = asyncio.get_running_loop()
+        self._in_flight = len(batch)
+        started = time.monotonic()
+        try:
+            logits = await loop.run_in_executor(self._executor, _stack_and_run, self.engine,
+                                                [item.pixels for item in batch])
+        except asyncio.CancelledError:
+            # stop(drain=False) cancelled us mid-batch: nobody will resolve these otherwise.
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(NotReady("server is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any engine failure fails this batch only
+            log.exception("inference failed for a batch of %d images", len(batch))
+            error = InferenceFailed(f"inference failed for this batch of {len(batch)}: {type(exc).__name__}: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            elapsed = time.monotonic() - started
+            self._last_batch_s = elapsed
+            for row, item in enumerate(batch):
+                if item.timings is not None:
+                    item.timings["queue_ms"] = (started - item.enqueued_at) * 1000.0
+                    item.timings["inference_ms"] = elapsed * 1000.0
+                    item.timings["batch_size"] = len(batch)
+                if not item.future.done():
+                    item.future.set_result(logits[row])
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(len(batch), elapsed)
+                except Exception:  # noqa: BLE001 - metrics must never break serving
+                    log.exception("batch observer failed")
+        finally:
+            self._in_flight = 0
+            for _ in batch:
+                self._queue.task_done()
+
+
+def _stack_and_run(engine: BatchEngine, images: list[np.ndarray]) -> np.ndarray:
+    batch = np.stack(images)  # (N, 3, H, W)
+    logits = np.asarray(engine.run(batch), dtype=np.float32)  # (N, K)
+    if logits.ndim != 2 or logits.shape[0] != len(images):
+        raise ValueError(f"engine returned shape {logits.shape} for a batch of {len(images)}")
+    return logits

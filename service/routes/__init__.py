@@ -1,0 +1,83 @@
+"""HTTP routes, plus the helpers every route module shares (v1 here, KServe v2, the page).
+
+Route modules reach the service's parts through ``request.app.state`` (set by the lifespan in
+service/app.py): ``engine``, ``batcher``, ``metadata``, ``settings``, ``preprocess_pool``,
+``metrics``. ``classify_bytes`` and ``classify_pixels`` are the one path from input to logits
+(deadline, readiness, thread pool, batcher, metrics), so every protocol behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+from service.errors import NotReady, ServiceError
+from service.preprocess import load_pixels
+
+
+def app_of(request_or_app: Request | FastAPI) -> FastAPI:
+    return request_or_app.app if isinstance(request_or_app, Request) else request_or_app
+
+
+def require_ready(request_or_app: Request | FastAPI) -> Any:
+    """The app state, or NotReady (503 + Retry-After) while warming up or draining."""
+    state = app_of(request_or_app).state
+    if not getattr(state, "ready", False) or getattr(state, "draining", False):
+        raise NotReady("model is not ready (warming up or shutting down)", retry_after_s=1)
+    return state
+
+
+def request_deadline(state: Any) -> float:
+    return time.monotonic() + state.settings.request_timeout_s
+
+
+async def classify_pixels(request_or_app: Request | FastAPI, pixels: np.ndarray, *,
+                          deadline: float | None = None, timings: dict | None = None) -> np.ndarray:
+    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
+
+    ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
+    """
+    state = require_ready(request_or_app)
+    deadline = request_deadline(state) if deadline is None else deadline
+    return await state.batcher.submit(pixels, deadline=deadline, timings=timings)
+
+
+async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
+                         deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
+
+    Decoding and pre-processing run in the app's thread pool (overlapping inference);
+    the timing dict has ``queue``, ``preprocess``, ``inference`` and ``total`` in milliseconds.
+    Raises ServiceError subclasses (InvalidImage, Overloaded, NotReady, DeadlineExceeded, ...).
+    """
+    started = time.perf_counter()
+    state = require_ready(request_or_app)
+    deadline = request_deadline(state) if deadline is None else deadline
+    loop = asyncio.get_running_loop()
+    p = state.metadata.preprocessing
+    try:
+        pixels = await loop.run_in_executor(
+            state.preprocess_pool, partial(load_pixels, data, p, max_pixels=state.settings.max_image_pixels))
+    except ServiceError as exc:
+        state.metrics.image_errors.labels(exc.code).inc()
+        raise
+    preprocess_s = time.perf_counter() - started
+    state.metrics.preprocess.observe(preprocess_s)
+    stage: dict[str, float] = {}
+    try:
+        logits = await state.batcher.submit(pixels, deadline=deadline, timings=stage)
+    except ServiceError as exc:
+        state.metrics.image_errors.labels(exc.code).inc()
+        raise
+    timing_ms = {
+        "queue": round(stage.get("queue_ms", 0.0), 3),
+        "preprocess": round(preprocess_s * 1000.0, 3),
+        "inference": round(stage.get("inference_ms", 0.0), 3),
+        "total": round((time.perf_counter() - started) * 1000.0, 3),
+    }
+    return logits, timing_ms

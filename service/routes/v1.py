@@ -1,0 +1,224 @@
+"""The /v1 JSON API (classify one image, classify a batch, describe the model) and health routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from service.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.postprocess import top_k as top_k_of
+from service.routes import classify_bytes, request_deadline, require_ready
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+health_router = APIRouter(tags=["health"])
+
+IMAGE_TYPES = ("image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
+               "image/x-ms-bmp", "image/tiff", "application/octet-stream")
+_ACCEPTED = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff or multipart/form-data"
+
+_PREDICTIONS_EXAMPLE = [{"index": 3, "label": "3", "probability": 0.97}]
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _check_top_k(request: Request, top_k: int) -> int:
+    state = request.app.state
+    limit = state.settings.max_top_k
+    if not 1 <= top_k <= limit:
+        raise BadRequest(f"top_k must be between 1 and {limit}, got {top_k}")
+    return min(top_k, state.metadata.num_classes)  # asking for more classes than exist returns them all
+
+
+async def _form(request: Request, max_files: int):
+    # Starlette answers a malformed multipart body with HTTPException(400), mapped to our JSON shape.
+    return await request.form(max_files=max_files, max_fields=max_files + 16)
+
+
+async def _upload_bytes(upload: Any, field: str) -> bytes:
+    if not isinstance(upload, UploadFile):
+        raise BadRequest(f"multipart field {field!r} must be a file upload, got a plain text field")
+    return await upload.read()
+
+
+@router.post(
+    "/classify",
+    summary="Classify one image",
+    description="Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
+                "or as multipart/form-data field `file`. Returns the top-k classes.",
+    responses={200: {"content": {"application/json": {"example": {
+        "model": "vit_tiny_patch16_224", "predictions": _PREDICTIONS_EXAMPLE,
+        "timing_ms": {"queue": 0.1, "preprocess": 2.3, "inference": 5.2, "total": 7.9}}}}}},
+)
+async def classify(request: Request, top_k: int = Query(5, description="how many classes to return")) -> dict:
+    state = require_ready(request)
+    k = _check_top_k(request, top_k)
+    deadline = request_deadline(state)
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        form = await _form(request, max_files=1)
+        if "file" not in form:
+            raise BadRequest(f"multipart body needs a file field named 'file' (got fields {sorted(form.keys())})")
+        data = await _upload_bytes(form["file"], "file")
+    elif media_type in IMAGE_TYPES:
+        data = await request.body()
+    else:
+        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send {_ACCEPTED}")
+    logits, timing_ms = await classify_bytes(request, data, deadline=deadline)
+    return {
+        "model": state.metadata.architecture,
+        "predictions": top_k_of(logits, state.metadata.labels, k),
+        "timing_ms": timing_ms,
+    }
+
+
+def _decode_base64(value: Any, item_id: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidImage(f"image {item_id!r}: 'data' must be a non-empty base64 string")
+    if value.startswith("data:") and "," in value:  # accept data: URLs as browsers produce them
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"image {item_id!r}: invalid base64 ({exc})") from None
+
+
+async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | ServiceError]], int | None]:
+    """The request's images as (id, bytes or the error that image has), and the JSON top_k if given."""
+    settings = request.app.state.settings
+    limit = settings.max_batch_images
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        form = await _form(request, max_files=limit + 1)
+        uploads = form.getlist("files")
+        if not uploads:
+            raise BadRequest(f"multipart body needs one or more file fields named 'files' (got {sorted(form.keys())})")
+        if len(uploads) > limit:
+            raise PayloadTooLarge(f"too many images: {len(uploads)} > max_batch_images={limit}")
+        items = []
+        for i, upload in enumerate(uploads):
+            item_id = getattr(upload, "filename", None) or str(i)
+            items.append((item_id, await _upload_bytes(upload, "files")))
+        return items, None
+    if media_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported here; send "
+                                   "multipart/form-data with 'files' or application/json with 'images'")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("images"), list) or not body["images"]:
+        raise BadRequest('JSON body must be {"images": [{"id": str, "data": base64}, ...], "top_k": int}')
+    images = body["images"]
+    if len(images) > limit:
+        raise PayloadTooLarge(f"too many images: {len(images)} > max_batch_images={limit}")
+    top_k = body.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise BadRequest(f"top_k must be an integer, got {top_k!r}")
+    items: list[tuple[str, bytes | ServiceError]] = []
+    for i, image in enumerate(images):
+        item_id = str(image.get("id", i)) if isinstance(image, dict) else str(i)
+        try:
+            if not isinstance(image, dict):
+                raise BadRequest(f"image {i}: expected an object with 'id' and 'data'")
+            items.append((item_id, _decode_base64(image.get("data"), item_id)))
+        except ServiceError as exc:
+            items.append((item_id, exc))
+    return items, top_k
+
+
+@router.post(
+    "/classify/batch",
+    summary="Classify many images in one request",
+    description="multipart/form-data with many `files`, or JSON `{\"images\": [{\"id\": str, \"data\": base64}], "
+                "\"top_k\": 5}`. Every image goes through the batcher concurrently and gets its own result or "
+                "its own error; one bad image never fails the others.",
+)
+async def classify_batch(request: Request, top_k: int | None = Query(None, description="overrides the JSON top_k")) -> dict:
+    started = time.perf_counter()
+    state = require_ready(request)
+    deadline = request_deadline(state)
+    items, json_top_k = await _batch_inputs(request)
+    k = _check_top_k(request, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
+
+    async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
+        if isinstance(data, ServiceError):
+            return {"id": item_id, "error": data.to_dict()}, None
+        try:
+            logits, timing = await classify_bytes(request, data, deadline=deadline)
+        except ServiceError as exc:
+            return {"id": item_id, "error": exc.to_dict()}, None
+        return {"id": item_id, "predictions": top_k_of(logits, state.metadata.labels, k)}, timing
+
+    outcomes = await asyncio.gather(*(one(item_id, data) for item_id, data in items))
+    timings = [t for _, t in outcomes if t is not None]
+    # Per-stage figures are the slowest image's (what the caller waited for); total is wall time.
+    timing_ms = {stage: round(max((t[stage] for t in timings), default=0.0), 3)
+                 for stage in ("queue", "preprocess", "inference")}
+    timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+    return {"model": state.metadata.architecture, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
+
+
+@router.get("/models", summary="The served model: labels, pre-processing, providers, batching")
+async def models(request: Request) -> dict:
+    state = request.app.state
+    meta = state.metadata
+    settings = state.settings
+    engine = state.engine
+    describe = engine.describe() if hasattr(engine, "describe") else {}
+    return {
+        "name": meta.architecture,
+        "architecture": meta.architecture,
+        "num_classes": meta.num_classes,
+        "labels": list(meta.labels),
+        "image_size": meta.preprocessing.image_size,
+        "preprocessing": meta.summary()["preprocessing"],
+        "precision": meta.precision,
+        "input_dtype": meta.input_dtype,
+        "source": meta.source,
+        "providers": describe.get("providers", []),
+        "placement": describe.get("placement", {}),
+        "ready": bool(getattr(state, "ready", False)) and not getattr(state, "draining", False),
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_queue_delay_ms": settings.max_queue_delay_ms,
+            "max_queue_size": settings.max_queue_size,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "limits": {
+            "max_upload_bytes": settings.max_upload_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_batch_images": settings.max_batch_images,
+            "max_top_k": settings.max_top_k,
+        },
+    }
+
+
+@health_router.get("/healthz", summary="Liveness: the process is up")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@health_router.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    if getattr(state, "draining", False):
+        return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
+    if not getattr(state, "ready", False):
+        return JSONResponse({"status": "warming_up"}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready"})
+
+
+@health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

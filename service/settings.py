@@ -1,0 +1,101 @@
+"""All service configuration in one place: environment variables VITSERVE_*, validated at start-up.
+
+Every field's unit is in its name. ``get_settings()`` is cached so the app, the CLI and tests
+share one object; tests build their own ``Settings(...)`` and hand it to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The bundled demo model (trained and exported by model/; lives in the repository).
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / "digits" / "model.onnx"
+
+
+class Settings(BaseSettings):
+    """Service settings; each can be set as VITSERVE_<NAME> (e.g. VITSERVE_MAX_BATCH_SIZE=16)."""
+
+    model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=None, extra="ignore",
+                                      validate_default=True, protected_namespaces=())
+
+    model: Path = Field(DEFAULT_MODEL_PATH, description="path of the exported .onnx model to serve")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+
+    # Batching: CPU inference is compute-bound (batches beyond ~8 add latency, not throughput);
+    # GPU hosts want larger batches (set VITSERVE_MAX_BATCH_SIZE=32..64 there).
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most images per engine run")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest a request waits for a batch to fill")
+    max_queue_size: int = Field(256, ge=1, le=1_000_000, description="queued images before answering 429")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline per request, queue + inference")
+
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body, bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height pixels")
+    max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+
+    preprocess_threads: int = Field(0, ge=0, le=256, description="decode/resize threads; 0 = one per core")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads per operator; 0 = one per core")
+    ort_allow_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (GPU/large hosts)")
+    providers: str = Field("", description="comma list overriding provider order, e.g. 'cuda,cpu'; empty = automatic")
+    warmup_batch_sizes: str = Field("", description="comma list of batch sizes to warm up; empty = 1 and max_batch_size")
+
+    api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _expand_model(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _check_providers(cls, value: str) -> str:
+        allowed = {"tensorrt", "trt", "cuda", "cpu", "tensorrtexecutionprovider", "cudaexecutionprovider",
+                   "cpuexecutionprovider"}
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [n for n in names if n.lower() not in allowed]
+        if bad:
+            raise ValueError(f"unknown provider(s) {bad}; use a comma list of tensorrt, cuda, cpu")
+        return ",".join(names)
+
+    @field_validator("warmup_batch_sizes", mode="after")
+    @classmethod
+    def _check_warmup(cls, value: str) -> str:
+        for part in filter(None, (v.strip() for v in value.split(","))):
+            if not part.isdigit() or int(part) < 1:
+                raise ValueError(f"warmup_batch_sizes must be a comma list of positive integers, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})")
+        return self
+
+    def warmup_sizes(self) -> list[int]:
+        sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]
+        return sorted(set(sizes or [1, self.max_batch_size]))
+
+    def check_model_file(self) -> None:
+        """Raise a clear error when the model file is missing (called at start-up, not at import)."""
+        if not self.model.is_file():
+            hint = (" (the bundled demo model is built by `vitserve export`; or point VITSERVE_MODEL / --model "
+                    "at an exported .onnx file)") if self.model == DEFAULT_MODEL_PATH else ""
+            raise FileNotFoundError(f"model file not found: {self.model}{hint}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,117 @@
+"""Fixtures for the service tests: a small real ONNX ViT, fake engines, real photos as bytes."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.metadata import ModelMetadata, Preprocessing
+
+TINY_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def export_tiny_vit(path: Path, *, image_size: int = 32, preprocessing: Preprocessing | None = None,
+                    seed: int = 0) -> ModelMetadata:
+    """Export a random depth-2 ViT (fused Attention, opset 23) with vitserve metadata to ``path``."""
+    import onnx
+    import torch
+
+    from model.config import ViTConfig
+    from model.vit import build_vit
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                       num_classes=len(TINY_LABELS), name=f"vit_test_patch8_{image_size}")
+    model = build_vit(config).eval()
+    with torch.no_grad():  # the fine-tuning head starts at zero; random logits make the tests meaningful
+        torch.nn.init.normal_(model.head.weight, std=1.0)
+        torch.nn.init.normal_(model.head.bias, std=0.1)
+    x = torch.randn(2, 3, image_size, image_size)
+    program = torch.onnx.export(model, (x,), dynamo=True, opset_version=23, input_names=["pixel_values"],
+                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                verbose=False)
+    proto = program.model_proto
+    metadata = ModelMetadata(
+        architecture=config.name, labels=TINY_LABELS,
+        preprocessing=preprocessing or Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
+        precision="fp32", input_dtype="float32", source="random-test-weights")
+    for key, value in metadata.to_props().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return metadata
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny_vit.onnx"
+    export_tiny_vit(path)
+    return path
+
+
+def photo_bytes(name: str, fmt: str = "JPEG", **save_kwargs) -> bytes:
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    return {name: photo_bytes(name) for name in PHOTOS}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeEngine:
+    """Stands in for service.engine.Engine: deterministic logits, records every batch size.
+
+    Args:
+        num_classes: K.
+        image_size: side of the expected input.
+        delay_s: how long each run takes (simulates inference so requests can pile up).
+        fail_when: a predicate on the batch; True -> run raises (to test error isolation).
+    """
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, delay_s: float = 0.0, fail_when=None) -> None:
+        self.metadata = ModelMetadata(architecture="fake_vit", labels=tuple(f"class{i}" for i in range(num_classes)),
+                                      preprocessing=Preprocessing.timm_eval(image_size, 0.875, "bilinear"))
+        self.delay_s = delay_s
+        self.fail_when = fail_when
+        self.batch_sizes: list[int] = []
+        self.warmed: list[int] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import time
+
+        self.batch_sizes.append(batch.shape[0])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_when is not None and self.fail_when(batch):
+            raise RuntimeError("fake engine failure")
+        # logits: class i scores the mean of the image + i; the first pixel marks the image in tests
+        k = self.metadata.num_classes
+        means = batch.reshape(batch.shape[0], -1).mean(axis=1, dtype=np.float64)
+        return (means[:, None] + np.arange(k)[None, :] * 0.1 + batch[:, 0, 0, :1]).astype(np.float32)
+
+    def warmup(self, batch_sizes) -> dict[int, float]:
+        self.warmed.extend(batch_sizes)
+        return {n: 0.0 for n in batch_sizes}
+
+    def describe(self) -> dict:
+        return {"providers": ["FakeProvider"], "placement": {}}
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
