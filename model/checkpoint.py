@@ -23,7 +23,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,8 @@ class RawCheckpoint:
         config: the architecture the weights were trained with (image size included).
         labels: class names from the source, or None when it carries none.
         preprocessing: the source's eval transform, or None for the default.
+        preprocessing_at: the source's eval transform for any input size, when the source states it
+            as a rule (timm's crop_pct) rather than as pixels; preferred over ``preprocessing``.
         origin: see LoadedCheckpoint.origin.
         extra: see LoadedCheckpoint.extra.
     """
@@ -90,6 +92,7 @@ class RawCheckpoint:
     config: ViTConfig
     labels: tuple[str, ...] | None = None
     preprocessing: Preprocessing | None = None
+    preprocessing_at: Callable[[int], Preprocessing] | None = None
     origin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -283,8 +286,12 @@ def assemble(
     final_labels = check_labels(labels, model.config.num_classes) if labels is not None else (
         ckpt_labels or default_labels(model.config.num_classes)
     )
-    preprocessing = raw.preprocessing or Preprocessing.timm_eval(raw.config.image_size)
-    preprocessing = resize_preprocessing(preprocessing, model.config.image_size)
+    if raw.preprocessing_at is not None:
+        preprocessing = raw.preprocessing_at(model.config.image_size)
+    elif raw.preprocessing is not None:
+        preprocessing = resize_preprocessing(raw.preprocessing, model.config.image_size)
+    else:
+        preprocessing = Preprocessing.timm_eval(model.config.image_size)
     return LoadedCheckpoint(
         model=model,
         config=model.config,
@@ -404,15 +411,17 @@ def _download(repo_id: str, files: Mapping[str, tuple[str, ...]]) -> Path:
     """
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ModuleNotFoundError as exc:
         raise CheckpointError(f"downloading {repo_id} needs huggingface_hub: pip install 'vitserve[model]'") from exc
 
     def fetch(name: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, name))
+        except LocalEntryNotFoundError as exc:  # offline and not cached: says nothing about the repo's files
+            raise CheckpointError(f"cannot download {name} from the hub repo {repo_id} (offline?): {exc}") from exc
         except EntryNotFoundError:
-            return None
+            return None  # the repo has no such file
         except Exception as exc:  # offline, unknown repo, gated repo: all end the import the same way
             raise CheckpointError(f"cannot download {name} from the hub repo {repo_id}: {exc}") from exc
 

@@ -1,0 +1,185 @@
+"""Hugging Face ViT checkpoints (ViTForImageClassification / ViTModel) -> our parameter names and config.
+
+Two generations of Hugging Face parameter names exist, both handled:
+
+    transformers < 5 (and most hub files)        transformers >= 5                    ours
+    vit.embeddings.cls_token                     (same)                               cls_token
+    vit.embeddings.position_embeddings           (same)                               pos_embed
+    vit.embeddings.patch_embeddings.projection   (same)                               patch_embed.proj
+    vit.encoder.layer.{i}.layernorm_before       vit.layers.{i}.layernorm_before      blocks.i.norm1
+    ...attention.attention.{query,key,value}     ...attention.{q,k,v}_proj            blocks.i.attn.qkv (stacked)
+    ...attention.output.dense                    ...attention.o_proj                  blocks.i.attn.proj
+    ...layernorm_after                           (same)                               blocks.i.norm2
+    ...intermediate.dense / ...output.dense      ...mlp.fc1 / ...mlp.fc2              blocks.i.mlp.fc1 / fc2
+    vit.layernorm                                (same)                               norm
+    classifier                                   (same)                               head
+
+The pooler (ViTModel's tanh layer) and the masked-image-modelling mask token are not used by
+classification (Hugging Face's own ViTForImageClassification ignores them too) and are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import (
+    CheckpointError,
+    RawCheckpoint,
+    StateDict,
+    read_json,
+    read_state_dict_file,
+)
+from model.config import ViTConfig
+from service.metadata import INTERPOLATIONS, Preprocessing
+
+# What `hf:<repo>` downloads.
+HUB_FILES = {
+    "required": ("config.json",),
+    "optional": ("preprocessor_config.json",),
+    "weights": ("model.safetensors", "pytorch_model.bin"),
+}
+
+# PIL.Image.Resampling values as ViTImageProcessor stores them in "resample".
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_EXACT_GELU = ("gelu", "gelu_python")
+_DROPPED = re.compile(r"^(vit\.)?(pooler\.dense\.(weight|bias)|embeddings\.mask_token)$")
+
+# Per-block renames (suffix after the block prefix), both generations.
+_BLOCK_RENAMES = {
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_QKV_NAMES = (
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+)
+_TOP_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_BLOCK_KEY = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def convert(hf_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Pure conversion of either generation's names to ours. Keys it does not know are kept
+    unchanged, so the strict key check names them."""
+    out: StateDict = {}
+    pending_qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> {q|k|v: tensor}
+    for key, value in hf_state_dict.items():
+        if _DROPPED.match(key):
+            continue
+        if key.startswith("classifier."):
+            out["head." + key[len("classifier."):]] = value
+            continue
+        inner = key[len("vit."):] if key.startswith("vit.") else key
+        if inner in _TOP_RENAMES:
+            out[_TOP_RENAMES[inner]] = value
+            continue
+        match = _BLOCK_KEY.match(inner)
+        if match is None:
+            out[key] = value
+            continue
+        block, module, kind = int(match.group(1)), match.group(2), match.group(3)
+        qkv_part = next((names.index(module) for names in _QKV_NAMES if module in names), None)
+        if qkv_part is not None:
+            pending_qkv.setdefault((block, kind), {})["qkv"[qkv_part]] = value
+        elif module in _BLOCK_RENAMES:
+            out[f"blocks.{block}.{_BLOCK_RENAMES[module]}.{kind}"] = value
+        else:
+            out[key] = value
+    for (block, kind), parts in pending_qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            absent = sorted(set("qkv") - set(parts))
+            raise CheckpointError(f"block {block}: attention {kind} lacks the {', '.join(absent)} projection(s)")
+        # q, k, v each (D, D) or (D,) -> stacked as timm's fused qkv (3D, D) or (3D,)
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def config_from_hf(config_json: Mapping[str, Any], *, where: str) -> ViTConfig:
+    """ViTConfig of a Hugging Face ViT config.json (defaults are transformers' ViTConfig defaults)."""
+    if config_json.get("model_type") != "vit":
+        raise CheckpointError(
+            f"{where}: model_type {config_json.get('model_type')!r} is not supported (only 'vit', the paper's ViT)"
+        )
+    act = config_json.get("hidden_act", "gelu")
+    if act not in _EXACT_GELU:
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (the ViT MLP uses exact GELU)")
+    id2label = config_json.get("id2label") or {}
+    num_classes = int(config_json.get("num_labels", len(id2label) if id2label else 2))
+    architectures = config_json.get("architectures") or []
+    if architectures and "ViTForImageClassification" not in architectures:
+        num_classes = 0  # a bare ViTModel backbone has no classifier
+    hidden = int(config_json.get("hidden_size", 768))
+    try:
+        return ViTConfig(
+            image_size=int(config_json.get("image_size", 224)),
+            patch_size=int(config_json.get("patch_size", 16)),
+            embed_dim=hidden,
+            depth=int(config_json.get("num_hidden_layers", 12)),
+            num_heads=int(config_json.get("num_attention_heads", 12)),
+            mlp_dim=int(config_json.get("intermediate_size", 3072)),
+            num_classes=num_classes,
+            norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
+            qkv_bias=bool(config_json.get("qkv_bias", True)),
+            in_chans=int(config_json.get("num_channels", 3)),
+            name=str(config_json.get("_name_or_path") or "hf_vit").rsplit("/", 1)[-1] or "hf_vit",
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+
+
+def labels_from_hf(config_json: Mapping[str, Any], num_classes: int) -> tuple[str, ...] | None:
+    """id2label as a tuple, or None when it is missing or only transformers' generic LABEL_i names."""
+    id2label = config_json.get("id2label") or {}
+    if len(id2label) != num_classes or num_classes == 0:
+        return None
+    names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    return names
+
+
+def preprocessing_from_hf(processor: Mapping[str, Any] | None, image_size: int) -> Preprocessing:
+    """ViTImageProcessor's settings (resize both sides, no crop); its defaults when there is no file."""
+    if not processor:
+        return Preprocessing.hf_vit(image_size)
+    interpolation = _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear")
+    assert interpolation in INTERPOLATIONS
+    mean = tuple(processor.get("image_mean") or (0.5, 0.5, 0.5)) if processor.get("do_normalize", True) else (0.0,) * 3
+    std = tuple(processor.get("image_std") or (0.5, 0.5, 0.5)) if processor.get("do_normalize", True) else (1.0,) * 3
+    return Preprocessing.hf_vit(image_size, interpolation, mean, std)
+
+
+def read_dir(directory: Path, source: str) -> RawCheckpoint:
+    """A save_pretrained directory: config.json, model.safetensors or pytorch_model.bin, optional preprocessor_config.json."""
+    config_path = directory / "config.json"
+    config_json = read_json(config_path)
+    config = config_from_hf(config_json, where=str(config_path))
+    weights = next((directory / n for n in HUB_FILES["weights"] if (directory / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{directory} has none of {', '.join(HUB_FILES['weights'])}")
+    processor_path = directory / "preprocessor_config.json"
+    processor = read_json(processor_path) if processor_path.is_file() else None
+    return RawCheckpoint(
+        state_dict=convert(read_state_dict_file(weights)),
+        config=config,
+        labels=labels_from_hf(config_json, config.num_classes),
+        preprocessing=preprocessing_from_hf(processor, config.image_size),
+        origin=source,
+    )
