@@ -33,8 +33,10 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger("vitserve.app")
 
-# Reachable without the API key and while draining: probes and scrapers must always get through.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Reachable without the API key and while draining: probes and scrapers must always get through;
+# so must the web page and its two files (the key is typed into the page) and the v2 health probes.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
+                        "/", "/static/app.js", "/static/style.css"})
 # Routers from other modules, included when their module is installed (KServe v2, the web page).
 OPTIONAL_ROUTERS = ("service.routes.v2", "service.routes.page")
 
