@@ -17,41 +17,43 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def export_tiny_vit(path: Path, *, image_size: int = 32, preprocessing: Preprocessing | None = None,
-                    seed: int = 0) -> ModelMetadata:
-    """Export a random depth-2 ViT (fused Attention, opset 23) with vitserve metadata to ``path``."""
-    import onnx
+                    seed: int = 0, depth: int = 2, embed_dim: int = 32, patch_size: int = 8):
+    """Export a random ViT (tiny by default) with model.export's public function; returns the torch model.
+
+    The head is re-initialised with random weights: the paper's zero head would give all-equal
+    logits and make every prediction test vacuous.
+    """
     import torch
 
     from model.config import ViTConfig
+    from model.export import export_model
     from model.vit import build_vit
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
-                       num_classes=len(TINY_LABELS), name=f"vit_test_patch8_{image_size}")
+    config = ViTConfig(image_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                       num_heads=2, mlp_dim=2 * embed_dim, num_classes=len(TINY_LABELS),
+                       name=f"vit_test_patch{patch_size}_{image_size}")
     model = build_vit(config).eval()
-    with torch.no_grad():  # the fine-tuning head starts at zero; random logits make the tests meaningful
+    with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=1.0)
         torch.nn.init.normal_(model.head.bias, std=0.1)
-    x = torch.randn(2, 3, image_size, image_size)
-    program = torch.onnx.export(model, (x,), dynamo=True, opset_version=23, input_names=["pixel_values"],
-                                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                verbose=False)
-    proto = program.model_proto
-    metadata = ModelMetadata(
-        architecture=config.name, labels=TINY_LABELS,
-        preprocessing=preprocessing or Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
-        precision="fp32", input_dtype="float32", source="random-test-weights")
-    for key, value in metadata.to_props().items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-    return metadata
+    export_model(model, config, path, labels=TINY_LABELS,
+                 preprocessing=preprocessing or Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
+                 source="random-test-weights")
+    return model
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory) -> Path:
+def tiny_vit(tmp_path_factory):
+    """(path of the exported .onnx, the PyTorch model it came from)."""
     path = tmp_path_factory.mktemp("models") / "tiny_vit.onnx"
-    export_tiny_vit(path)
-    return path
+    model = export_tiny_vit(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_vit) -> Path:
+    return tiny_vit[0]
 
 
 def photo_bytes(name: str, fmt: str = "JPEG", **save_kwargs) -> bytes:
@@ -115,3 +117,14 @@ class FakeEngine:
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
+
+
+@pytest.fixture
+def make_fake_engine():
+    """The FakeEngine class, as a fixture (test modules do not import conftest directly)."""
+    return FakeEngine
+
+
+@pytest.fixture(scope="session")
+def encode_photo():
+    return photo_bytes

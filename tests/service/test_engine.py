@@ -1,0 +1,79 @@
+"""The ONNX Runtime engine against the PyTorch model it was exported from, on real photos."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from service.engine import CPU, Engine, EngineError, parse_providers
+from service.preprocess import load_pixels
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx) -> Engine:
+    return Engine(tiny_onnx, providers="cpu")
+
+
+def test_logits_match_pytorch_on_photos_preprocessed_by_timm(engine, tiny_vit, photos):
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    _, model = tiny_vit
+    p = engine.metadata.preprocessing
+    reference = create_transform(**resolve_data_config({
+        "input_size": (3, p.image_size, p.image_size), "crop_pct": p.image_size / p.resize_size,
+        "interpolation": p.interpolation, "mean": p.mean, "std": p.std}))
+    timm_batch = torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in photos.values()])
+    with torch.no_grad():
+        expected = model(timm_batch).numpy()
+    ours = engine.run(np.stack([load_pixels(d, p, max_pixels=10**8) for d in photos.values()]))
+    assert ours.dtype == np.float32 and ours.shape == (len(photos), 10)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+    assert (ours.argmax(1) == expected.argmax(1)).all()
+
+
+def test_batch_of_n_equals_n_single_runs(engine):
+    batch = np.random.default_rng(1).standard_normal((5, *engine.input_shape), dtype=np.float32)
+    together = engine.run(batch)
+    alone = np.concatenate([engine.run(batch[i : i + 1]) for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_metadata_names_and_placement(engine):
+    assert engine.metadata.architecture == "vit_test_patch8_32"
+    assert engine.input_name == "pixel_values" and engine.output_name == "logits"
+    assert engine.providers == [CPU] and not engine.on_gpu
+    engine.warmup([1, 2])
+    # Placement comes from ORT's profiler: both fused Attention nodes ran on the CPU provider here.
+    assert engine.placement[CPU]["Attention"] == 2
+    assert "Softmax" not in engine.placement[CPU]
+
+
+def test_rejects_wrong_input_shape(engine):
+    with pytest.raises(ValueError, match="expected a batch of shape"):
+        engine.run(np.zeros((1, 3, 16, 16), np.float32))
+
+
+def test_model_without_metadata_is_refused_naming_the_keys(tiny_onnx, tmp_path):
+    proto = onnx.load(str(tiny_onnx))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(EngineError, match="vitserve.architecture"):
+        Engine(bare, providers="cpu", log_placement=False)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        Engine(tmp_path / "nope.onnx")
+
+
+def test_provider_names_and_aliases():
+    assert parse_providers("cuda, CPU") == ["CUDAExecutionProvider", CPU]
+    assert parse_providers("") is None and parse_providers(None) is None
+    with pytest.raises(EngineError, match="unknown ONNX Runtime provider 'gpu'"):
+        parse_providers("gpu")
