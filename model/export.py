@@ -96,6 +96,14 @@ def resolve_precision(precision: str | None, target: str | None) -> str:
     return "fp32"
 
 
+def check_options(precision: str, opset: int) -> None:
+    """Fail on a bad precision or opset before any slow work starts."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if opset < MIN_FUSED_OPSET:
+        raise ExportError(f"opset {opset} has no fused Attention op; use --opset {MIN_FUSED_OPSET} or higher")
+
+
 def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Export ``module`` (pixels -> logits) with a dynamic batch axis; no metadata, no precision change.
 
@@ -186,10 +194,7 @@ def export_model(model: torch.nn.Module, config: ViTConfig, output: str | os.Pat
     """
     from tqdm.auto import tqdm
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if opset < MIN_FUSED_OPSET:
-        raise ExportError(f"opset {opset} has no fused Attention op; use --opset {MIN_FUSED_OPSET} or higher")
+    check_options(precision, opset)
     if len(labels) != config.num_classes:
         raise ExportError(f"{len(labels)} labels for a head with {config.num_classes} classes")
     metadata = build_metadata(config, labels=labels, preprocessing=preprocessing, precision=precision, source=source,
@@ -252,10 +257,15 @@ def export_checkpoint(source: str, output: str | os.PathLike, *, precision: str 
 
     Raises model.verify.VerificationFailed (carrying the report) when a parity bound is missed.
     """
+    from tqdm.auto import tqdm
+
     from model.checkpoint import import_checkpoint
 
     precision = resolve_precision(precision, target)
-    loaded = import_checkpoint(source, model_name=model_name, num_classes=num_classes, image_size=image_size)
+    check_options(precision, opset)
+    with tqdm(total=1, desc=f"import {source}", disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
+        loaded = import_checkpoint(source, model_name=model_name, num_classes=num_classes, image_size=image_size)
+        bar.update()
     result = export_model(
         loaded.model, loaded.config, output, labels=loaded.labels, preprocessing=loaded.preprocessing,
         source=loaded.source, weights_sha256=loaded.weights_sha256, precision=precision, opset=opset,

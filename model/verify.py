@@ -321,12 +321,16 @@ def verify_against_source(path: str | os.PathLike, source: str, *, model_name: s
     """``vitserve verify``: check a file against the checkpoint it claims to come from.
 
     The file is inspected first, so a corrupt or foreign file fails before any checkpoint loads.
+    Options not given default to what the file says (architecture, class count, image size), so the
+    checkpoint is imported the way the export imported it and the weights hashes can be compared.
     """
     from model.checkpoint import import_checkpoint
 
     info = inspect_export(path)
-    loaded = import_checkpoint(source, model_name=model_name, num_classes=num_classes,
-                               image_size=image_size or info.metadata.preprocessing.image_size)
+    meta = info.metadata
+    loaded = import_checkpoint(source, model_name=model_name or meta.architecture,
+                               num_classes=num_classes or meta.num_classes,
+                               image_size=image_size or meta.preprocessing.image_size)
     return verify_export(info.path, loaded.model, expected_sha256=loaded.weights_sha256, progress=progress)
 
 

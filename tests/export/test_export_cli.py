@@ -1,0 +1,59 @@
+"""`vitserve export` and `vitserve verify` end to end, through the real CLI dispatcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from service.cli import main
+from service.metadata import ModelMetadata
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_export_then_verify_a_random_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "random:vit_tiny_patch16_224", "-o", str(out), "--target", "cpu", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "12 fused node(s) for depth 12, 0 Softmax" in summary and "PASSED" in summary
+    assert "same hash as the source" in summary
+    meta = ModelMetadata.from_props({p.key: p.value for p in onnx.load(out).metadata_props})
+    assert meta.precision == "fp32" and meta.source == "random:vit_tiny_patch16_224" and meta.num_classes == 1000
+
+    assert main(["verify", str(out), "--against", "random:vit_tiny_patch16_224", "--no-progress"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def _vitserve(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=env)
+
+
+def test_verify_on_a_corrupt_file_exits_2_with_a_message_not_a_traceback(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"definitely not protobuf" * 10)
+    done = _vitserve("verify", str(bad), "--against", "random:vit_tiny_patch16_224", "--no-progress")
+    assert done.returncode == 2
+    assert "vitserve verify: error:" in done.stderr and "not an ONNX model" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_export_rejects_an_unfusable_opset_before_importing(tmp_path, capsys):
+    code = main(["export", "/nonexistent.safetensors", "-o", str(tmp_path / "x.onnx"), "--opset", "18"])
+    assert code == 2
+    assert "opset 18 has no fused Attention op" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_reports_a_bad_source_clearly(tmp_path, capsys):
+    code = main(["export", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.onnx"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitserve export: error:") and "missing.safetensors" in err
