@@ -23,6 +23,7 @@ import asyncio
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -35,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import v2_codec
 from service.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
-from service.preprocess import load_pixels
+from service.routes import classify_bytes, classify_pixels, request_deadline, require_ready
 from service.v2_codec import MODEL_VERSION, V2ProtocolError
 
 SERVER_NAME = "vitserve"
@@ -151,47 +152,41 @@ _INFER_OPENAPI = {
              openapi_extra=_INFER_OPENAPI)
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     _check_model(request, model_name, model_version)
-    state = request.app.state
+    state = require_ready(request)
     settings = state.settings
     body = await _read_body(request, settings.max_upload_bytes)
     header_length = v2_codec.parse_header_length(request.headers.get(v2_codec.HEADER_LENGTH_HEADER), len(body))
 
-    loop = asyncio.get_running_loop()
-    pool = state.preprocess_pool
     # Parsing JSON pixel data is CPU work (milliseconds per image): keep it off the event loop.
-    parsed = await loop.run_in_executor(
-        pool, lambda: v2_codec.parse_infer_request(
-            body, header_length, image_size=state.metadata.preprocessing.image_size,
-            max_batch=settings.max_batch_images)
-    )
-    deadline = time.monotonic() + settings.request_timeout_s
-    if parsed.timeout_us is not None:  # the client's own deadline, if sooner
+    parsed = await asyncio.get_running_loop().run_in_executor(
+        state.preprocess_pool, partial(v2_codec.parse_infer_request, body, header_length,
+                                       image_size=state.metadata.preprocessing.image_size,
+                                       max_batch=settings.max_batch_images))
+    deadline = request_deadline(state)
+    if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
         deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
 
-    batcher = state.batcher
+    # Every element goes through the batcher on its own, like /v1 images: they batch with each
+    # other and with concurrent requests.
     if parsed.images is not None:
-        preprocessing = state.metadata.preprocessing
-
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
-                pixels = await loop.run_in_executor(
-                    pool, lambda: load_pixels(data, preprocessing, max_pixels=settings.max_image_pixels))
+                logits, _ = await classify_bytes(request, data, deadline=deadline)
             except ServiceError as exc:
                 exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
                 raise
-            return await batcher.submit(pixels, deadline=deadline)
+            return logits
 
         jobs = [classify_image(i, data) for i, data in enumerate(parsed.images)]
     else:
-        jobs = [batcher.submit(np.ascontiguousarray(p), deadline=deadline) for p in parsed.pixel_values]
+        jobs = [classify_pixels(request, pixels, deadline=deadline) for pixels in parsed.pixel_values]
     logits = np.stack(await _all_or_nothing(jobs))  # (N, K)
 
     content, json_length = v2_codec.build_infer_response(
         model_name=model_name, request=parsed, logits=logits, labels=state.metadata.labels)
     if json_length is None:
         return Response(content, media_type="application/json")
-    return Response(content, media_type=_OCTET_STREAM,
-                    headers={v2_codec.HEADER_LENGTH_HEADER: str(json_length)})
+    return Response(content, media_type=_OCTET_STREAM, headers={v2_codec.HEADER_LENGTH_HEADER: str(json_length)})
 
 
 async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]:
