@@ -1,0 +1,254 @@
+"""Podman on a machine with no Docker engine and no reachable registry: what the container tests drive.
+
+Everything lives under one private temporary root (storage, run root, configs), so the tests never
+touch the host's own containers and can delete all they made by deleting that root. Facts this
+module is built on, measured on the CI machines (Debian bookworm, podman 4.3, hybrid cgroups v1):
+
+- ``podman build`` needs ``--isolation chroot`` (the OCI isolation fails on these cgroups) and
+  ``--format docker`` (the OCI format silently drops HEALTHCHECK and STOPSIGNAL stays but the
+  health check is what we test).
+- ``podman run`` needs ``runtime = "runc"`` (crun is not installed) and explicit default ulimits
+  (the host's hard limits are below podman's defaults).
+- Health checks are driven by systemd timers, which this machine does not run: a test calls
+  ``podman healthcheck run`` itself.
+- pip inside a build must trust the host's CA bundle (outbound HTTPS is intercepted); the bundle and
+  a pip.conf naming it are mounted for the build only, so no image ever contains them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# What the slim Python base provides and a debootstrapped minbase lacks: Python with venv/ensurepip
+# (bookworm's python3 is 3.11; the project needs >= 3.11) and CA certificates.
+STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "fuse-overlayfs", "uidmap")
+
+
+class PodmanError(RuntimeError):
+    """A podman command failed; the message carries its command line and output."""
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
+
+
+def install_tools() -> None:
+    """apt-get the container tools (root only); raises with apt's output when that fails."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Podman:
+    """Runs podman against a private storage root.
+
+    Args:
+        root: an empty directory this instance owns: storage, run root and configs go under it, and
+            ``close()`` deletes it.
+    """
+
+    root: Path
+    env: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        conf = self.root / "conf"
+        conf.mkdir(parents=True, exist_ok=True)
+        (conf / "storage.conf").write_text(
+            "[storage]\n"
+            'driver = "overlay"\n'
+            f'graphroot = "{self.root / "storage"}"\n'
+            f'runroot = "{self.root / "run"}"\n'
+        )
+        (conf / "containers.conf").write_text(
+            "[containers]\n"
+            'default_ulimits = ["nofile=1024:4096", "nproc=4096:4096"]\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "file"\n'
+            f'tmp_dir = "{self.root / "tmp"}"\n'
+            "[network]\n"
+            f'network_config_dir = "{conf / "networks"}"\n'
+        )
+        # Registries are unreachable here: resolve short names to docker.io without prompting, and
+        # every build/run passes --pull=never so only local images are used.
+        (conf / "registries.conf").write_text(
+            'unqualified-search-registries = ["docker.io"]\nshort-name-mode = "permissive"\n'
+        )
+        (conf / "pip.conf").write_text(f"[global]\ncert = {HOST_CA_BUNDLE}\n")
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(conf / "storage.conf"),
+            "CONTAINERS_CONF": str(conf / "containers.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(conf / "registries.conf"),
+            "TMPDIR": str(self._mkdir("tmp")),
+        }
+
+    def _mkdir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def __call__(self, *args: str, timeout: float = 120, check: bool = True,
+                 input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = ["podman", *args]
+        result = subprocess.run(cmd, env=self.env, capture_output=True, timeout=timeout, input=input)
+        out = subprocess.CompletedProcess(cmd, result.returncode, result.stdout.decode(errors="replace"),
+                                          result.stderr.decode(errors="replace"))
+        if check and out.returncode != 0:
+            raise PodmanError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+        return out
+
+    def build(self, context: Path, dockerfile: Path, tag: str, build_args: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Build with the flags this machine needs; the CA bundle and pip.conf exist only during the build."""
+        args = ["build", "--isolation", "chroot", "--format", "docker", "--pull=never", "--layers",
+                "-f", str(dockerfile), "-t", tag,
+                "-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
+                "-v", f"{self.root / 'conf' / 'pip.conf'}:/etc/pip.conf:ro"]
+        for key, value in (build_args or {}).items():
+            args += ["--build-arg", f"{key}={value}"]
+        return self(*args, str(context), timeout=timeout)
+
+    def image_size_bytes(self, tag: str) -> int:
+        return int(self("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
+
+    def inspect(self, ref: str, fmt: str, kind: str = "image") -> str:
+        return self(kind, "inspect", "--format", fmt, ref).stdout.strip()
+
+    def close(self) -> None:
+        """Remove every container and image in the private storage, then the storage itself."""
+        with contextlib.suppress(Exception):
+            self("rm", "--all", "--force", "--time", "0", timeout=120, check=False)
+        with contextlib.suppress(Exception):
+            self("system", "reset", "--force", timeout=300, check=False)
+        # overlay may leave mounts behind when a reset was interrupted; unmount before deleting
+        storage = str(self.root)
+        with open("/proc/mounts") as mounts:
+            targets = [line.split()[1] for line in mounts if line.split()[1].startswith(storage)]
+        for target in sorted(targets, key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def standin_tarball(cache_dir: Path, suite: str = "bookworm", packages: Sequence[str] = STANDIN_PACKAGES) -> Path:
+    """A minbase Debian root with the packages a slim Python image provides, as a tar (cached).
+
+    The tarball depends only on the suite and package list, so it is safe to keep between runs.
+    """
+    key = hashlib.sha256(f"{suite}:{','.join(sorted(packages))}".encode()).hexdigest()[:12]
+    tarball = cache_dir / f"standin-{suite}-{key}.tar"
+    if tarball.exists():
+        return tarball
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vitserve-debootstrap-", dir=cache_dir) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", suite, str(rootfs), DEBIAN_MIRROR]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        # Slim images ship without apt lists or caches; keep the stand-in as lean as they are.
+        for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (rootfs / leftover).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        partial = tarball.with_suffix(".partial")
+        subprocess.run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(partial), "."], check=True, timeout=300)
+        partial.rename(tarball)
+    return tarball
+
+
+def import_standin(podman: Podman, tarball: Path, tags: Sequence[str]) -> None:
+    """Import the stand-in root and tag it with the exact names the Dockerfiles' FROM lines use."""
+    # The same image config a python:3.x-slim image carries that matters to a build or a run.
+    changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "ENV LANG=C.UTF-8", 'CMD ["python3"]']
+    args = ["import"]
+    for change in changes:
+        args += ["--change", change]
+    podman(*args, str(tarball), "localhost/vitserve-standin:latest", timeout=300)
+    for tag in tags:
+        podman("tag", "localhost/vitserve-standin:latest", tag)
+
+
+@dataclass
+class Container:
+    """One detached container, published on 127.0.0.1:port; ``remove()`` is idempotent."""
+
+    podman: Podman
+    name: str
+    port: int
+
+    @classmethod
+    def start(cls, podman: Podman, image: str, name: str, env: dict[str, str] | None = None,
+              volumes: Sequence[str] = (), stop_timeout_s: int = 30) -> Container:
+        port = free_port()
+        args = ["run", "--detach", "--pull=never", "--name", name, "--publish", f"127.0.0.1:{port}:8000",
+                "--stop-timeout", str(stop_timeout_s)]
+        for key, value in (env or {}).items():
+            args += ["--env", f"{key}={value}"]
+        for volume in volumes:
+            args += ["--volume", volume]
+        podman(*args, image)
+        return cls(podman, name, port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        out = self.podman("logs", self.name, check=False)
+        return out.stdout + out.stderr
+
+    def state(self) -> str:
+        return self.podman.inspect(self.name, "{{.State.Status}}", kind="container")
+
+    def wait_healthy(self, timeout_s: float = 120) -> float:
+        """Run the image's HEALTHCHECK until it passes; returns the seconds it took."""
+        start = time.monotonic()
+        while True:
+            if self.podman("healthcheck", "run", self.name, check=False, timeout=60).returncode == 0:
+                return time.monotonic() - start
+            if self.state() != "running":
+                raise PodmanError(f"{self.name} exited before becoming healthy:\n{self.logs()[-4000:]}")
+            if time.monotonic() - start > timeout_s:
+                raise PodmanError(f"{self.name} not healthy after {timeout_s}s:\n{self.logs()[-4000:]}")
+            time.sleep(1)
+
+    def exec(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.podman("exec", self.name, *cmd, timeout=timeout)
+
+    def remove(self) -> None:
+        self.podman("rm", "--force", "--time", "0", self.name, check=False)
+
+
+@contextlib.contextmanager
+def private_podman(prefix: str = "vitserve-podman-") -> Iterator[Podman]:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    podman = Podman(root)
+    try:
+        yield podman
+    finally:
+        podman.close()
