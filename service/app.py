@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import Batcher
@@ -48,6 +48,7 @@ class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, service: FastAPI) -> None:
         self.app = app
         self.service = service
+        self._templates: list | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,11 +111,14 @@ class ServiceMiddleware:
         return None
 
     def _route_template(self, scope: Scope) -> str:
-        # Early rejections never reached the router; label them by the route they were meant for.
-        for route in self.service.router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "other")
+        # Early rejections never reached the router; label them by the documented route they were
+        # meant for (a bounded label set: never the raw path, which a client could vary at will).
+        if self._templates is None:
+            paths = list(self.service.openapi().get("paths", {}))
+            self._templates = [(compile_path(path)[0], path) for path in paths]
+        for regex, template in self._templates:
+            if regex.match(scope["path"]):
+                return template
         return "unmatched"
 
 

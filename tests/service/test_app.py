@@ -1,0 +1,134 @@
+"""The app in-process (fake engine): API key, readiness around warm-up, draining, errors' JSON shape."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def _wait_ready(client: TestClient, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never became ready"
+        time.sleep(0.01)
+
+
+def test_api_key_guards_everything_but_probes_and_metrics(make_fake_engine, encode_photo):
+    app = create_app(Settings(api_key="s3cret-key"), engine=make_fake_engine())
+    jpeg = encode_photo("coffee")
+    with TestClient(app) as client:
+        _wait_ready(client)
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(path).status_code == 200, path
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"},
+                        {"Authorization": "s3cret-key"}):
+            r = client.post("/v1/classify", content=jpeg, headers={"Content-Type": "image/jpeg", **headers})
+            assert r.status_code == 401, headers
+            assert r.json()["error"]["code"] == "unauthorized" and r.headers["WWW-Authenticate"] == "Bearer"
+        assert client.get("/v1/models").status_code == 401
+        ok = client.post("/v1/classify", content=jpeg,
+                         headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-key"})
+        assert ok.status_code == 200 and ok.json()["model"] == "fake_vit"
+        metrics = client.get("/metrics").text
+        assert 'route="/v1/classify",status="401"' in metrics
+
+
+def test_not_ready_until_warm_up_finishes(make_fake_engine, encode_photo):
+    release = threading.Event()
+    engine = make_fake_engine()
+    engine.warmup = lambda sizes: (release.wait(10), {})[1]
+    app = create_app(Settings(max_batch_size=4), engine=engine)
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "warming_up"
+        early = client.post("/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
+        assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
+        assert early.headers["Retry-After"] == "1"
+        release.set()
+        _wait_ready(client)
+        assert client.post("/v1/classify", content=encode_photo("coffee"),
+                           headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+def test_warm_up_covers_one_and_the_max_batch(make_fake_engine):
+    engine = make_fake_engine()
+    with TestClient(create_app(Settings(max_batch_size=16), engine=engine)) as client:
+        _wait_ready(client)
+    assert sorted(set(engine.warmed)) == [1, 16]
+
+
+def test_draining_refuses_new_work_but_keeps_probes(make_fake_engine, encode_photo):
+    app = create_app(Settings(), engine=make_fake_engine())
+    with TestClient(app) as client:
+        _wait_ready(client)
+        app.state.draining = True
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "draining"
+        refused = client.post("/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_inference_failure_is_a_json_500_and_the_app_recovers(make_fake_engine, encode_photo):
+    fail = {"on": True}
+    engine = make_fake_engine(fail_when=lambda batch: fail["on"])
+    with TestClient(create_app(Settings(), engine=engine)) as client:
+        _wait_ready(client)
+        r = client.post("/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "inference_failed"
+        fail["on"] = False
+        assert client.post("/v1/classify", content=encode_photo("coffee"),
+                           headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+def test_top_k_larger_than_the_class_count_returns_every_class(make_fake_engine, encode_photo):
+    with TestClient(create_app(Settings(), engine=make_fake_engine(num_classes=3))) as client:
+        _wait_ready(client)
+        r = client.post("/v1/classify?top_k=50", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200 and [p["index"] for p in r.json()["predictions"]] == [2, 1, 0]
+
+
+def test_validation_errors_use_the_same_json_shape(make_fake_engine):
+    with TestClient(create_app(Settings(), engine=make_fake_engine())) as client:
+        _wait_ready(client)
+        r = client.post("/v1/classify?top_k=many", content=b"x", headers={"Content-Type": "image/png"})
+        assert r.status_code == 422
+        assert r.json()["error"]["code"] == "validation_error" and "top_k" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_queue_size": 4, "max_batch_size": 8}, "max_queue_size"),
+    ({"providers": "gpu"}, "unknown provider"),
+    ({"warmup_batch_sizes": "1,x"}, "warmup_batch_sizes"),
+    ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
+])
+def test_settings_are_validated_with_clear_messages(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Settings(**bad)
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VITSERVE_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("VITSERVE_MAX_QUEUE_DELAY_MS", "7.5")
+    monkeypatch.setenv("VITSERVE_LOG_LEVEL", "WARNING")
+    s = Settings()
+    assert (s.max_batch_size, s.max_queue_delay_ms, s.log_level) == (32, 7.5, "warning")
+    assert s.model.name == "model.onnx" and s.model.parent.name == "digits"
+    assert s.warmup_sizes() == [1, 32]
+
+
+def test_cli_reports_bad_settings_and_missing_model(tmp_path, capsys, monkeypatch):
+    from service.cli import main
+
+    assert main(["serve", "--max-batch-size", "0", "--model", str(tmp_path / "m.onnx")]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing.onnx")]) == 2
+    assert "model file not found" in capsys.readouterr().err
