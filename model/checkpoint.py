@@ -126,12 +126,13 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, 
     """
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VisionTransformer(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    # Listed in the model's own order (embeddings, blocks, head), which reads like the architecture.
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f"{k} (expected {expected[k]}, got {tuple(state_dict[k].shape)})"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != expected[k]
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
     ]
     problems = []
     if missing:
@@ -222,9 +223,21 @@ def resize_preprocessing(preprocessing: Preprocessing, image_size: int) -> Prepr
     if preprocessing.resize_mode == "squash" and preprocessing.resize_size == preprocessing.image_size:
         resize_size = image_size
     else:
-        crop_pct = preprocessing.image_size / preprocessing.resize_size
-        resize_size = math.floor(image_size / crop_pct)
+        resize_size = math.floor(image_size / _crop_pct(preprocessing.image_size, preprocessing.resize_size))
     return replace(preprocessing, image_size=image_size, resize_size=max(resize_size, image_size))
+
+
+def _crop_pct(image_size: int, resize_size: int) -> float:
+    """The crop_pct a timm-style transform was made from: the shortest decimal that gives back resize_size.
+
+    Stored transforms only keep pixels (224 / 0.95 -> 235); 224 / 235 = 0.9532 would drift at another size.
+    """
+    ratio = image_size / resize_size
+    for digits in range(2, 6):
+        candidate = round(ratio, digits)
+        if candidate > 0 and math.floor(image_size / candidate) == resize_size:
+            return candidate
+    return ratio
 
 
 # ---------------------------------------------------------------------------------------------
