@@ -15,6 +15,13 @@ future. The consumer:
   event loop. An exception fails exactly that batch's futures and is logged.
 
 Back-pressure: ``submit`` uses ``put_nowait``; a full queue raises Overloaded at once.
+
+A second, low-priority lane (``submit_low``, used by batch-scoring jobs) shares the engine
+without costing online requests their latency: a low-priority batch is formed only when no
+online item is waiting AND no online item has been submitted or answered for
+``low_priority_idle_ms`` (closed-loop clients send their next request right after an answer,
+so "queue empty" alone would slip a job batch into every gap). Batches never mix lanes, so an
+online request waits behind at most one low-priority batch that had already started.
 asyncio + numpy only: no HTTP here.
 """
 
@@ -63,16 +70,21 @@ class Batcher:
             is busy; 0 means never wait, take what is there.
         max_queue_size: images waiting beyond which ``submit`` answers Overloaded at once.
         on_batch: optional callback (batch size, inference seconds) after every batch, for metrics.
+        low_priority_idle_ms: how long the online lane must have been quiet (nothing submitted or
+            answered) before a ``submit_low`` batch may run.
     """
 
     def __init__(self, engine: BatchEngine, *, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
-                 max_queue_size: int = 256, on_batch: BatchObserver | None = None) -> None:
+                 max_queue_size: int = 256, on_batch: BatchObserver | None = None,
+                 low_priority_idle_ms: float = 20.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if low_priority_idle_ms < 0:
+            raise ValueError(f"low_priority_idle_ms must be >= 0, got {low_priority_idle_ms}")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
@@ -84,12 +96,18 @@ class Batcher:
         self._accepting = False
         self._in_flight = 0  # images taken off the queue whose batch has not finished
         self._last_batch_s = 0.0  # duration of the last engine.run, for Retry-After hints
+        self.low_priority_idle_s = low_priority_idle_ms / 1000.0
+        self._low_queue: asyncio.Queue[_Item] | None = None
+        self._wake: asyncio.Event | None = None  # set on every submit, either lane
+        self._last_online_s = float("-inf")  # monotonic time of the last online submit or answer
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         if self._consumer is not None:
             return
         self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._low_queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitserve-infer")
         self._accepting = True
         self._consumer = asyncio.create_task(self._consume(), name="vitserve-batcher")
@@ -108,10 +126,11 @@ class Batcher:
         except asyncio.CancelledError:
             pass
         self._consumer = None
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not item.future.done():
-                item.future.set_exception(NotReady("server is shutting down"))
+        for queue in (self._queue, self._low_queue):
+            while queue is not None and not queue.empty():
+                item = queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(NotReady("server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -124,6 +143,11 @@ class Batcher:
     def queue_depth(self) -> int:
         """Images waiting in the queue (not counting the batch running now)."""
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def low_queue_depth(self) -> int:
+        """Low-priority (job) images waiting."""
+        return self._low_queue.qsize() if self._low_queue is not None else 0
 
     @property
     def in_flight(self) -> int:
@@ -153,6 +177,9 @@ class Batcher:
                 f"queue full ({self.max_queue_size} images waiting); retry later",
                 retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size),
             ) from None
+        self._last_online_s = item.enqueued_at
+        assert self._wake is not None
+        self._wake.set()
         try:
             if deadline is None:
                 return await item.future
@@ -167,33 +194,87 @@ class Batcher:
             if not item.future.done():
                 item.future.cancel()
 
+    async def submit_low(self, pixels: np.ndarray) -> np.ndarray:
+        """Queue one image (3, H, W) in the low-priority lane and wait for its logits (K,) float32.
+
+        Runs only while the online lane is quiet (see the module docstring); no deadline.
+        Raises Overloaded (low lane full), NotReady (not started or shutting down), InferenceFailed.
+        """
+        if not self._accepting or self._low_queue is None or self._wake is None:
+            raise NotReady("server is not accepting work (starting up or shutting down)", retry_after_s=1)
+        item = _Item(pixels, asyncio.get_running_loop().create_future(), time.monotonic(), None)
+        try:
+            self._low_queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(f"low-priority queue full ({self.max_queue_size} images waiting)") from None
+        self._wake.set()
+        try:
+            return await item.future
+        finally:
+            if not item.future.done():
+                item.future.cancel()
+
     # -- the consumer ------------------------------------------------------------------------
-    def _take(self, batch: list[_Item], now: float) -> None:
+    def _take(self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None) -> None:
         """Move waiting items into ``batch`` (up to the limit), answering dead ones on the spot."""
-        assert self._queue is not None
+        queue = queue or self._queue
+        assert queue is not None
         while len(batch) < self.max_batch_size:
             try:
-                item = self._queue.get_nowait()
+                item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            self._admit(item, batch, now)
+            self._admit(item, batch, now, queue)
 
-    def _admit(self, item: _Item, batch: list[_Item], now: float) -> None:
-        assert self._queue is not None
+    def _admit(self, item: _Item, batch: list[_Item], now: float, queue: asyncio.Queue | None = None) -> None:
+        queue = queue or self._queue
+        assert queue is not None
         if item.future.done():  # the client went away (or its deadline fired in submit)
-            self._queue.task_done()
+            queue.task_done()
         elif item.deadline is not None and now >= item.deadline:
             item.future.set_exception(DeadlineExceeded("request deadline passed while queued; not run"))
-            self._queue.task_done()
+            queue.task_done()
         else:
             batch.append(item)
+
+    def _low_wait_s(self) -> float | None:
+        """None: no low-priority work may run; 0: it may run now; > 0: the online lane was busy that recently."""
+        if not self._accepting or self._low_queue is None or self._low_queue.empty():
+            return None
+        return max(0.0, self._last_online_s + self.low_priority_idle_s - time.monotonic())
+
+    async def _serve_low_until_online(self) -> bool:
+        """While no online item waits, run low-priority batches when allowed, else sleep until woken.
+
+        Returns True when a low-priority batch ran (the engine was busy, as far as online items know).
+        """
+        assert self._queue is not None and self._low_queue is not None and self._wake is not None
+        ran = False
+        while self._queue.empty():
+            wait_s = self._low_wait_s()
+            if wait_s == 0.0:
+                batch: list[_Item] = []
+                self._take(batch, time.monotonic(), self._low_queue)
+                if batch:
+                    await self._run(batch, self._low_queue)
+                    ran = True
+                continue
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        return ran
 
     async def _consume(self) -> None:
         assert self._queue is not None
         while True:
             batch: list[_Item] = []
             was_idle = self._queue.empty()
-            first = await self._queue.get()
+            if was_idle:
+                was_idle = not await self._serve_low_until_online()
+            first = self._queue.get_nowait()
             self._admit(first, batch, time.monotonic())
             self._take(batch, time.monotonic())
             # Busy engine (items had piled up): fill the batch until the oldest item's delay is spent.
@@ -212,8 +293,9 @@ class Batcher:
             if batch:
                 await self._run(batch)
 
-    async def _run(self, batch: list[_Item]) -> None:
-        assert self._queue is not None and self._executor is not None
+    async def _run(self, batch: list[_Item], queue: asyncio.Queue | None = None) -> None:
+        queue = queue or self._queue
+        assert queue is not None and self._executor is not None
         loop = asyncio.get_running_loop()
         self._in_flight = len(batch)
         started = time.monotonic()
@@ -249,8 +331,10 @@ class Batcher:
                     log.exception("batch observer failed")
         finally:
             self._in_flight = 0
+            if queue is self._queue:
+                self._last_online_s = time.monotonic()  # clients answered now send their next request soon
             for _ in batch:
-                self._queue.task_done()
+                queue.task_done()
 
 
 def _stack_and_run(engine: BatchEngine, images: list[np.ndarray]) -> np.ndarray:
