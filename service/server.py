@@ -58,8 +58,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
-    app = create_app(settings)
+def serve(settings: Settings, *, engine=None) -> int:
+    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level == "debug", lifespan="on",
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))

@@ -1,0 +1,158 @@
+"""Real uvicorn servers with a slow fake engine: HTTP requests batch, 429 when full, 504 when late,
+and SIGTERM drains (503 for new work, every accepted request answered, exit 0)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+# A server whose engine takes DELAY_S per batch and whose top-1 class is the image's grey level / 25.
+SERVER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from service.metadata import ModelMetadata, Preprocessing
+    from service.server import serve
+    from service.settings import Settings
+
+    class SlowEngine:
+        def __init__(self, delay_s):
+            self.delay_s = delay_s
+            self.metadata = ModelMetadata("slow_fake", tuple(str(i) for i in range(11)),
+                                          Preprocessing(16, 16, "squash", "bilinear", (0, 0, 0), (1, 1, 1)))
+        def run(self, batch):
+            time.sleep(self.delay_s)
+            level = batch.reshape(batch.shape[0], -1).mean(axis=1) * 255 / 25  # (N,)
+            return -np.abs(level[:, None] - np.arange(11)[None, :]).astype(np.float32) * 10
+
+    delay_s, settings = float(sys.argv[1]), Settings(**dict(arg.split("=", 1) for arg in sys.argv[2:]))
+    sys.exit(serve(settings, engine=SlowEngine(delay_s)))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def slow_server(tmp_path: Path, delay_s: float, **settings):
+    port = _free_port()
+    script = tmp_path / "slow_server.py"
+    script.write_text(SERVER_SCRIPT)
+    log_path = tmp_path / f"server-{port}.log"
+    args = [f"{k}={v}" for k, v in dict(settings, port=port, log_level="warning").items()]
+    repo_root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo_root), VITSERVE_API_KEY="")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, str(script), str(delay_s), *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, cwd=repo_root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        yield base, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def grey_png(level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (level, level, level)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def classify(base: str, level: int, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{base}/v1/classify?top_k=1", content=grey_png(level), headers={"Content-Type": "image/png"},
+                      timeout=timeout)
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in metrics"
+    return float(match.group(1))
+
+
+def test_concurrent_http_requests_run_as_batches(tmp_path):
+    with slow_server(tmp_path, 0.1, max_batch_size=4, max_queue_delay_ms=20) as (base, _, _):
+        levels = [25 * (i % 11) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda level: classify(base, level), levels))
+        for level, r in zip(levels, responses):
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"][0]["index"] == level // 25  # each request got its own answer
+        text = httpx.get(f"{base}/metrics").text
+        batches, images = metric(text, "vitserve_batch_size_count"), metric(text, "vitserve_batch_size_sum")
+        assert images == 12  # the fake engine has no warmup(); only requests went through the batcher
+        assert batches <= 6, f"12 concurrent requests ran as {batches} batches"
+        assert metric(text, 'vitserve_batch_size_bucket{le="4.0"}') == batches  # never over max_batch_size
+
+
+def test_full_queue_answers_429_at_once_and_keeps_serving(tmp_path):
+    with slow_server(tmp_path, 0.25, max_batch_size=1, max_queue_size=2, max_queue_delay_ms=0) as (base, _, _):
+        with ThreadPoolExecutor(10) as pool:
+            started = time.monotonic()
+            futures = [pool.submit(lambda: (classify(base, 100), time.monotonic() - started)) for _ in range(10)]
+            results = [f.result() for f in futures]
+        rejected = [(r, t) for r, t in results if r.status_code == 429]
+        assert rejected and any(r.status_code == 200 for r, _ in results)
+        for r, elapsed in rejected:
+            assert r.json()["error"]["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
+            assert elapsed < 0.5  # not queued behind the work: answered straight away
+        assert classify(base, 50).status_code == 200
+
+
+def test_late_requests_get_504_and_are_not_run(tmp_path):
+    with slow_server(tmp_path, 0.4, max_batch_size=1, max_queue_delay_ms=0, request_timeout_s=0.25) as (base, _, _):
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda level: classify(base, level), [0, 50, 100]))
+        for r in responses:
+            assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        time.sleep(0.5)
+        text = httpx.get(f"{base}/metrics").text
+        # Only the first request reached the engine; the two queued behind it were skipped when late.
+        assert metric(text, "vitserve_batch_size_count") == 1
+
+
+def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
+    with slow_server(tmp_path, 0.3, max_batch_size=2, max_queue_delay_ms=0) as (base, process, log_path):
+        with ThreadPoolExecutor(8) as pool:
+            accepted = [pool.submit(classify, base, 25 * i) for i in range(6)]  # ~0.9 s of work
+            time.sleep(0.25)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            ready = httpx.get(f"{base}/readyz", timeout=5)
+            refused = classify(base, 0, timeout=5)
+            results = [f.result() for f in accepted]
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        for i, r in enumerate(results):
+            assert r.status_code == 200, r.text
+            assert r.json()["predictions"][0]["index"] == i
+        assert process.wait(timeout=20) == 0, log_path.read_text()
