@@ -49,10 +49,31 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
 
+    # Batch-scoring jobs (service/jobs/, /v1/jobs). The database is created on the first job.
+    data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")
+    job_root: Path | None = Field(None, description="manifest jobs may only name files under this directory; "
+                                                    "unset = manifest jobs refused (403)")
+    max_job_upload_bytes: int = Field(4 * 1024**3, ge=1024, description="largest archive upload to /v1/jobs, bytes")
+    max_job_images: int = Field(1_000_000, ge=1, description="most images in one job")
+    max_archive_bytes: int = Field(16 * 1024**3, ge=1024, description="most bytes one archive may extract to")
+    max_archive_ratio: float = Field(100.0, ge=1, description="most uncompressed bytes per archive byte (zip bombs)")
+    max_image_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest single image file in a job")
+    job_decode_threads: int = Field(0, ge=0, le=256, description="job decode threads; 0 = half the cores (min 1)")
+    job_max_in_flight: int = Field(0, ge=0, le=100_000, description="job images decoded or queued at once; "
+                                                                      "0 = 2 x max_batch_size")
+    low_priority_idle_ms: float = Field(20.0, ge=0, le=10_000, description="online lane quiet time before a job "
+                                                                            "batch may run")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("job_root", mode="before")
+    @classmethod
+    def _empty_root_is_none(cls, value):
+        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model", mode="after")
     @classmethod
