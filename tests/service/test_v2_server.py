@@ -26,7 +26,10 @@ from service.postprocess import softmax
 from service.preprocess import load_pixels
 from service.settings import Settings
 
+pytestmark = pytest.mark.slow  # real uvicorn servers and a real ONNX model: ~5 s beyond the shared export
+
 IMAGES = ("astronaut", "coffee", "chelsea")
+API_KEY = "v2-test-key"
 # ONNX Runtime's CPU kernels may sum in another order for another batch size: allow float32 rounding.
 ATOL = 1e-5
 
@@ -229,3 +232,27 @@ def test_errors_are_answered_in_the_protocols_shape(client, server, reference, e
     # ... and the server is still serving.
     assert client.is_model_ready(name)
     assert client.infer(name, [bytes_input([photo], True)]).as_numpy("logits").shape == (1, metadata.num_classes)
+
+
+def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
+    """With VITSERVE_API_KEY set, the client passes the key in headers=; health probes stay open."""
+    metadata, session = reference
+    settings = Settings(model=tiny_onnx, api_key=API_KEY, preprocess_threads=1, intra_op_threads=1,
+                        warmup_batch_sizes="1")
+    app = create_app(settings)
+    paths = app.openapi()["paths"]
+    assert "/v2/models/{model_name}/infer" in paths and "/v2/models/{model_name}/versions/{model_version}" in paths
+    with running(app) as url:
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            photo = encode_photo("astronaut")
+            with pytest.raises(InferenceServerException) as info:  # refused by the app's middleware
+                client.infer(metadata.architecture, [bytes_input([photo], True)])
+            assert info.value.status() == "401"
+            result = client.infer(metadata.architecture, [bytes_input([photo], True)],
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
+            pixels = load_pixels(photo, metadata.preprocessing, max_pixels=10**8)[None]
+            np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
+        finally:
+            client.close()
