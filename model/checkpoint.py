@@ -124,6 +124,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, 
 
     The expected shapes come from a model built on the meta device, so the check is instant.
     """
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{where}: entries that are not tensors: {_name_list(not_tensors)}")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VisionTransformer(config).state_dict().items()}
     # Listed in the model's own order (embeddings, blocks, head), which reads like the architecture.
@@ -175,8 +178,6 @@ def read_state_dict_file(path: Path) -> StateDict:
         else:
             # weights_only: a checkpoint is data, never code to run.
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
     except Exception as exc:  # each reader fails its own way on a truncated file; all mean "unreadable"
         raise CheckpointError(f"cannot read checkpoint file {path} (truncated or not a checkpoint?): {exc}") from exc
     if not isinstance(data, Mapping):
@@ -338,14 +339,16 @@ def _resample_to(state_dict: StateDict, config: ViTConfig, image_size: int, *, w
 
 def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str, Any] | None) -> RawCheckpoint:
     scheme, _, rest = source.partition(":")
-    # A one-letter "scheme" is a Windows drive; anything with a separator first is a path.
-    if rest and len(scheme) > 1 and "/" not in scheme and os.sep not in scheme:
+    # An existing path wins; a one-letter "scheme" is a Windows drive; a separator before ":" means a path.
+    is_scheme = rest and len(scheme) > 1 and "/" not in scheme and os.sep not in scheme
+    if is_scheme and not Path(source).exists():
         if scheme == "random":
             return _random_checkpoint(rest, model_args)
         if scheme == "timm":
             from model.convert import timm as timm_format
 
-            return timm_format.read_hub_dir(_download(f"timm/{rest}", timm_format.HUB_FILES), source)
+            return timm_format.read_hub_dir(_download(f"timm/{rest}", timm_format.HUB_FILES), source,
+                                            model_args=model_args)
         if scheme == "hf":
             from model.convert import hf as hf_format
 

@@ -7,12 +7,11 @@ from functools import cache
 
 import pytest
 import torch
+import transformers
+from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize
+from safetensors.torch import save_file
 
-transformers = pytest.importorskip("transformers")
-from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from model.checkpoint import import_checkpoint  # noqa: E402
+from model.checkpoint import import_checkpoint
 
 # name -> ViTConfig kwargs of transformers; small widths, the point is the mapping, not the size.
 CASES = {

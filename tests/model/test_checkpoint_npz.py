@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import timm
+from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize, write_paper_npz
 
-timm = pytest.importorskip("timm")
-from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize, write_paper_npz  # noqa: E402
-
-from model.checkpoint import CheckpointError, import_checkpoint  # noqa: E402
+from model.checkpoint import CheckpointError, import_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import timm
+from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize
+from safetensors.torch import save_file
+from timm.models import load_checkpoint, save_for_hf
+from timm.models.vision_transformer import checkpoint_filter_fn
 
-timm = pytest.importorskip("timm")
-from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from timm.models import load_checkpoint, save_for_hf  # noqa: E402
-from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
-
-from model.checkpoint import CheckpointError, import_checkpoint  # noqa: E402
-from model.labels import imagenet1k_labels  # noqa: E402
+from model.checkpoint import CheckpointError, import_checkpoint
+from model.labels import imagenet1k_labels
 
 # name -> (timm model name, create_model kwargs): small depth where size is not the point.
 CASES = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
 from model.pos_embed import resample_pos_embed
 
-resample_abs_pos_embed = pytest.importorskip("timm.layers").resample_abs_pos_embed
 
 
 @pytest.mark.parametrize(
