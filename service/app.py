@@ -38,7 +38,9 @@ log = logging.getLogger("vitserve.app")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
                         "/", "/static/app.js", "/static/style.css"})
 # Routers from other modules, included when their module is installed (KServe v2, the web page).
-OPTIONAL_ROUTERS = ("service.routes.v2", "service.routes.page")
+OPTIONAL_ROUTERS = ("service.routes.v2", "service.routes.page", "service.routes.jobs")
+# Scoring jobs upload whole archives: their one route gets its own, larger body limit.
+JOB_UPLOAD_PATH = "/v1/jobs"
 
 
 class ServiceMiddleware:
@@ -75,7 +77,7 @@ class ServiceMiddleware:
             if rejection is not None:
                 await rejection(scope, receive, send_tracking)
             else:
-                await self.app(scope, _limited_receive(receive, settings.max_upload_bytes) if guarded else receive,
+                await self.app(scope, _limited_receive(receive, _body_limit(settings, path)) if guarded else receive,
                                send_tracking)
         finally:
             if guarded:
@@ -102,11 +104,12 @@ class ServiceMiddleware:
                 declared = int(length)
             except ValueError:
                 return error_response(400, "bad_request", f"invalid Content-Length header {length!r}")
-            if declared > settings.max_upload_bytes:
+            limit = _body_limit(settings, scope["path"])
+            if declared > limit:
                 # Answer from the header alone: the body is never read.
                 return error_response(413, "payload_too_large",
                                       f"request body of {declared} bytes is over the limit of "
-                                      f"{settings.max_upload_bytes} bytes (max_upload_bytes)",
+                                      f"{limit} bytes (max_upload_bytes, max_job_upload_bytes for /v1/jobs)",
                                       {"Connection": "close"})
         return None
 
@@ -120,6 +123,10 @@ class ServiceMiddleware:
             if regex.match(scope["path"]):
                 return template
         return "unmatched"
+
+
+def _body_limit(settings: Settings, path: str) -> int:
+    return settings.max_job_upload_bytes if path == JOB_UPLOAD_PATH else settings.max_upload_bytes
 
 
 def _limited_receive(receive: Receive, limit: int) -> Receive:
@@ -172,8 +179,14 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
                                                    thread_name_prefix="vitserve-preprocess")
         state.batcher = Batcher(state.engine, max_batch_size=settings.max_batch_size,
                                 max_queue_delay_ms=settings.max_queue_delay_ms,
-                                max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch)
+                                max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch,
+                                low_priority_idle_ms=settings.low_priority_idle_ms)
         await state.batcher.start()
+        from service.jobs.runner import JobRunner  # scoring jobs: resumes unfinished ones once warm
+
+        state.jobs = JobRunner(settings, state.batcher, state.metadata, is_ready=lambda: bool(state.ready),
+                               decode_threads=settings.job_decode_threads or max(1, _cores() // 2))
+        await state.jobs.start()
         state.metrics.watch_queue(lambda: state.batcher.queue_depth)
         state.warmup_task = asyncio.create_task(_warm_up(app), name="vitserve-warmup")
         try:
@@ -183,6 +196,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
             state.ready = False
             state.metrics.ready.set(0)
             state.warmup_task.cancel()
+            await state.jobs.stop()  # jobs are durable: stop feeding, unscored images stay pending
             try:
                 await asyncio.wait_for(state.batcher.stop(drain=True), timeout=settings.shutdown_grace_s)
             except TimeoutError:

@@ -1,0 +1,197 @@
+"""The durable record of scoring jobs: one SQLite file in VITSERVE_DATA_DIR (WAL mode).
+
+Two tables. ``jobs`` holds one row per job with its state and counters; ``items`` holds one
+row per input image, created with the job (so the total is fixed at submission) and written
+once with its result or error. The write is ``UPDATE ... WHERE status = 'pending'`` in the same
+transaction as the counter update: an image scored twice (in flight when the process died,
+scored again after the restart) changes nothing the second time, so results hold every image
+exactly once and the counters always equal the rows.
+
+WAL with synchronous=NORMAL survives a killed process (SIGKILL) with every committed
+transaction; a power cut may lose the last few, which are then simply scored again.
+Methods are blocking and thread-safe (one connection behind a lock); async code calls them
+through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
+FINISHED_STATES = frozenset({DONE, CANCELLED, FAILED})
+PENDING, SCORED, ERROR = "pending", "scored", "error"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,
+    kind        TEXT NOT NULL,               -- zip, tar, manifest
+    top_k       INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    total       INTEGER NOT NULL,
+    scored      INTEGER NOT NULL DEFAULT 0,  -- items with predictions
+    failed      INTEGER NOT NULL DEFAULT 0,  -- items listed with an error
+    created_at  REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL,
+    error       TEXT
+);
+CREATE TABLE IF NOT EXISTS items (
+    job_id  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,                -- submission order; results are listed in it
+    path    TEXT NOT NULL,                   -- the name the client gave (archive member, manifest path)
+    file    TEXT NOT NULL,                   -- where the bytes are on this host
+    status  TEXT NOT NULL DEFAULT 'pending',
+    result  TEXT,                            -- the JSON result row, written once
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_by_status ON items (job_id, status, seq);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    state: str
+    kind: str
+    top_k: int
+    model: str
+    total: int
+    scored: int
+    failed: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+
+    @property
+    def processed(self) -> int:
+        return self.scored + self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    seq: int
+    path: str
+    file: str
+
+
+_JOB_COLUMNS = "id, state, kind, top_k, model, total, scored, failed, created_at, started_at, finished_at, error"
+
+
+class JobStore:
+    """SQLite-backed jobs and items.
+
+    Args:
+        path: the database file (its directory is created).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- jobs --------------------------------------------------------------------------------
+    def create_job(self, job_id: str, *, kind: str, top_k: int, model: str,
+                   items: Sequence[tuple[str, str]]) -> JobRecord:
+        """Insert a queued job and its items ((path, file) in scoring order) in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO jobs (id, state, kind, top_k, model, total, created_at) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (job_id, QUEUED, kind, top_k, model, len(items), time.time()))
+                self._db.executemany("INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",
+                                     ((job_id, seq, path, file) for seq, (path, file) in enumerate(items)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        record = self.get_job(job_id)
+        assert record is not None
+        return record
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord(*row) if row else None
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Queued and running jobs, oldest first: what the runner works through (also after a restart)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) "
+                                    "ORDER BY created_at, id", (QUEUED, RUNNING)).fetchall()
+        return [JobRecord(*row) for row in rows]
+
+    def mark_running(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) "
+                             "WHERE id = ? AND state IN (?, ?)", (RUNNING, time.time(), job_id, QUEUED, RUNNING))
+
+    def finish(self, job_id: str, state: str = DONE, error: str | None = None) -> bool:
+        """Move an unfinished job to a final state; False when it had already finished (e.g. cancelled)."""
+        assert state in FINISHED_STATES
+        with self._lock:
+            cursor = self._db.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? "
+                                      "WHERE id = ? AND state IN (?, ?)",
+                                      (state, time.time(), error, job_id, QUEUED, RUNNING))
+        return cursor.rowcount == 1
+
+    # -- items -------------------------------------------------------------------------------
+    def pending_items(self, job_id: str, after_seq: int, limit: int) -> list[PendingItem]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, path, file FROM items WHERE job_id = ? AND status = ? AND seq > ? "
+                                    "ORDER BY seq LIMIT ?", (job_id, PENDING, after_seq, limit)).fetchall()
+        return [PendingItem(*row) for row in rows]
+
+    def record_results(self, job_id: str, results: Iterable[tuple[int, dict]]) -> int:
+        """Write (seq, row) results, each only if that item is still pending; returns how many were new.
+
+        A row with an "error" key counts as failed, any other as scored.
+        """
+        scored = failed = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for seq, row in results:
+                    status = ERROR if "error" in row else SCORED
+                    cursor = self._db.execute(
+                        "UPDATE items SET status = ?, result = ? WHERE job_id = ? AND seq = ? AND status = ?",
+                        (status, json.dumps(row, ensure_ascii=False), job_id, seq, PENDING))
+                    if cursor.rowcount == 1:
+                        if status == ERROR:
+                            failed += 1
+                        else:
+                            scored += 1
+                if scored or failed:
+                    self._db.execute("UPDATE jobs SET scored = scored + ?, failed = failed + ? WHERE id = ?",
+                                     (scored, failed, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return scored + failed
+
+    def results(self, job_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, JSON result row) of finished items after ``after_seq``, in submission order."""
+        with self._lock:
+            return self._db.execute("SELECT seq, result FROM items WHERE job_id = ? AND seq > ? AND status != ? "
+                                    "ORDER BY seq LIMIT ?", (job_id, after_seq, PENDING, limit)).fetchall()
