@@ -109,8 +109,9 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
 
     Public for the benchmark, which also needs the unfused graph (explicit attention).
     """
-    example = torch.randn(2, config.in_chans, config.image_size, config.image_size)
+    # Zeros, not random: tracing only needs shapes, and the caller's RNG stream stays untouched.
     # Example batch 2, not 1: torch.export specialises a size-1 dimension to a constant.
+    example = torch.zeros(2, config.in_chans, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     was_training = module.training
     module.eval()
@@ -127,12 +128,13 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
 
 
 class Fp16Graph(torch.nn.Module):
-    """A half-precision copy of a model that takes and returns float32 (one Cast at each end)."""
+    """A half-precision copy of a model that takes and returns float32 (one Cast at each end).
+
+    Args:
+        model: the fp32 model; it is copied, not changed.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        """Args:
-        model: the fp32 model; it is copied, not changed.
-        """
         super().__init__()
         self.inner = copy.deepcopy(model).half().eval()
 

@@ -170,3 +170,9 @@ def test_export_leaves_the_model_unchanged(tiny_model, exports):
     for (name, a), b in zip(tiny_model.state_dict().items(), fresh.state_dict().values()):
         assert a.dtype == b.dtype and bool((a == b).all()), name
     assert not tiny_model.training
+
+
+def test_same_weights_give_byte_identical_files(tmp_path, tiny_model, exports):
+    # No timestamps, stack traces or machine paths in the file: an export is reproducible.
+    again = export(tiny_model, tmp_path / "again.onnx", "fp32")
+    assert again.path.read_bytes() == exports["fp32"].path.read_bytes()
