@@ -34,7 +34,7 @@ from model.checkpoint import (
     read_json,
     read_state_dict_file,
 )
-from model.config import ViTConfig
+from model.config import SIZES, ViTConfig
 from service.metadata import INTERPOLATIONS, Preprocessing
 
 # What `hf:<repo>` downloads.
@@ -111,6 +111,14 @@ def convert(hf_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def variant_name(width: int, depth: int, heads: int, mlp: int, patch: int, image_size: int) -> str:
+    """timm's name for a Table 1 size (google/vit-base-patch16-224 -> vit_base_patch16_224), else a descriptive one."""
+    size = next((name for name, dims in SIZES.items() if dims == (width, depth, heads, mlp)), None)
+    if size is not None:
+        return f"vit_{size}_patch{patch}_{image_size}"
+    return f"vit_d{width}_l{depth}_h{heads}_patch{patch}_{image_size}"
+
+
 def config_from_hf(config_json: Mapping[str, Any], *, where: str) -> ViTConfig:
     """ViTConfig of a Hugging Face ViT config.json (defaults are transformers' ViTConfig defaults)."""
     if config_json.get("model_type") != "vit":
@@ -138,7 +146,10 @@ def config_from_hf(config_json: Mapping[str, Any], *, where: str) -> ViTConfig:
             norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
             qkv_bias=bool(config_json.get("qkv_bias", True)),
             in_chans=int(config_json.get("num_channels", 3)),
-            name=str(config_json.get("_name_or_path") or "hf_vit").rsplit("/", 1)[-1] or "hf_vit",
+            name=variant_name(hidden, int(config_json.get("num_hidden_layers", 12)),
+                              int(config_json.get("num_attention_heads", 12)),
+                              int(config_json.get("intermediate_size", 3072)),
+                              int(config_json.get("patch_size", 16)), int(config_json.get("image_size", 224))),
         )
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc

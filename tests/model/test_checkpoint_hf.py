@@ -133,3 +133,18 @@ def test_hf_scheme_downloads_the_repo(tmp_path, monkeypatch, photos):
     x = photo_batch(photos, 224)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
+
+
+def test_config_of_google_vit_base():
+    """The fields of google/vit-base-patch16-224's config.json (as published on the hub)."""
+    from model.convert.hf import config_from_hf, labels_from_hf
+
+    config_json = {
+        "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_act": "gelu",
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "image_size": 224, "patch_size": 16, "num_channels": 3, "layer_norm_eps": 1e-12, "qkv_bias": True,
+        "id2label": {str(i): f"name {i}" for i in range(1000)},
+    }
+    config = config_from_hf(config_json, where="config.json")
+    assert config.name == "vit_base_patch16_224" and config.num_classes == 1000 and config.norm_eps == 1e-12
+    assert labels_from_hf(config_json, 1000)[999] == "name 999"
