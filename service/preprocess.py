@@ -17,13 +17,20 @@ matches the reference pipeline bit for bit when Pillow produces the same resized
 Transparency is composited on white (a transparent PNG of a drawing shows as drawn on paper),
 16-bit images are scaled to 8 bits by rounding v / 257, CMYK is converted by Pillow (inverted
 Adobe CMYK JPEGs included), animations use their first frame, EXIF orientation is applied.
-JPEG draft (DCT-domain) downscaling is not used: it changes pixels by several levels, so it
-would break parity with the references.
+JPEG draft mode (libjpeg's DCT-domain downscaling by 1/2, 1/4, 1/8) is used only for large
+JPEGs, and only so far that the drafted image keeps at least twice the resize target on its
+short side (``_DRAFT_MARGIN``): the final antialiased resize then still does most of the
+reduction. For 224-pixel models that means JPEGs with a short side >= 992 px; smaller ones
+(and every other format) decode exactly as the references do. Measured on skimage photos
+upscaled to 1-6 Mpx: mean |diff| 0.002-0.008 and max |diff| <= 0.7 in normalised units (a few
+pixels on sharp edges) against the full decode, for 3-13x faster decoding. ``jpeg_draft=False``
+turns it off for strict parity.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from functools import lru_cache
 
@@ -42,13 +49,21 @@ _RESAMPLE = {
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Above this many squares of resize_size, resize only the crop (memory and time stay bounded).
 _MAX_RESIZED_AREA_FACTOR = 16
+# JPEG draft never shrinks the short side below this many times the resize target.
+_DRAFT_MARGIN = 2
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
     """Decode bytes into an 8-bit RGB image, upright, first frame, alpha composited on white.
 
+    Args:
+        data: the encoded image.
+        max_pixels: width x height limit, checked from the header before decoding.
+        min_short_side: if given, a JPEG may be decoded in draft mode (downscaled by a power of
+            two in the DCT domain) as long as its short side stays >= this.
+
     Raises InvalidImage (naming the problem) for empty input, non-images, truncated files and
-    images with more than ``max_pixels`` pixels (checked from the header, before decoding).
+    images with more than ``max_pixels`` pixels.
     """
     if not data:
         raise InvalidImage("empty body: expected image bytes")
@@ -65,6 +80,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             if width < 1 or height < 1:
                 raise InvalidImage(f"image has no pixels ({width}x{height})")
             image.seek(0)  # animations (GIF, APNG, WebP): the first frame
+            if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
+                k = min_short_side / min(width, height)
+                image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
             image.load()
             image = ImageOps.exif_transpose(image)
     except InvalidImage:
@@ -153,6 +171,10 @@ def preprocess(image: Image.Image, p: Preprocessing) -> np.ndarray:
     return normalise(resize_and_crop(image, p), p)
 
 
-def load_pixels(data: bytes, p: Preprocessing, *, max_pixels: int) -> np.ndarray:
-    """Image bytes -> (3, image_size, image_size) float32 model input; InvalidImage on bad input."""
-    return preprocess(decode_image(data, max_pixels=max_pixels), p)
+def load_pixels(data: bytes, p: Preprocessing, *, max_pixels: int, jpeg_draft: bool = False) -> np.ndarray:
+    """Image bytes -> (3, image_size, image_size) float32 model input; InvalidImage on bad input.
+
+    ``jpeg_draft`` allows draft decoding of large JPEGs (see the module docstring); off = exact.
+    """
+    min_short_side = _DRAFT_MARGIN * p.resize_size if jpeg_draft else None
+    return preprocess(decode_image(data, max_pixels=max_pixels, min_short_side=min_short_side), p)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
+    jpeg_draft: bool = Field(True, description="decode large JPEGs (short side >= 4x the model's resize size) "
+                                               "in DCT draft mode; false = exact parity with timm for every size")
     preprocess_threads: int = Field(0, ge=0, le=256, description="decode/resize threads; 0 = one per core")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads per operator; 0 = one per core")
     ort_allow_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (GPU/large hosts)")

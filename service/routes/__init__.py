@@ -62,7 +62,8 @@ async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
     p = state.metadata.preprocessing
     try:
         pixels = await loop.run_in_executor(
-            state.preprocess_pool, partial(load_pixels, data, p, max_pixels=state.settings.max_image_pixels))
+            state.preprocess_pool, partial(load_pixels, data, p, max_pixels=state.settings.max_image_pixels,
+                                           jpeg_draft=state.settings.jpeg_draft))
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

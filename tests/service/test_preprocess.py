@@ -185,3 +185,17 @@ def test_resize_and_crop_squash_mode_has_exact_size():
     out = resize_and_crop(image, Preprocessing.hf_vit(160))
     assert out.size == (160, 160)
     assert preprocess(image, Preprocessing.hf_vit(160)).shape == (3, 160, 160)
+
+
+def test_jpeg_draft_only_for_large_jpegs_and_close_to_the_full_decode():
+    p = Preprocessing.timm_eval(224, 0.9, "bicubic")
+    small = _encode(_photo("rocket"), "JPEG", quality=92)  # 640 x 427: below 4 x 248, never drafted
+    assert np.array_equal(load_pixels(small, p, max_pixels=BIG, jpeg_draft=True),
+                          load_pixels(small, p, max_pixels=BIG))
+    big_image = Image.fromarray(_photo("astronaut")).resize((2048, 2048), Image.Resampling.LANCZOS)
+    big = _encode(big_image, "JPEG", quality=92)
+    assert decode_image(big, max_pixels=BIG, min_short_side=2 * 248).size == (512, 512)  # 1/4 in the DCT
+    exact = load_pixels(big, p, max_pixels=BIG)
+    drafted = load_pixels(big, p, max_pixels=BIG, jpeg_draft=True)
+    diff = np.abs(drafted - exact)
+    assert diff.mean() < 0.01 and diff.max() < 0.2, (diff.mean(), diff.max())
