@@ -159,7 +159,8 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
     parameters = _parameters(header, "request")
     timeout_us = parameters.get("timeout")
     if timeout_us is not None and (not _is_int(timeout_us) or timeout_us <= 0):
-        raise V2ProtocolError(f"request parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}")
+        raise V2ProtocolError(
+            f"request parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}")
 
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -180,7 +181,8 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
         _check_batch(pixels.shape[0], max_batch)
         images = None
     else:
-        raise V2ProtocolError(f"unknown input '{name}'; this model takes '{IMAGES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (FP32)")
+        raise V2ProtocolError(
+            f"unknown input '{name}'; this model takes '{IMAGES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (FP32)")
 
     outputs = _parse_outputs(header.get("outputs"), default_binary=bool(parameters.get("binary_data_output", False)))
     return InferRequest(id=request_id, outputs=outputs, images=images, pixel_values=pixels, timeout_us=timeout_us)
@@ -219,13 +221,15 @@ def _split_binary(inputs: list, binary: bytes) -> list[tuple[dict, bytes | None]
             raise V2ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}")
         if offset + size > len(binary):
             raise V2ProtocolError(
-                f"input '{name}': binary_data_size={size} but only {len(binary) - offset} binary bytes are left in the body"
+                f"input '{name}': binary_data_size={size} but only {len(binary) - offset} binary bytes "
+                "are left in the body"
             )
         tensors.append((spec, binary[offset:offset + size]))
         offset += size
     if offset != len(binary):
         raise V2ProtocolError(
-            f"the body has {len(binary) - offset} binary bytes after the JSON header that no input's binary_data_size accounts for"
+            f"the body has {len(binary) - offset} binary bytes after the JSON header that no input's "
+            "binary_data_size accounts for"
         )
     return tensors
 
@@ -255,7 +259,8 @@ def _parse_images(spec: dict, raw: bytes | None) -> tuple[bytes, ...]:
     if len(shape) == 2 and shape[1] == 1:
         shape = shape[:1]  # [N, 1] is Triton's usual layout for one string per batch item
     if len(shape) != 1:
-        raise V2ProtocolError(f"input '{IMAGES_INPUT}' must have shape [N] (one encoded image per element), got {spec['shape']}")
+        raise V2ProtocolError(
+            f"input '{IMAGES_INPUT}' must have shape [N] (one encoded image per element), got {spec['shape']}")
     n = shape[0]
     if raw is not None:
         images = deserialize_bytes(raw, IMAGES_INPUT)
@@ -264,7 +269,8 @@ def _parse_images(spec: dict, raw: bytes | None) -> tuple[bytes, ...]:
         images = []
         for i, element in enumerate(elements):
             if not isinstance(element, str):
-                raise V2ProtocolError(f"input '{IMAGES_INPUT}' element {i}: expected a base64 string, got {type(element).__name__}")
+                raise V2ProtocolError(
+                    f"input '{IMAGES_INPUT}' element {i}: expected a base64 string, got {type(element).__name__}")
             try:
                 images.append(base64.b64decode(element, validate=True))
             except (binascii.Error, ValueError) as exc:
@@ -284,7 +290,8 @@ def _parse_pixels(spec: dict, raw: bytes | None, image_size: int) -> np.ndarray:
     if raw is not None:
         if len(raw) != count * 4:
             raise V2ProtocolError(
-                f"input '{PIXELS_INPUT}': shape {shape} needs {count * 4} bytes of FP32, got binary_data_size={len(raw)}"
+                f"input '{PIXELS_INPUT}': shape {shape} needs {count * 4} bytes of FP32, "
+                f"got binary_data_size={len(raw)}"
             )
         pixels = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=True)  # copy: frombuffer is read-only
     else:
@@ -295,7 +302,8 @@ def _parse_pixels(spec: dict, raw: bytes | None, image_size: int) -> np.ndarray:
         if values.dtype.kind not in "iuf":  # strings, booleans, objects: not FP32 data
             raise V2ProtocolError(f"input '{PIXELS_INPUT}': 'data' must hold only numbers")
         if values.size != count:
-            raise V2ProtocolError(f"input '{PIXELS_INPUT}' has shape {shape} ({count} values) but 'data' holds {values.size}")
+            raise V2ProtocolError(
+                f"input '{PIXELS_INPUT}' has shape {shape} ({count} values) but 'data' holds {values.size}")
         pixels = values.astype(np.float32)
     if not np.isfinite(pixels).all():
         raise V2ProtocolError(f"input '{PIXELS_INPUT}' holds NaN or infinite values")
@@ -362,7 +370,8 @@ def _parse_outputs(outputs: Any, default_binary: bool) -> tuple[RequestedOutput,
             raise V2ProtocolError(f"output '{name}': binary_data must be true or false, got {binary!r}")
         class_count = parameters.get("classification", 0)
         if not _is_int(class_count) or class_count < 0:
-            raise V2ProtocolError(f"output '{name}': classification must be a non-negative integer, got {class_count!r}")
+            raise V2ProtocolError(
+                f"output '{name}': classification must be a non-negative integer, got {class_count!r}")
         parsed.append(RequestedOutput(name, binary=binary, class_count=class_count))
     return tuple(parsed)
 

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _service_test_fixtures():
     """tests/service/conftest.py as a module: reuse its tiny-ViT exporter instead of copying it."""
-    spec = importlib.util.spec_from_file_location("vitserve_service_conftest", REPO / "tests" / "service" / "conftest.py")
+    path = REPO / "tests" / "service" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("vitserve_service_conftest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -95,7 +95,8 @@ def test_no_outputs_means_all_outputs_binary_as_the_client_asks():
     pixels = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     inp = InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels)
     request = parse(*client_request([inp]))  # the client then sets binary_data_output: true
-    assert request.outputs == (v2_codec.RequestedOutput("logits", True), v2_codec.RequestedOutput("probabilities", True))
+    assert request.outputs == (v2_codec.RequestedOutput("logits", binary=True),
+                               v2_codec.RequestedOutput("probabilities", binary=True))
 
 
 @pytest.mark.parametrize("binary", [True, False])
