@@ -95,20 +95,21 @@ def test_weights_hash_is_stable_across_formats(tmp_path):
     assert other.weights_sha256 != hub.weights_sha256
 
 
-def test_resampled_to_another_resolution_matches_timm(tmp_path, photos):
-    """Fine-tuning at a higher resolution: pos_embed interpolated in 2-D exactly as timm does."""
-    ref = reference("Ti16-224")
-    hub = save(ref, "hub", tmp_path)
-    loaded = import_checkpoint(hub, image_size=288)
+@pytest.mark.parametrize(("case", "size"), [("Ti16-224", 288), ("gap-no-cls", 160)], ids=["up-cls", "down-gap"])
+def test_resampled_to_another_resolution_matches_timm(case, size, tmp_path, photos):
+    """Fine-tuning at another resolution: pos_embed interpolated in 2-D exactly as timm does."""
+    name, kwargs = CASES[case]
+    hub = save(reference(case), "hub", tmp_path)
+    loaded = import_checkpoint(hub, image_size=size)
 
-    timm_288 = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=7, img_size=288).eval()
-    load_checkpoint(timm_288, str(hub / "model.safetensors"), filter_fn=checkpoint_filter_fn)
-    x = photo_batch(photos, 288)
+    timm_resized = timm.create_model(name, **kwargs, img_size=size).eval()
+    load_checkpoint(timm_resized, str(hub / "model.safetensors"), filter_fn=checkpoint_filter_fn)
+    x = photo_batch(photos, size)
     with torch.no_grad():
-        assert max_abs_diff(loaded.model(x), timm_288(x)) <= PARITY_ATOL
-    assert loaded.config.image_size == 288 and loaded.model.pos_embed.shape == (1, 1 + 18 * 18, 192)
-    # Same crop ratio (0.9) at the new size.
-    assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (288, 320)
+        assert max_abs_diff(loaded.model(x), timm_resized(x)) <= PARITY_ATOL
+    assert loaded.config.image_size == size and loaded.model.pos_embed.shape == timm_resized.pos_embed.shape
+    # The same crop_pct (timm's 0.9 for these weights) at the new size.
+    assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (size, int(size / 0.9))
 
 
 def test_new_head_is_zero_initialised_and_keeps_the_features(tmp_path, photos):
