@@ -15,6 +15,7 @@ import sys
 # Service-side commands first; model-side ones (they need the `model` extra: torch) after.
 COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.serve",
+    "service.commands.score",
     "model.commands.export",
     "model.commands.finetune",
 )
