@@ -247,6 +247,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
         return None
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_path.name, size_threshold=1024)
+    # onnx creates the weights file 0600; a service running as another user (the Docker image)
+    # could then read the model but not its weights. Give it the .onnx file's umask-made mode.
+    data_path.chmod(path.stat().st_mode & 0o777)
     return data_path
 
 

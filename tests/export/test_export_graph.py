@@ -122,6 +122,7 @@ def test_external_data_round_trips(tmp_path, exports, tiny_model, fixed_inputs):
     data = tmp_path / "ext.onnx.data"
     assert result.external_data == data and data.is_file()
     assert result.path.stat().st_size < 0.1 * data.stat().st_size  # the weights really moved out
+    assert data.stat().st_mode & 0o777 == result.path.stat().st_mode & 0o777  # readable by whoever reads the .onnx
     info = inspect_export(result.path)
     assert info.external_data == ("ext.onnx.data",) and info.file_bytes == result.file_bytes
     np.testing.assert_array_equal(run(result.path, fixed_inputs[:2]), run(exports["fp32"].path, fixed_inputs[:2]))
