@@ -84,6 +84,11 @@ def reference(tiny_onnx):
     return metadata, session
 
 
+def server_pixels(data: bytes, metadata: ModelMetadata) -> np.ndarray:
+    """Pre-process as the server does with default settings (large JPEGs decoded in draft mode)."""
+    return load_pixels(data, metadata.preprocessing, max_pixels=10**8, jpeg_draft=Settings().jpeg_draft)
+
+
 def run_reference(session, pixels: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: pixels})[0]
 
@@ -134,7 +139,7 @@ def test_encoded_photos_match_v1_and_onnxruntime(client, server, reference, enco
     logits = result.as_numpy("logits")
     assert logits.shape == (len(photos), metadata.num_classes) and logits.dtype == np.float32
 
-    pixels = np.stack([load_pixels(p, metadata.preprocessing, max_pixels=10**8) for p in photos])
+    pixels = np.stack([server_pixels(p, metadata) for p in photos])
     np.testing.assert_allclose(logits, run_reference(session, pixels), atol=ATOL, rtol=0)
 
     top5 = result.as_numpy("probabilities")
@@ -155,7 +160,7 @@ def test_preprocessed_pixels_match_onnxruntime(client, reference, encode_photo, 
     metadata, session = reference
     rng = np.random.default_rng(0)
     size = metadata.preprocessing.image_size
-    pixels = np.stack([load_pixels(encode_photo("rocket"), metadata.preprocessing, max_pixels=10**8),
+    pixels = np.stack([server_pixels(encode_photo("rocket"), metadata),
                        rng.standard_normal((3, size, size), dtype=np.float32)])
     inp = triton.InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels, binary_data=binary)
     # No outputs named: the client asks for every output, in binary.
@@ -171,7 +176,7 @@ def test_compressed_requests(client, reference, encode_photo, algorithm):
     photo = encode_photo("chelsea")
     result = client.infer(metadata.architecture, [bytes_input([photo], True)],
                           outputs=[triton.InferRequestedOutput("logits")], request_compression_algorithm=algorithm)
-    pixels = load_pixels(photo, metadata.preprocessing, max_pixels=10**8)[None]
+    pixels = server_pixels(photo, metadata)[None]
     np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
 
 
@@ -186,7 +191,7 @@ def test_plain_json_without_the_client(server, reference, encode_photo):
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     out = response.json()["outputs"][0]
     assert out["shape"] == [1, metadata.num_classes] and out["datatype"] == "FP32"
-    pixels = load_pixels(photo, metadata.preprocessing, max_pixels=10**8)[None]
+    pixels = server_pixels(photo, metadata)[None]
     np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(out["shape"]),
                                run_reference(session, pixels), atol=ATOL, rtol=0)
 
@@ -252,7 +257,7 @@ def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
             assert info.value.status() == "401"
             result = client.infer(metadata.architecture, [bytes_input([photo], True)],
                                   headers={"Authorization": f"Bearer {API_KEY}"})
-            pixels = load_pixels(photo, metadata.preprocessing, max_pixels=10**8)[None]
+            pixels = server_pixels(photo, metadata)[None]
             np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
         finally:
             client.close()
