@@ -10,7 +10,7 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 @pytest.fixture(scope="session")
-def photos() -> dict[str, np.ndarray]:
+def photo_arrays() -> dict[str, np.ndarray]:
     """name -> (H, W, 3) uint8 RGB photograph, of several sizes and aspect ratios."""
     from skimage import data
 

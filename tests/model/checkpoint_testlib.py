@@ -33,11 +33,13 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def photo_batch(photos: dict[str, np.ndarray], size: int, names=("astronaut", "coffee", "chelsea")) -> torch.Tensor:
+def photo_batch(
+    photo_arrays: dict[str, np.ndarray], size: int, names=("astronaut", "coffee", "chelsea")
+) -> torch.Tensor:
     """(B, 3, size, size) float32: real photos squashed to size and normalised with mean = std = 0.5."""
     batch = []
     for name in names:
-        image = torch.from_numpy(photos[name]).permute(2, 0, 1).float().unsqueeze(0) / 255.0  # (1, 3, H, W)
+        image = torch.from_numpy(photo_arrays[name]).permute(2, 0, 1).float().unsqueeze(0) / 255.0  # (1, 3, H, W)
         image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         batch.append((image - 0.5) / 0.5)
     return torch.cat(batch)

@@ -35,7 +35,7 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_transformers(case, tmp_path, photos):
+def test_parity_with_transformers(case, tmp_path, photo_arrays):
     ref = reference(case)
     ref.save_pretrained(tmp_path)
     loaded = import_checkpoint(tmp_path)
@@ -44,7 +44,7 @@ def test_parity_with_transformers(case, tmp_path, photos):
     assert loaded.config.image_size == cfg.image_size and loaded.config.norm_eps == cfg.layer_norm_eps
     assert (loaded.config.embed_dim, loaded.config.depth, loaded.config.num_heads) == (
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads)
-    x = photo_batch(photos, cfg.image_size)
+    x = photo_batch(photo_arrays, cfg.image_size)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
     if "id2label" in CASES[case]:
@@ -53,7 +53,7 @@ def test_parity_with_transformers(case, tmp_path, photos):
         assert loaded.labels == tuple(f"class_{i}" for i in range(cfg.num_labels))
 
 
-def test_pytorch_model_bin_and_processor_config(tmp_path, photos):
+def test_pytorch_model_bin_and_processor_config(tmp_path, photo_arrays):
     ref = reference("384-p32-eps1e-6")
     ref.config.save_pretrained(tmp_path)
     torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
@@ -62,7 +62,7 @@ def test_pytorch_model_bin_and_processor_config(tmp_path, photos):
     processor.save_pretrained(tmp_path)
     loaded = import_checkpoint(tmp_path)
 
-    x = photo_batch(photos, 384)
+    x = photo_batch(photo_arrays, 384)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
     p = loaded.preprocessing
@@ -92,7 +92,7 @@ _OLD_NAMES = [
 ]
 
 
-def test_transformers_4_parameter_names(tmp_path, photos):
+def test_transformers_4_parameter_names(tmp_path, photo_arrays):
     ref = reference("224-p16")
     ref.save_pretrained(tmp_path)
     old = {}
@@ -103,7 +103,7 @@ def test_transformers_4_parameter_names(tmp_path, photos):
     assert any(".attention.attention.query." in k for k in old)
     save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
 
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     # transformers itself reads the old names: it is the reference that the rewrite is right.
     reloaded = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
     assert max_abs_diff(logits(reloaded, x), logits(ref, x)) <= PARITY_ATOL
@@ -112,7 +112,7 @@ def test_transformers_4_parameter_names(tmp_path, photos):
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
 
 
-def test_hf_scheme_downloads_the_repo(tmp_path, monkeypatch, photos):
+def test_hf_scheme_downloads_the_repo(tmp_path, monkeypatch, photo_arrays):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -130,7 +130,7 @@ def test_hf_scheme_downloads_the_repo(tmp_path, monkeypatch, photos):
     loaded = import_checkpoint("hf:google/vit-base-patch16-224")
     assert {r for r, _ in requested} == {"google/vit-base-patch16-224"}
     assert [f for _, f in requested] == ["config.json", "preprocessor_config.json", "model.safetensors"]
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
 

@@ -17,9 +17,9 @@ def paper_npz(tmp_path_factory):
     return ref, write_paper_npz(ref, tmp_path_factory.mktemp("npz") / "ViT-Ti_16.npz")
 
 
-def test_timm_and_we_read_the_same_npz(paper_npz, photos):
+def test_timm_and_we_read_the_same_npz(paper_npz, photo_arrays):
     ref, path = paper_npz
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     # timm's own npz reader (_load_weights) vouches for the writer...
     by_timm = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=9).eval()
     timm.models.load_checkpoint(by_timm, str(path))
@@ -33,12 +33,12 @@ def test_timm_and_we_read_the_same_npz(paper_npz, photos):
     assert ours.config.num_classes == 9
 
 
-def test_old_opt_target_prefix(paper_npz, tmp_path, photos):
+def test_old_opt_target_prefix(paper_npz, tmp_path, photo_arrays):
     ref, path = paper_npz
     with np.load(path) as archive:
         np.savez(tmp_path / "old.npz", **{f"opt/target/{k}": archive[k] for k in archive.files})
     ours = import_checkpoint(tmp_path / "old.npz", model_name="Ti/16", model_args={"depth": 2})
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         assert max_abs_diff(ours.model(x), ref(x)) <= PARITY_ATOL
 

@@ -47,7 +47,7 @@ def save(model: torch.nn.Module, fmt: str, directory: Path, **hub_kwargs) -> Pat
 
 @pytest.mark.parametrize("fmt", ["hub", "safetensors", "pth"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_timm(case, fmt, tmp_path, photos):
+def test_parity_with_timm(case, fmt, tmp_path, photo_arrays):
     name, kwargs = CASES[case]
     ref = reference(case)
     path = save(ref, fmt, tmp_path)
@@ -58,7 +58,7 @@ def test_parity_with_timm(case, fmt, tmp_path, photos):
     size = ref.pretrained_cfg["input_size"][-1]
     assert loaded.config.image_size == size and loaded.config.num_classes == kwargs["num_classes"]
     assert loaded.config.pool == kwargs.get("global_pool", "token")
-    x = photo_batch(photos, size)
+    x = photo_batch(photo_arrays, size)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), ref(x)) <= PARITY_ATOL
     assert not loaded.model.training and next(loaded.model.parameters()).dtype == torch.float32
@@ -96,7 +96,7 @@ def test_weights_hash_is_stable_across_formats(tmp_path):
 
 
 @pytest.mark.parametrize(("case", "size"), [("Ti16-224", 288), ("gap-no-cls", 160)], ids=["up-cls", "down-gap"])
-def test_resampled_to_another_resolution_matches_timm(case, size, tmp_path, photos):
+def test_resampled_to_another_resolution_matches_timm(case, size, tmp_path, photo_arrays):
     """Fine-tuning at another resolution: pos_embed interpolated in 2-D exactly as timm does."""
     name, kwargs = CASES[case]
     hub = save(reference(case), "hub", tmp_path)
@@ -104,7 +104,7 @@ def test_resampled_to_another_resolution_matches_timm(case, size, tmp_path, phot
 
     timm_resized = timm.create_model(name, **kwargs, img_size=size).eval()
     load_checkpoint(timm_resized, str(hub / "model.safetensors"), filter_fn=checkpoint_filter_fn)
-    x = photo_batch(photos, size)
+    x = photo_batch(photo_arrays, size)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), timm_resized(x)) <= PARITY_ATOL
     assert loaded.config.image_size == size and loaded.model.pos_embed.shape == timm_resized.pos_embed.shape
@@ -112,24 +112,24 @@ def test_resampled_to_another_resolution_matches_timm(case, size, tmp_path, phot
     assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (size, int(size / 0.9))
 
 
-def test_new_head_is_zero_initialised_and_keeps_the_features(tmp_path, photos):
+def test_new_head_is_zero_initialised_and_keeps_the_features(tmp_path, photo_arrays):
     ref = reference("Ti16-224")
     loaded = import_checkpoint(save(ref, "hub", tmp_path), num_classes=3)
     assert loaded.config.num_classes == 3 and loaded.labels == ("class_0", "class_1", "class_2")
     assert torch.count_nonzero(loaded.model.head.weight) == 0 and torch.count_nonzero(loaded.model.head.bias) == 0
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         ours = loaded.model.pool(loaded.model.forward_features(x))
         theirs = ref.forward_head(ref.forward_features(x), pre_logits=True)
     assert max_abs_diff(ours, theirs) <= PARITY_ATOL
 
 
-def test_labels_of_the_same_size_keep_the_head(tmp_path, photos):
+def test_labels_of_the_same_size_keep_the_head(tmp_path, photo_arrays):
     ref = reference("Ti16-224")
     names = list("abcdefg")
     loaded = import_checkpoint(save(ref, "hub", tmp_path), labels=names)
     assert loaded.labels == tuple(names)
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), ref(x)) <= PARITY_ATOL
     with pytest.raises(CheckpointError, match="num_classes=4 but 7 labels"):
@@ -146,7 +146,7 @@ def test_thousand_classes_without_names_get_imagenet_labels(tmp_path):
     assert reset.labels == imagenet1k_labels()
 
 
-def test_timm_scheme_downloads_the_hub_repo(tmp_path, monkeypatch, photos):
+def test_timm_scheme_downloads_the_hub_repo(tmp_path, monkeypatch, photo_arrays):
     """`timm:<name>` goes through huggingface_hub; the hub is replaced by a local directory here."""
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -165,7 +165,7 @@ def test_timm_scheme_downloads_the_hub_repo(tmp_path, monkeypatch, photos):
     loaded = import_checkpoint("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k")
     assert requested[0] == ("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "config.json")
     assert loaded.source == "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), ref(x)) <= PARITY_ATOL
 

@@ -27,14 +27,14 @@ def saved(tmp_path):
     return directory, model, config, prep
 
 
-def test_round_trip(saved, photos):
+def test_round_trip(saved, photo_arrays):
     directory, model, config, prep = saved
     loaded = load_native(directory)
     assert loaded.config == config and loaded.labels == LABELS and loaded.preprocessing == prep
     assert loaded.source == str(directory) and loaded.origin == "timm:vit_small_patch32_224"
     assert loaded.extra == {"epochs": 3, "dataset": "pets"}
     assert loaded.weights_sha256 == state_dict_sha256(model.state_dict())
-    x = photo_batch(photos, 224)
+    x = photo_batch(photo_arrays, 224)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), model(x)) == 0.0
     document = json.loads((directory / "vitserve.json").read_text())
@@ -78,13 +78,13 @@ def test_bad_native_dirs(saved):
         load_native(directory)
 
 
-def test_random_source_is_reproducible_and_not_degenerate(photos):
+def test_random_source_is_reproducible_and_not_degenerate(photo_arrays):
     a = import_checkpoint("random:Ti/16", model_args={"depth": 1})
     b = import_checkpoint("random:vit_tiny_patch16_224", model_args={"depth": 1})
     assert a.weights_sha256 == b.weights_sha256
     assert a.labels[0] == "tench, Tinca tinca" and a.preprocessing == Preprocessing.timm_eval(224)
     with torch.no_grad():
-        logits = a.model(photo_batch(photos, 224))
+        logits = a.model(photo_batch(photo_arrays, 224))
     assert logits.shape == (3, 1000) and logits.std() > 0  # a random head, unlike the paper's zero head
     c = import_checkpoint("random:vit_small_patch16_384", model_args={"depth": 1}, num_classes=7)
     assert c.config.image_size == 384 and c.config.num_classes == 7 and len(c.labels) == 7

@@ -20,10 +20,10 @@ def test_table1_parameter_counts(name, millions):
 
 
 @pytest.mark.parametrize("name", ["Ti/16", "S/32@384"])
-def test_fused_attention_matches_explicit_softmax(name, photos):
+def test_fused_attention_matches_explicit_softmax(name, photo_arrays):
     config = config_from_name(name, depth=2, num_classes=10)
     model = randomize(VisionTransformer(config), seed=1)
-    x = photo_batch(photos, config.image_size)
+    x = photo_batch(photo_arrays, config.image_size)
     with torch.no_grad():
         fused = model(x)
         model.set_explicit_attention(True)
