@@ -81,7 +81,9 @@ def _served_name(request: Request) -> str:
 
 
 def _ready(request: Request) -> bool:
-    return bool(getattr(request.app.state, "ready", False))
+    # Draining counts as not ready, so a load balancer stops sending work during the graceful shutdown.
+    state = request.app.state
+    return bool(getattr(state, "ready", False)) and not getattr(state, "draining", False)
 
 
 def _check_model(request: Request, model_name: str, model_version: str | None) -> None:
