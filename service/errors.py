@@ -96,6 +96,13 @@ class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client disconnected before its answer was ready; its work was dropped (nginx's 499)."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 class InferenceFailed(ServiceError):
     """The engine raised while running the batch this request was in."""
 
@@ -124,7 +131,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code >= 500 and not isinstance(exc, (NotReady, DeadlineExceeded)):
+        if exc.status_code >= 500 and not isinstance(exc, (NotReady, DeadlineExceeded, ClientClosedRequest)):
             log.error("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.code, exc.message)
         return error_response(exc.status_code, exc.code, exc.message, exc.headers)
 

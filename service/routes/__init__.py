@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 
-from service.errors import NotReady, ServiceError
+from service.errors import ClientClosedRequest, NotReady, ServiceError
 from service.preprocess import load_pixels
 
 
@@ -36,6 +36,37 @@ def request_deadline(state: Any) -> float:
     return time.monotonic() + state.settings.request_timeout_s
 
 
+async def _wait_for_disconnect(request: Request) -> None:
+    # Called once the body has been read: the server's next message is http.disconnect, sent
+    # when the client goes away (or, harmlessly, once the response is complete).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _disconnect_watch(request: Request) -> asyncio.Task:
+    """One watcher task per request, shared by all of its images."""
+    watch = getattr(request.state, "vitserve_disconnect_watch", None)
+    if watch is None:
+        watch = asyncio.ensure_future(_wait_for_disconnect(request))
+        watch.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception not retrieved"
+        request.state.vitserve_disconnect_watch = watch
+    return watch
+
+
+async def _unless_client_leaves(request_or_app: Request | FastAPI, work) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it (the batcher then skips the
+    image) and raise ClientClosedRequest."""
+    if not isinstance(request_or_app, Request):
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = _disconnect_watch(request_or_app)
+    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientClosedRequest("client disconnected before the answer was ready; its images were not run")
+
+
 async def classify_pixels(request_or_app: Request | FastAPI, pixels: np.ndarray, *,
                           deadline: float | None = None, timings: dict | None = None) -> np.ndarray:
     """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
@@ -44,7 +75,8 @@ async def classify_pixels(request_or_app: Request | FastAPI, pixels: np.ndarray,
     """
     state = require_ready(request_or_app)
     deadline = request_deadline(state) if deadline is None else deadline
-    return await state.batcher.submit(pixels, deadline=deadline, timings=timings)
+    return await _unless_client_leaves(request_or_app,
+                                       state.batcher.submit(pixels, deadline=deadline, timings=timings))
 
 
 async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
@@ -71,7 +103,8 @@ async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
     state.metrics.preprocess.observe(preprocess_s)
     stage: dict[str, float] = {}
     try:
-        logits = await state.batcher.submit(pixels, deadline=deadline, timings=stage)
+        logits = await _unless_client_leaves(request_or_app,
+                                             state.batcher.submit(pixels, deadline=deadline, timings=stage))
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise
