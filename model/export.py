@@ -54,6 +54,9 @@ TARGET_DEFAULT_PRECISION: dict[str, str] = {"gpu": "fp16", "cpu": "fp32"}
 # The first opset with the standard Attention op; lower ones export MatMul/Softmax/MatMul.
 MIN_FUSED_OPSET = 23
 DEFAULT_OPSET = 23
+# The newest opset torch 2.14 + onnxscript 0.7 convert ViT to (26 fails on Gelu and the exporter
+# silently falls back to opset 18); ONNX Runtime 1.31 runs 23-25.
+MAX_OPSET = 25
 # Protobuf cannot serialise a message over 2 GiB; above this many bytes of weights they go to
 # ``<name>.onnx.data`` next to the model (ViT-H fp32 is 2.5 GB). The margin covers the graph itself.
 DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 2000 * 1024**2
@@ -102,6 +105,8 @@ def check_options(precision: str, opset: int) -> None:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if opset < MIN_FUSED_OPSET:
         raise ExportError(f"opset {opset} has no fused Attention op; use --opset {MIN_FUSED_OPSET} or higher")
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} is newer than this exporter converts to; use {MIN_FUSED_OPSET}-{MAX_OPSET}")
 
 
 def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -123,6 +128,10 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
     finally:
         module.train(was_training)
     model = program.model_proto
+    exported = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if exported != opset:
+        # The exporter falls back to its own default opset when a version conversion fails.
+        raise ExportError(f"asked for opset {opset}, the exporter produced opset {exported}")
     _strip_node_debug_info(model)
     return model
 

@@ -158,6 +158,8 @@ def test_precision_defaults_follow_target():
 def test_bad_requests_fail_before_exporting(tmp_path, tiny_model):
     with pytest.raises(ExportError, match="opset 18 has no fused Attention"):
         export(tiny_model, tmp_path / "x.onnx", "fp32", opset=18)
+    with pytest.raises(ExportError, match="opset 26 is newer than this exporter converts to"):
+        export(tiny_model, tmp_path / "x.onnx", "fp32", opset=26)
     with pytest.raises(ExportError, match="3 labels for a head with 10 classes"):
         from model.export import export_model
 
@@ -177,3 +179,8 @@ def test_same_weights_give_byte_identical_files(tmp_path, tiny_model, exports):
     # No timestamps, stack traces or machine paths in the file: an export is reproducible.
     again = export(tiny_model, tmp_path / "again.onnx", "fp32")
     assert again.path.read_bytes() == exports["fp32"].path.read_bytes()
+
+
+def test_newest_supported_opset_keeps_the_fused_node(tiny_model):
+    stats = graph_stats(torch_to_onnx(tiny_model, tiny_model.config, opset=25))
+    assert (stats.opset, stats.fused_attention, stats.softmax) == (25, DEPTH, 0)
