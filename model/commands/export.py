@@ -70,7 +70,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"vitserve export: wrote {args.output} but it FAILED verification: {'; '.join(exc.failures)}",
               file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
-    except (ExportError, ExportFileError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (ExportError, ExportFileError, ValueError, KeyError, OSError) as exc:
         print(f"vitserve export: error: {_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_summary(report.info if report else inspect_export(result.path), report))
@@ -87,7 +87,7 @@ def run_verify(args: argparse.Namespace) -> int:
     except ExportFileError as exc:
         print(f"vitserve verify: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, OSError) as exc:
         print(f"vitserve verify: error: cannot load {args.against}: {_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_summary(report.info, report))
