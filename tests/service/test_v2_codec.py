@@ -72,6 +72,15 @@ def test_bytes_input_round_trips_the_encoded_photos(photos, binary):
     assert request.batch_size == 3
 
 
+def test_bytes_input_of_shape_n_by_1_as_triton_models_often_declare(photos):
+    inp = InferInput("images", [2, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[photos[0]], [photos[1]]], dtype=np.object_), binary_data=True)
+    assert parse(*client_request([inp])).images == (photos[0], photos[1])
+    nested = {"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
+                          "data": [[base64.b64encode(photos[0]).decode()], [base64.b64encode(photos[1]).decode()]]}]}
+    assert parse(json.dumps(nested).encode(), None).images == (photos[0], photos[1])
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_fp32_input_round_trips_bit_exact(binary):
     rng = np.random.default_rng(0)
