@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from export_testlib import export, make_model
+from model.export import torch_to_onnx
 from model.verify import photo_inputs, random_inputs
 from model.vit import VisionTransformer
 from service.metadata import Preprocessing
@@ -34,3 +36,13 @@ def fixed_inputs() -> np.ndarray:
 def torch_logits(tiny_model, fixed_inputs) -> np.ndarray:
     with torch.no_grad():
         return tiny_model(torch.from_numpy(fixed_inputs)).numpy()
+
+
+@pytest.fixture(scope="session")
+def unfused_graph(tiny_model) -> onnx.ModelProto:
+    """The same model exported through its explicit softmax attention: MatMul-Softmax-MatMul per block."""
+    tiny_model.set_explicit_attention(True)
+    try:
+        return torch_to_onnx(tiny_model, tiny_model.config)
+    finally:
+        tiny_model.set_explicit_attention(False)

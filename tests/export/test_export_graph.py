@@ -30,12 +30,8 @@ def test_every_block_is_one_fused_attention_node_and_no_softmax_remains(exports,
     assert stats.opset == 23
 
 
-def test_explicit_attention_exports_unfused_and_the_count_sees_it(tiny_model):
-    tiny_model.set_explicit_attention(True)
-    try:
-        stats = graph_stats(torch_to_onnx(tiny_model, tiny_model.config))
-    finally:
-        tiny_model.set_explicit_attention(False)
+def test_explicit_attention_exports_unfused_and_the_count_sees_it(unfused_graph):
+    stats = graph_stats(unfused_graph)
     assert stats.fused_attention == 0
     assert stats.softmax == DEPTH
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export_testlib import DEPTH, make_model
-from model.export import save_model, torch_to_onnx
+from model.export import save_model
 from model.verify import (
     TOLERANCES,
     ExportFileError,
@@ -48,12 +48,9 @@ def test_other_weights_fail_loudly_with_the_numbers(exports):
     assert "FAILED" in format_summary(report.info, report)
 
 
-def test_unfused_graph_fails_the_fused_count(tmp_path, exports, tiny_model):
-    tiny_model.set_explicit_attention(True)
-    try:
-        graph = torch_to_onnx(tiny_model, tiny_model.config)
-    finally:
-        tiny_model.set_explicit_attention(False)
+def test_unfused_graph_fails_the_fused_count(tmp_path, exports, tiny_model, unfused_graph):
+    graph = onnx.ModelProto()
+    graph.CopyFrom(unfused_graph)
     helper.set_model_props(graph, exports["fp32"].metadata.to_props())
     save_model(graph, tmp_path / "unfused.onnx")
     report = verify_export(tmp_path / "unfused.onnx", tiny_model)
