@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from service.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
@@ -24,7 +25,68 @@ IMAGE_TYPES = ("image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/web
                "image/x-ms-bmp", "image/tiff", "application/octet-stream")
 _ACCEPTED = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff or multipart/form-data"
 
-_PREDICTIONS_EXAMPLE = [{"index": 3, "label": "3", "probability": 0.97}]
+
+
+# Response schemas, for the OpenAPI docs: routes return JSONResponse directly (no per-request
+# validation of what we built ourselves), FastAPI documents these shapes.
+class Prediction(BaseModel):
+    index: int = Field(description="class index into the model's labels")
+    label: str
+    probability: float = Field(description="softmax probability (computed in float64)")
+
+
+class TimingMs(BaseModel):
+    queue: float = Field(description="waiting in the batcher queue")
+    preprocess: float = Field(description="decode + resize + normalise")
+    inference: float = Field(description="the engine run of the batch this image was in")
+    total: float = Field(description="request received to answer built")
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(description="the served model's architecture name")
+    predictions: list[Prediction]
+    timing_ms: TimingMs
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="short snake_case error code, e.g. invalid_image")
+    message: str = Field(description="what was wrong, naming the offending input")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatchItem(BaseModel):
+    id: str = Field(description="the client's id (JSON) or the file name (multipart)")
+    predictions: list[Prediction] | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    model: str
+    results: list[BatchItem] = Field(description="one per image, in request order")
+    timing_ms: TimingMs = Field(description="per stage: the slowest image; total: the whole request")
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)}
+
+# The bodies are read by hand (raw image bytes or multipart, streamed under the byte limit), so
+# FastAPI cannot infer them; describe them for /docs.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    **{t: _BINARY for t in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+}}}
+_BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "object", "required": ["data"], "properties": {
+            "id": {"type": "string"}, "data": {"type": "string", "description": "base64 (or a data: URL)"}}}},
+        "top_k": {"type": "integer", "default": 5}}}},
+}}}
 
 
 def _media_type(request: Request) -> str:
@@ -55,11 +117,11 @@ async def _upload_bytes(upload: Any, field: str) -> bytes:
     summary="Classify one image",
     description="Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
                 "or as multipart/form-data field `file`. Returns the top-k classes.",
-    responses={200: {"content": {"application/json": {"example": {
-        "model": "vit_tiny_patch16_224", "predictions": _PREDICTIONS_EXAMPLE,
-        "timing_ms": {"queue": 0.1, "preprocess": 2.3, "inference": 5.2, "total": 7.9}}}}}},
+    response_model=ClassifyResponse,
+    responses=_ERRORS,
+    openapi_extra=_CLASSIFY_BODY,
 )
-async def classify(request: Request, top_k: int = Query(5, description="how many classes to return")) -> dict:
+async def classify(request: Request, top_k: int = Query(5, description="how many classes to return")) -> Response:
     state = require_ready(request)
     k = _check_top_k(request, top_k)
     deadline = request_deadline(state)
@@ -74,11 +136,11 @@ async def classify(request: Request, top_k: int = Query(5, description="how many
     else:
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send {_ACCEPTED}")
     logits, timing_ms = await classify_bytes(request, data, deadline=deadline)
-    return {
+    return JSONResponse({
         "model": state.metadata.architecture,
         "predictions": top_k_of(logits, state.metadata.labels, k),
         "timing_ms": timing_ms,
-    }
+    })
 
 
 def _decode_base64(value: Any, item_id: str) -> bytes:
@@ -142,8 +204,12 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
     description="multipart/form-data with many `files`, or JSON `{\"images\": [{\"id\": str, \"data\": base64}], "
                 "\"top_k\": 5}`. Every image goes through the batcher concurrently and gets its own result or "
                 "its own error; one bad image never fails the others.",
+    response_model=BatchResponse,
+    responses=_ERRORS,
+    openapi_extra=_BATCH_BODY,
 )
-async def classify_batch(request: Request, top_k: int | None = Query(None, description="overrides the JSON top_k")) -> dict:
+async def classify_batch(request: Request,
+                         top_k: int | None = Query(None, description="overrides the JSON top_k")) -> Response:
     started = time.perf_counter()
     state = require_ready(request)
     deadline = request_deadline(state)
@@ -165,7 +231,8 @@ async def classify_batch(request: Request, top_k: int | None = Query(None, descr
     timing_ms = {stage: round(max((t[stage] for t in timings), default=0.0), 3)
                  for stage in ("queue", "preprocess", "inference")}
     timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
-    return {"model": state.metadata.architecture, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
+    return JSONResponse({"model": state.metadata.architecture, "results": [r for r, _ in outcomes],
+                         "timing_ms": timing_ms})
 
 
 @router.get("/models", summary="The served model: labels, pre-processing, providers, batching")
