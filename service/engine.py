@@ -193,8 +193,11 @@ class Engine:
             raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}")
         feed = np.ascontiguousarray(batch, dtype=self.input_dtype)
         if self._io_binding is not None:
-            return self._run_bound(feed)
-        (logits, *_) = self.session.run([self.output_name], {self.input_name: feed})
+            logits = self._run_bound(feed)
+        else:
+            (logits, *_) = self.session.run([self.output_name], {self.input_name: feed})
+        if self._profile_dir is not None:
+            self._read_placement()  # one profiled run is enough; profiling every run costs time
         return np.asarray(logits, dtype=np.float32)
 
     def _run_bound(self, feed: np.ndarray) -> np.ndarray:
@@ -217,7 +220,8 @@ class Engine:
     def warmup(self, batch_sizes: Iterable[int], repeats: int = 1) -> dict[int, float]:
         """Run every batch size once (kernels, arenas, TensorRT engines); returns seconds per size.
 
-        The first run is profiled to record node placement (see ``placement``).
+        The engine's first run (here, or the first ``run`` if warm-up is skipped) is profiled to
+        record node placement (see ``placement``).
         """
         timings: dict[int, float] = {}
         rng = np.random.default_rng(0)
@@ -227,10 +231,6 @@ class Engine:
                 started = time.perf_counter()
                 self.run(batch)
                 timings[n] = time.perf_counter() - started
-            if self._profile_dir is not None and not self.placement:
-                self._read_placement()
-        if self._profile_dir is not None and not self.placement:
-            self._read_placement()
         return timings
 
     def _read_placement(self) -> None:
