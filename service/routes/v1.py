@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.postprocess import top_k as top_k_of
@@ -102,8 +103,14 @@ def _check_top_k(request: Request, top_k: int) -> int:
 
 
 async def _form(request: Request, max_files: int):
-    # Starlette answers a malformed multipart body with HTTPException(400), mapped to our JSON shape.
-    return await request.form(max_files=max_files, max_fields=max_files + 16)
+    """Parse a multipart body, turning Starlette's errors into ours (with the problem named)."""
+    try:
+        # max_files bounds what gets spooled: one more than allowed, so that we can say "too many".
+        return await request.form(max_files=max_files + 1, max_fields=max_files + 16)
+    except StarletteHTTPException as exc:
+        if "too many files" in str(exc.detail).lower():
+            raise PayloadTooLarge(f"too many images: more than max_batch_images={max_files}") from None
+        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
 
 
 async def _upload_bytes(upload: Any, field: str) -> bytes:
@@ -160,7 +167,7 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
     limit = settings.max_batch_images
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
-        form = await _form(request, max_files=limit + 1)
+        form = await _form(request, max_files=limit)
         uploads = form.getlist("files")
         if not uploads:
             raise BadRequest(f"multipart body needs one or more file fields named 'files' (got {sorted(form.keys())})")

@@ -312,14 +312,18 @@ def test_malformed_multipart(client, photos):
     _assert_error(client.post("/v1/classify", files={"image": ("a.jpg", photos["coffee"], "image/jpeg")}), 400,
                   "bad_request", "'file'")
     _assert_error(client.post("/v1/classify", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}),
-                  400, "bad_request")
+                  400, "bad_request", "multipart")
     _still_serving(client, photos)
 
 
 def test_too_many_images_in_a_batch(client, photos):
-    files = [("files", (f"{i}.jpg", photos["coffee"], "image/jpeg")) for i in range(MAX_BATCH_IMAGES + 1)]
-    _assert_error(client.post("/v1/classify/batch", files=files), 413, "payload_too_large", "too many images",
-                  str(MAX_BATCH_IMAGES))
+    for count in (MAX_BATCH_IMAGES + 1, MAX_BATCH_IMAGES + 5):
+        files = [("files", (f"{i}.jpg", photos["coffee"], "image/jpeg")) for i in range(count)]
+        _assert_error(client.post("/v1/classify/batch", files=files), 413, "payload_too_large", "too many images",
+                      str(MAX_BATCH_IMAGES))
+    images = [{"id": str(i), "data": base64.b64encode(photos["coffee"]).decode()} for i in range(MAX_BATCH_IMAGES + 1)]
+    _assert_error(client.post("/v1/classify/batch", json={"images": images}), 413, "payload_too_large",
+                  "too many images")
     _still_serving(client, photos)
 
 
