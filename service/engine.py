@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.metadata import ModelMetadata
+from service.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 
 log = logging.getLogger("vitserve.engine")
 
@@ -92,10 +92,13 @@ def default_intra_op_threads() -> int:
 
 
 class Engine:
-    """One ONNX Runtime inference session for one exported vitserve model.
+    """One ONNX Runtime inference session for one image classifier: a vitserve export or any ONNX file
+    described by flags / a sidecar JSON (service/model_spec.py).
 
     Args:
         model_path: the .onnx file (external-data files next to it are found by ORT).
+        spec_options: explicit model description (flags / environment); None = only what the file's
+            metadata and its ``<model>.json`` sidecar say.
         providers: provider names in priority order; None picks automatically
             (TensorRT > CUDA > CPU, those that load).
         intra_op_threads: threads for one operator; 0 = one per available core.
@@ -106,7 +109,8 @@ class Engine:
             on CUDA (where it saves a host->device allocation per batch).
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, providers: Sequence[str] | str | None = None,
+    def __init__(self, model_path: str | os.PathLike, *, spec_options: SpecOptions | None = None,
+                 providers: Sequence[str] | str | None = None,
                  intra_op_threads: int = 0, allow_spinning: bool = False, log_placement: bool = True,
                  io_binding: bool | None = None) -> None:
         self.model_path = Path(model_path)
@@ -126,23 +130,20 @@ class Engine:
         self.providers: list[str] = self.session.get_providers()
         self.placement: dict[str, dict[str, int]] = {}
         try:
-            self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
-        except ValueError as exc:
-            raise EngineError(f"{self.model_path}: {exc}") from exc
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise EngineError(f"{self.model_path}: expected one input and at least one output, "
-                              f"got {[i.name for i in inputs]} -> {[o.name for o in outputs]}")
-        self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
-        self.input_dtype = np.dtype(self.metadata.input_dtype)
+            self.spec = resolve_spec(self.model_path, graph_io_from_session(self.session), spec_options)
+        except ModelSpecError as exc:
+            raise EngineError(str(exc)) from exc
+        self.metadata = self.spec.metadata
+        self.input_name = self.spec.input_name
+        self.output_name = self.spec.output_name
+        self.input_dtype = np.dtype(self.spec.input_dtype)
         size = self.metadata.preprocessing.image_size
-        self.input_shape = (3, size, size)
-        declared = inputs[0].shape
-        if len(declared) != 4 or any(isinstance(d, int) and d != e for d, e in zip(declared[1:], self.input_shape)):
-            raise EngineError(f"{self.model_path}: input {self.input_name} has shape {declared}, "
-                              f"metadata says (N, 3, {size}, {size})")
-        self.max_static_batch = declared[0] if isinstance(declared[0], int) else None
+        self.input_shape = (3, size, size)  # what run() takes; channels-last graphs get it transposed
+        self.channels_last = self.spec.input_layout == "nhwc"
+        # A graph with a fixed batch axis takes exactly that many images per run: run() pads and
+        # splits, and the app caps its batcher at max_batch_size (1 = batching off).
+        self.max_static_batch = self.spec.batch_size
+        self.max_batch_size = self.spec.batch_size
         self.on_gpu = self.providers[0] in GPU_PROVIDERS
         use_binding = self.providers[0] == CUDA if io_binding is None else io_binding
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
@@ -151,9 +152,23 @@ class Engine:
         if self.on_gpu is False and any(p in GPU_PROVIDERS for p in requested):
             log.warning("GPU providers %s were requested but the session runs on %s",
                         [p for p in requested if p in GPU_PROVIDERS], self.providers)
+        if self.spec.num_classes is None:  # symbolic class axis: one probe run tells the real count
+            (probe,) = self.session.run([self.output_name], {self.input_name: self._layout(
+                np.zeros((self.max_static_batch or 1, *self.input_shape), self.input_dtype))})
+            if probe.ndim != 2:
+                raise EngineError(f"{self.model_path}: output {self.output_name} gave shape {probe.shape}; vitserve "
+                                  "reads 2-D logits [N, num_classes]")
+            try:
+                check_label_count(probe.shape[1], self.metadata.num_classes, self.model_path, self.output_name)
+            except ModelSpecError as exc:
+                raise EngineError(str(exc)) from exc
         log.info("loaded %s (%s, %s, %d classes) on %s with %d intra-op threads", self.model_path,
                  self.metadata.architecture, self.metadata.precision, self.metadata.num_classes, self.providers,
                  self.intra_op_threads)
+        log.info("model spec, value (source): %s", self.spec.log_text())
+        if self.max_static_batch == 1:
+            log.warning("%s: input %s has a fixed batch of 1: batching is turned off (max_batch_size 1); export it "
+                        "with a dynamic batch axis to batch requests", self.model_path, self.input_name)
 
     def _session_options(self, profile_dir: str | None = None) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -191,7 +206,10 @@ class Engine:
         """(N, 3, H, W) pixels -> (N, K) float32 logits. Not thread-safe by design: one caller."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}")
-        feed = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        fixed = self.max_static_batch
+        if fixed is not None and batch.shape[0] != fixed:
+            return np.concatenate([self._run_padded(batch[i:i + fixed], fixed) for i in range(0, len(batch), fixed)])
+        feed = self._layout(np.asarray(batch, dtype=self.input_dtype))
         if self._io_binding is not None:
             logits = self._run_bound(feed)
         else:
@@ -199,6 +217,17 @@ class Engine:
         if self._profile_dir is not None:
             self._read_placement()  # one profiled run is enough; profiling every run costs time
         return np.asarray(logits, dtype=np.float32)
+
+    def _layout(self, batch: np.ndarray) -> np.ndarray:
+        # (N, 3, H, W) -> (N, H, W, 3) for channels-last graphs; contiguous either way for ORT.
+        return np.ascontiguousarray(batch.transpose(0, 2, 3, 1) if self.channels_last else batch)
+
+    def _run_padded(self, chunk: np.ndarray, fixed: int) -> np.ndarray:
+        """Run at most ``fixed`` images through a fixed-batch graph, zero-padding up to ``fixed``."""
+        n = chunk.shape[0]
+        if n < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+        return self.run(chunk)[:n]
 
     def _run_bound(self, feed: np.ndarray) -> np.ndarray:
         # One device buffer per batch size, refilled in place: on CUDA no cudaMalloc per request.
@@ -278,5 +307,7 @@ class Engine:
             "input_name": self.input_name,
             "output_name": self.output_name,
             "input_dtype": str(self.input_dtype),
+            "input_layout": self.spec.input_layout,
             "placement": self.placement,
+            "spec": self.spec.effective(),
         }
