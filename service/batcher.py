@@ -4,7 +4,8 @@ One bounded ``asyncio.Queue`` and one consumer task. Each image is one queue ite
 future. The consumer:
 
 - blocks for the first item; if the engine was idle and nothing else is waiting, that item is
-  dispatched at once (no added latency at low load);
+  dispatched at once (no added latency at low load), unless it heads a closed-loop burst (the
+  previous batch held several requests and has just been answered: see ``_in_burst``);
 - otherwise (requests piled up while the previous batch ran) takes everything waiting, up to
   ``max_batch_size``, and waits for more at most until the oldest item has been queued
   ``max_queue_delay_ms``: the delay is anchored at the oldest request, so no request waits
@@ -96,6 +97,8 @@ class Batcher:
         self._accepting = False
         self._in_flight = 0  # images taken off the queue whose batch has not finished
         self._last_batch_s = 0.0  # duration of the last engine.run, for Retry-After hints
+        self._last_online_end_s = float("-inf")  # when the last online batch finished (monotonic)
+        self._last_online_batch = 0  # its size
         self.low_priority_idle_s = low_priority_idle_ms / 1000.0
         self._low_queue: asyncio.Queue[_Item] | None = None
         self._wake: asyncio.Event | None = None  # set on every submit, either lane
@@ -275,6 +278,8 @@ class Batcher:
             if was_idle:
                 was_idle = not await self._serve_low_until_online()
             first = self._queue.get_nowait()
+            if was_idle and self._in_burst(first.enqueued_at):
+                was_idle = False
             self._admit(first, batch, time.monotonic())
             self._take(batch, time.monotonic())
             # Busy engine (items had piled up): fill the batch until the oldest item's delay is spent.
@@ -292,6 +297,18 @@ class Batcher:
                     self._take(batch, time.monotonic())
             if batch:
                 await self._run(batch)
+
+    def _in_burst(self, arrived_at: float) -> bool:
+        """Whether an arrival to an empty queue is the head of a closed-loop burst.
+
+        The previous online batch held several requests and ended less than its own duration ago:
+        its clients are sending their next requests right now, and the first to arrive is only a
+        few milliseconds ahead of the rest. Waiting (at most max_queue_delay_ms) lets them share
+        one batch instead of splitting into a batch of one plus the others. A lone client (batches
+        of one) never waits.
+        """
+        return (self._last_online_batch > 1
+                and arrived_at - self._last_online_end_s < max(self._last_batch_s, self.max_queue_delay_s))
 
     async def _run(self, batch: list[_Item], queue: asyncio.Queue | None = None) -> None:
         queue = queue or self._queue
@@ -333,6 +350,8 @@ class Batcher:
             self._in_flight = 0
             if queue is self._queue:
                 self._last_online_s = time.monotonic()  # clients answered now send their next request soon
+                self._last_online_end_s = self._last_online_s
+                self._last_online_batch = len(batch)
             for _ in batch:
                 queue.task_done()
 

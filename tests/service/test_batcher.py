@@ -191,3 +191,27 @@ def test_constructor_validates_limits(make_fake_engine):
         Batcher(make_fake_engine(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_delay_ms"):
         Batcher(make_fake_engine(), max_queue_delay_ms=-1)
+
+
+def test_burst_after_a_full_batch_is_gathered_but_a_lone_client_never_waits(make_fake_engine):
+    engine = make_fake_engine(delay_s=0.05)
+
+    async def main():
+        batcher = Batcher(engine, max_batch_size=8, max_queue_delay_ms=30, max_queue_size=64)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(image(float(i))) for i in range(4)))  # one batch of 4
+        # Its clients come back a few ms apart (closed loop): they share one batch.
+        first = asyncio.create_task(batcher.submit(image(1.0)))
+        await asyncio.sleep(0.005)
+        second = asyncio.create_task(batcher.submit(image(2.0)))
+        await asyncio.gather(first, second)
+        await asyncio.sleep(0.2)  # the burst is over: a lone request goes at once
+        started = time.perf_counter()
+        await batcher.submit(image(3.0))
+        lone = time.perf_counter() - started
+        await batcher.stop()
+        return lone
+
+    lone = asyncio.run(main())
+    assert engine.batch_sizes == [4, 2, 1]
+    assert lone < 0.05 + 0.025  # its run (50 ms) and no queue delay (30 ms)
