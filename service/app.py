@@ -150,8 +150,8 @@ def _build_engine(settings: Settings):
     from service.engine import Engine  # onnxruntime import deferred: tests with a fake engine skip it
 
     settings.check_model_file()
-    return Engine(settings.model, providers=settings.providers or None, intra_op_threads=settings.intra_op_threads,
-                  allow_spinning=settings.ort_allow_spinning)
+    return Engine(settings.model, spec_options=settings.spec_options(), providers=settings.providers or None,
+                  intra_op_threads=settings.intra_op_threads, allow_spinning=settings.ort_allow_spinning)
 
 
 def _cores() -> int:
@@ -175,9 +175,14 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
         state = app.state
         state.engine = engine if engine is not None else await asyncio.to_thread(_build_engine, settings)
         state.metadata = state.engine.metadata
+        fixed_batch = getattr(state.engine, "max_batch_size", None)  # a graph with a fixed batch axis
+        if fixed_batch is not None and fixed_batch < state.settings.max_batch_size:
+            log.warning("the model takes at most %d image(s) per run: max_batch_size %d -> %d", fixed_batch,
+                        state.settings.max_batch_size, fixed_batch)
+            state.settings = state.settings.model_copy(update={"max_batch_size": fixed_batch})
         state.preprocess_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads or _cores(),
                                                    thread_name_prefix="vitserve-preprocess")
-        state.batcher = Batcher(state.engine, max_batch_size=settings.max_batch_size,
+        state.batcher = Batcher(state.engine, max_batch_size=state.settings.max_batch_size,
                                 max_queue_delay_ms=settings.max_queue_delay_ms,
                                 max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch,
                                 low_priority_idle_ms=settings.low_priority_idle_ms)

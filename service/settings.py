@@ -66,6 +66,20 @@ class Settings(BaseSettings):
     low_priority_idle_ms: float = Field(20.0, ge=0, le=10_000, description="online lane quiet time before a job "
                                                                             "batch may run")
 
+    # Model description for ONNX files without vitserve metadata (service/model_spec.py): each
+    # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
+    image_size: int | None = Field(None, ge=1, description="side of the square model input, pixels")
+    resize: int | None = Field(None, ge=1, description="resize target, pixels, before the centre crop")
+    resize_mode: str | None = Field(None, description="shortest (resize the short side, crop) or squash")
+    crop: float | None = Field(None, gt=0, le=1, description="centre-crop fraction (timm crop_pct), instead of resize")
+    interpolation: str | None = Field(None, description="nearest, bilinear, bicubic or lanczos")
+    mean: str | None = Field(None, description="per-channel mean, e.g. 0.5,0.5,0.5 or imagenet")
+    std: str | None = Field(None, description="per-channel std, e.g. 0.5,0.5,0.5 or imagenet")
+    labels: Path | None = Field(None, description="class names file: .txt (one per line) or .json")
+    input_name: str | None = Field(None, description="graph input that gets the pixels (several inputs)")
+    output_name: str | None = Field(None, description="graph output with the logits (several outputs)")
+    input_layout: str | None = Field(None, description="nchw or nhwc, when the graph does not tell")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value):
@@ -75,6 +89,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_root_is_none(cls, value):
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("image_size", "resize", "resize_mode", "crop", "interpolation", "mean", "std", "labels",
+                     "input_name", "output_name", "input_layout", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model", mode="after")
@@ -105,7 +125,20 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:
             raise ValueError(f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})")
+        from service.model_spec import ModelSpecError
+
+        try:
+            self.spec_options()  # a bad --mean or an unreadable labels file fails here, at start-up
+        except ModelSpecError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    def spec_options(self):
+        """The explicit model description (service.model_spec.SpecOptions) these settings give."""
+        from service.model_spec import SPEC_FLAGS, SpecOptions
+
+        raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
+        return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
 
     def warmup_sizes(self) -> list[int]:
         sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.model_spec import SPEC_FLAGS, add_spec_arguments
+
 # flag -> Settings field; None values (flag not given) leave env/defaults in place.
 _FLAGS = (
     ("--model", "model", str, "exported .onnx model (default: the bundled demo model)"),
@@ -37,13 +39,15 @@ def add_parser(subparsers) -> None:
                     "Every flag can also be set as VITSERVE_<NAME> in the environment.")
     for flag, dest, kind, help_text in _FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    add_spec_arguments(parser)  # --image-size, --mean, --labels ...: ONNX files from elsewhere
     parser.set_defaults(func=run)
 
 
 def build_settings(args: argparse.Namespace):
     from service.settings import Settings
 
-    overrides = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS if getattr(args, dest, None) is not None}
+    dests = [dest for _, dest, _, _ in _FLAGS] + [dest for _, dest, _ in SPEC_FLAGS]
+    overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)
 
 
@@ -65,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from service.app import _build_engine
+    from service.engine import EngineError
     from service.server import serve
 
-    return serve(settings)
+    # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
+    # input, ...) is one clear line and exit code 2, not a lifespan traceback.
+    try:
+        engine = _build_engine(settings)
+    except EngineError as exc:
+        print(f"vitserve serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, engine=engine)

@@ -261,6 +261,7 @@ async def models(request: Request) -> dict:
         "source": meta.source,
         "providers": describe.get("providers", []),
         "placement": describe.get("placement", {}),
+        "spec": describe.get("spec", {}),  # effective value and source (metadata/sidecar/flag/graph/default)
         "ready": bool(getattr(state, "ready", False)) and not getattr(state, "draining", False),
         "batching": {
             "max_batch_size": settings.max_batch_size,
