@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "service.commands.serve",
     "service.commands.score",
+    "service.commands.inspect",
     "model.commands.export",
     "model.commands.finetune",
 )

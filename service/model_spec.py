@@ -373,6 +373,20 @@ def graph_io_from_onnx(model) -> GraphIO:
                    {p.key: p.value for p in model.metadata_props})
 
 
+def missing_fields(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
+    """The REQUIRED fields that no source gives (for `vitserve inspect`; resolve_spec raises on them)."""
+    layers = [options or SpecOptions(), options_from_metadata(graph.props), load_sidecar(model_path) or SpecOptions()]
+    missing = [name for name in REQUIRED if all(getattr(layer, name) is None for layer in layers)]
+    if "image_size" in missing and len(graph.inputs) == 1:
+        tensor = graph.inputs[0]
+        if tensor.shape is not None and len(tensor.shape) == 4:
+            layout = "nhwc" if tensor.shape[3] == 3 and tensor.shape[1] != 3 else "nchw"
+            height, width = _spatial_dims(tensor, layout)
+            if isinstance(height, int) and height == width:
+                missing.remove("image_size")
+    return missing
+
+
 # --- the resolved description ------------------------------------------------------------------------
 
 
