@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.buckets import BucketRunner
+from service.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
 from service.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 
 log = logging.getLogger("vitserve.engine")
@@ -37,6 +39,9 @@ CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 _ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 _PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
+# Device input buffers kept for batch sizes run without buckets, least recently used dropped first:
+# one per size for ever would hold sum(1..max_batch_size) images of device memory.
+_MAX_CACHED_DEVICE_INPUTS = 8
 
 
 class EngineError(RuntimeError):
@@ -107,12 +112,14 @@ class Engine:
         log_placement: profile one warm-up run and log which provider ran each op type.
         io_binding: bind a reused input buffer and the output on the session's device; None = only
             on CUDA (where it saves a host->device allocation per batch).
+        gpu_options: batch buckets, CUDA graphs, pinned uploads, TensorRT caches
+            (service/gpu_options.py); None = none of them.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, spec_options: SpecOptions | None = None,
                  providers: Sequence[str] | str | None = None,
                  intra_op_threads: int = 0, allow_spinning: bool = False, log_placement: bool = True,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, gpu_options: GpuOptions | None = None) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise EngineError(f"model file not found: {self.model_path}")
@@ -126,6 +133,8 @@ class Engine:
         self.intra_op_threads = intra_op_threads or default_intra_op_threads()
         self._allow_spinning = allow_spinning
         self._log_placement = log_placement
+        self.gpu_options = gpu_options or GpuOptions()
+        self._trt_input: tuple[str, int, int] | None = None  # (name, channels, size) for TensorRT's profile
         self.session = self._create_session(requested)
         self.providers: list[str] = self.session.get_providers()
         self.placement: dict[str, dict[str, int]] = {}
@@ -166,6 +175,9 @@ class Engine:
                  self.metadata.architecture, self.metadata.precision, self.metadata.num_classes, self.providers,
                  self.intra_op_threads)
         log.info("model spec, value (source): %s", self.spec.log_text())
+        self._buckets = self._bucket_runner(use_binding) if self.gpu_options.batch_buckets else None
+        # TensorRT builds for one profile of batch sizes; larger batches are split to fit it.
+        self._max_chunk = trt_max_batch(self.gpu_options) if self.providers[0] == TENSORRT else None
         if self.max_static_batch == 1:
             log.warning("%s: input %s has a fixed batch of 1: batching is turned off (max_batch_size 1); export it "
                         "with a dynamic batch axis to batch requests", self.model_path, self.input_name)
@@ -191,7 +203,8 @@ class Engine:
         while remaining:
             try:
                 return ort.InferenceSession(str(self.model_path), sess_options=self._session_options(self._profile_dir),
-                                            providers=remaining)
+                                            providers=remaining,
+                                            provider_options=[self._provider_options(p) for p in remaining])
             except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail for provider trouble
                 errors.append(f"{remaining[0]}: {exc}")
                 if remaining[0] == CPU or len(remaining) == 1:
@@ -201,11 +214,50 @@ class Engine:
                 remaining = remaining[1:]
         raise EngineError(f"cannot create an ONNX Runtime session for {self.model_path}: " + " | ".join(errors))
 
+    def _provider_options(self, provider: str, cuda_graph: bool = False) -> dict[str, str]:
+        if provider == CUDA:
+            return cuda_provider_options(cuda_graph=cuda_graph)
+        if provider == TENSORRT:
+            if self._trt_input is None:
+                # The profile names the input and its size before the real session exists: ask a CPU one.
+                probe = ort.InferenceSession(str(self.model_path), providers=[CPU]).get_inputs()[0]
+                self._trt_input = (probe.name, int(probe.shape[1]), int(probe.shape[-1]))
+            name, channels, size = self._trt_input
+            return tensorrt_provider_options(self.gpu_options, input_name=name, image_size=size, in_chans=channels)
+        return {}
+
+    def _bucket_runner(self, use_binding: bool) -> BucketRunner:
+        if self.channels_last or self.max_static_batch is not None:
+            raise EngineError(f"{self.model_path}: batch_buckets need a channels-first graph with a dynamic batch "
+                              "axis (this one pads to its fixed batch already)")
+        return BucketRunner(self.model_path, self.session, self.gpu_options, session_options=self._session_options,
+                            providers=self.providers, provider_options=self._provider_options,
+                            input_name=self.input_name, output_name=self.output_name, input_shape=self.input_shape,
+                            input_dtype=self.input_dtype, io_binding=use_binding, device=self._device)
+
+    @property
+    def cuda_graph_buckets(self) -> list[int]:
+        return self._buckets.cuda_graph_sizes if self._buckets is not None else []
+
+    def input_buffer(self, n: int) -> np.ndarray:
+        """A (n, 3, H, W) array to fill with the next batch: with buckets it is the bucket's own
+        (pinned, if set) host buffer, so ``run`` of it skips a host copy. Valid until the next ``run``."""
+        if self._buckets is not None:
+            return self._buckets.input_buffer(n)
+        return np.empty((n, *self.input_shape), dtype=self.input_dtype)
+
     # -- running --------------------------------------------------------------------------------
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) pixels -> (N, K) float32 logits. Not thread-safe by design: one caller."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}")
+        if self._buckets is not None:
+            if self._profile_dir is not None:  # placement is read from one run of the dynamic session
+                self.session.run([self.output_name], {self.input_name: np.asarray(batch, dtype=self.input_dtype)})
+                self._read_placement()
+            return self._buckets.run(batch)
+        if self._max_chunk is not None and batch.shape[0] > self._max_chunk:
+            return np.concatenate([self.run(batch[i:i + self._max_chunk]) for i in range(0, len(batch), self._max_chunk)])
         fixed = self.max_static_batch
         if fixed is not None and batch.shape[0] != fixed:
             return np.concatenate([self._run_padded(batch[i:i + fixed], fixed) for i in range(0, len(batch), fixed)])
@@ -232,10 +284,12 @@ class Engine:
     def _run_bound(self, feed: np.ndarray) -> np.ndarray:
         # One device buffer per batch size, refilled in place: on CUDA no cudaMalloc per request.
         n = feed.shape[0]
-        device_input = self._device_inputs.get(n)
+        device_input = self._device_inputs.pop(n, None)
         if device_input is None:
             device_input = ort.OrtValue.ortvalue_from_shape_and_type(feed.shape, feed.dtype, self._device, 0)
-            self._device_inputs[n] = device_input
+            if len(self._device_inputs) >= _MAX_CACHED_DEVICE_INPUTS:
+                self._device_inputs.pop(next(iter(self._device_inputs)))  # the least recently used
+        self._device_inputs[n] = device_input  # (re)inserted last: the dict runs least to most recently used
         device_input.update_inplace(feed)
         binding = self._io_binding
         binding.clear_binding_inputs()
@@ -254,7 +308,10 @@ class Engine:
         """
         timings: dict[int, float] = {}
         rng = np.random.default_rng(0)
-        for n in sorted(set(int(b) for b in batch_sizes)):
+        if self.cuda_graph_buckets:
+            repeats = max(repeats, 3)  # ORT runs a graph session normally before it captures, then replays
+        buckets = self.gpu_options.batch_buckets if self._buckets is not None else ()
+        for n in sorted(set(int(b) for b in batch_sizes) | set(buckets)):
             batch = rng.standard_normal((n, *self.input_shape), dtype=np.float32)
             for _ in range(max(1, repeats)):
                 started = time.perf_counter()
@@ -309,5 +366,8 @@ class Engine:
             "input_dtype": str(self.input_dtype),
             "input_layout": self.spec.input_layout,
             "placement": self.placement,
+            "batch_buckets": list(self.gpu_options.batch_buckets) if self._buckets is not None else [],
+            "cuda_graph_buckets": self.cuda_graph_buckets,
+            "pinned_host_memory": self._buckets.pinned_source if self._buckets is not None else None,
             "spec": self.spec.effective(),
         }
