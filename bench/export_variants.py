@@ -89,23 +89,25 @@ def build_variants(model_name: str, workdir: Path) -> dict[str, Callable[[np.nda
     }
 
 
-def measure(runners: dict[str, Callable], batch: int, image_size: int, passes: int,
-            seconds_per_block: float) -> dict[str, float]:
+def measure(runners: dict[str, Callable], batch: int, image_size: int, passes: int, seconds_per_block: float,
+            min_calls: int) -> dict[str, float]:
     """Median images/s of each runner at one batch size.
 
-    Each pass runs every variant as one block: a warm-up call, then timed calls for about
-    ``seconds_per_block`` (3 at least). Blocks, not alternating single calls: ONNX Runtime's
-    worker threads spin for a while after each run and would steal the cores from whatever runs
-    next. Several passes spread the noise of a shared machine over all variants.
+    Each pass runs every variant as one block of timed calls (``min_calls`` at least, more until
+    ``seconds_per_block``); the first pass starts each block with an untimed warm-up call
+    (allocations, kernel selection, thread pool start). Blocks, not alternating single calls:
+    ONNX Runtime's worker threads spin for a while after each run and would steal the cores from
+    whatever runs next. Several passes spread the noise of a shared machine over all variants.
     """
     x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(passes):
+    for pass_index in range(passes):
         for name, run in runners.items():
-            run(x)  # warm-up: allocations, kernel selection, thread pool start
+            if pass_index == 0:
+                run(x)
             block_start = time.perf_counter()
             calls = 0
-            while calls < 3 or time.perf_counter() - block_start < seconds_per_block:
+            while calls < min_calls or time.perf_counter() - block_start < seconds_per_block:
                 t0 = time.perf_counter()
                 run(x)
                 times[name].append(time.perf_counter() - t0)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--passes", type=int, default=2, help="blocks per variant and batch size")
     parser.add_argument("--seconds-per-block", type=float, default=2.0)
+    parser.add_argument("--min-calls", type=int, default=2, help="timed calls per block at least")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="vitserve-bench-") as tmp:
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for batch in args.batch_sizes:
             print(f"measuring batch {batch} ...", file=sys.stderr)
-            results[batch] = measure(runners, batch, image_size, args.passes, args.seconds_per_block)
+            results[batch] = measure(runners, batch, image_size, args.passes, args.seconds_per_block, args.min_calls)
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{args.model}, images/s (median over {args.passes} passes of timed blocks), {when}")
