@@ -151,7 +151,8 @@ def _build_engine(settings: Settings):
 
     settings.check_model_file()
     return Engine(settings.model, spec_options=settings.spec_options(), providers=settings.providers or None,
-                  intra_op_threads=settings.intra_op_threads, allow_spinning=settings.ort_allow_spinning)
+                  intra_op_threads=settings.intra_op_threads, allow_spinning=settings.ort_allow_spinning,
+                  gpu_options=settings.gpu_options())
 
 
 def _cores() -> int:

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     providers: str = Field("", description="comma list overriding provider order, e.g. 'cuda,cpu'; empty = automatic")
     warmup_batch_sizes: str = Field("", description="comma list of batch sizes to warm up; empty = 1 and max_batch_size")
 
+    # GPU engine options (service/gpu_options.py). All off: each stays off until bench/engine.py on
+    # a GPU shows it pays (bench/README.md). batch_buckets works on any provider, the rest on CUDA/TensorRT.
+    batch_buckets: str = Field("", description="comma list of batch sizes every run is padded to and warmed at, "
+                                               "e.g. 1,4,16,64; empty = each batch runs at its own size")
+    cuda_graphs: bool = Field(False, description="capture one CUDA graph per batch bucket (needs batch_buckets; CUDA)")
+    pinned_host_memory: bool = Field(False, description="stage uploads in page-locked host memory (CUDA)")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
+    trt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels (matters for fp32 exports)")
+
     api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
@@ -97,6 +106,11 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("trt_cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("model", mode="after")
     @classmethod
     def _expand_model(cls, value: Path) -> Path:
@@ -132,6 +146,24 @@ class Settings(BaseSettings):
         except ModelSpecError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_gpu_options(self) -> Settings:
+        from service.gpu_options import GpuOptionsError
+
+        try:
+            self.gpu_options()
+        except GpuOptionsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def gpu_options(self):
+        """The engine's GPU options (service.gpu_options.GpuOptions) these settings give."""
+        from service.gpu_options import GpuOptions, parse_buckets
+
+        return GpuOptions(batch_buckets=parse_buckets(self.batch_buckets), cuda_graphs=self.cuda_graphs,
+                          pinned_host_memory=self.pinned_host_memory, trt_cache_dir=self.trt_cache_dir,
+                          trt_fp16=self.trt_fp16)
 
     def spec_options(self):
         """The explicit model description (service.model_spec.SpecOptions) these settings give."""
