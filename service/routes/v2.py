@@ -99,17 +99,24 @@ def _health(ok: bool) -> Response:
     return Response(status_code=200 if ok else 400)
 
 
+# Health answers have no body: documenting them as such (response_class=Response) keeps the OpenAPI
+# schema truthful; without it FastAPI documented an application/json body the routes never send.
+_EMPTY_HEALTH = {"response_class": Response,
+                 "responses": {200: {"description": "yes (empty body)"}, 400: {"description": "no (empty body)"}}}
+
+
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
     return v2_codec.server_metadata(SERVER_NAME, SERVER_VERSION)
 
 
-@router.get("/health/live", summary="Server liveness (200 live)")
+@router.get("/health/live", summary="Server liveness (200 live)", **_EMPTY_HEALTH)
 async def server_live() -> Response:
     return _health(True)
 
 
-@router.get("/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)")
+@router.get("/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)",
+            **_EMPTY_HEALTH)
 async def server_ready(request: Request) -> Response:
     return _health(_ready(request))
 
@@ -121,8 +128,9 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
     return v2_codec.model_metadata(model_name, request.app.state.metadata)
 
 
-@router.get("/models/{model_name}/ready", summary="Model readiness")
-@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)")
+@router.get("/models/{model_name}/ready", summary="Model readiness", **_EMPTY_HEALTH)
+@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)",
+            **_EMPTY_HEALTH)
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
     _check_model(request, model_name, model_version)
     return _health(_ready(request))
