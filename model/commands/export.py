@@ -20,8 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "to ONNX with one fused Attention node per block and the serving metadata inside, and verify "
                     "it against PyTorch.",
     )
-    export.add_argument("source", metavar="SOURCE", help="checkpoint to export, e.g. random:vit_tiny_patch16_224")
+    export.add_argument("source", metavar="SOURCE", nargs="?", default=None,
+                        help="checkpoint to export, e.g. random:vit_tiny_patch16_224 (or give --from-onnx)")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--from-onnx", default=None, metavar="ONNX",
+                        help="instead of SOURCE: copy an ONNX file from elsewhere with vitserve metadata embedded "
+                             "(from the flags below and its ONNX.json sidecar), so serving it needs no flags")
     export.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                         help="fp32 (exact), fp16 (GPU), int8 (dynamic quantization, CPU); default from --target, "
                              "else fp32")
@@ -32,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--external-data-threshold-mb", type=float, default=2000.0,
                         help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)")
     _add_checkpoint_options(export)
+    from service.model_spec import add_spec_arguments
+
+    add_spec_arguments(export, skip=("--image-size",))  # --from-onnx: --mean, --labels ... as for `serve`
     export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     export.set_defaults(func=run_export)
 
@@ -55,6 +62,14 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from model.embed_metadata import check_export_mode, run_from_onnx
+
+    problem = check_export_mode(args)
+    if problem:
+        print(f"vitserve export: error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.from_onnx:
+        return run_from_onnx(args)
     from model.export import ExportError, export_checkpoint
     from model.verify import ExportFileError, VerificationFailed, format_summary, inspect_export
 
