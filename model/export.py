@@ -18,6 +18,10 @@ Precisions:
 - fp16 (for GPUs): the PyTorch model is cast to half before export, so every MatMul and the
   Attention node run in fp16 (what selects the flash kernels); LayerNormalization keeps
   ``stash_type=1``, i.e. mean and variance in fp32, so wide residual streams cannot overflow.
+  Attention's ``softmax_precision`` attribute is deliberately left unset: ORT's CUDA Attention
+  kernel has thrown "softmax_precision is not supported yet" for any other value, and its
+  flash / memory-efficient kernels (and the CPU kernel: measured, identical output either way)
+  keep the softmax running max and sum in fp32 regardless.
   The graph still takes float32 ``pixel_values`` and returns float32 ``logits``, with one Cast
   at each end: the service feeds the same arrays whatever the precision, and the Cast of a
   3x224x224 image costs nothing next to the network. Metadata ``input_dtype`` says float32.
