@@ -145,10 +145,11 @@ def test_late_requests_get_504_and_are_not_run(tmp_path):
 
 
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
-    with slow_server(tmp_path, 0.3, max_batch_size=2, max_queue_delay_ms=0) as (base, process, log_path):
+    with slow_server(tmp_path, 0.5, max_batch_size=2, max_queue_delay_ms=0) as (base, process, log_path):
         with ThreadPoolExecutor(8) as pool:
-            accepted = [pool.submit(classify, base, 25 * i) for i in range(6)]  # ~0.9 s of work
-            time.sleep(0.25)
+            accepted = [pool.submit(classify, base, 25 * i) for i in range(6)]  # ~1.5 s of work
+            while metric(httpx.get(f"{base}/metrics").text, "vitserve_requests_in_flight") < 6:
+                time.sleep(0.01)  # all six are in the server before the signal
             process.send_signal(signal.SIGTERM)
             time.sleep(0.1)
             ready = httpx.get(f"{base}/readyz", timeout=5)
