@@ -210,6 +210,8 @@ def export_model(model: torch.nn.Module, config: ViTConfig, output: str | os.Pat
     from tqdm.auto import tqdm
 
     check_options(precision, opset)
+    if config.num_classes <= 0:
+        raise ExportError("the model has no classification head (num_classes=0); export one with --num-classes K")
     if len(labels) != config.num_classes:
         raise ExportError(f"{len(labels)} labels for a head with {config.num_classes} classes")
     metadata = build_metadata(config, labels=labels, preprocessing=preprocessing, precision=precision, source=source,

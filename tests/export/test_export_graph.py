@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.export import ExportError, resolve_precision, save_model, torch_to_onnx
+from model.export import ExportError, export_model, resolve_precision, save_model, torch_to_onnx
 from model.verify import ExportFileError, graph_stats, inspect_export
 from service.metadata import ModelMetadata, Preprocessing
 
@@ -157,9 +157,12 @@ def test_bad_requests_fail_before_exporting(tmp_path, tiny_model):
     with pytest.raises(ExportError, match="opset 26 is newer than this exporter converts to"):
         export(tiny_model, tmp_path / "x.onnx", "fp32", opset=26)
     with pytest.raises(ExportError, match="3 labels for a head with 10 classes"):
-        from model.export import export_model
-
         export_model(tiny_model, tiny_model.config, tmp_path / "x.onnx", labels=["a", "b", "c"],
+                     preprocessing=Preprocessing.timm_eval(224))
+    headless = make_model()
+    headless.reset_head(0)
+    with pytest.raises(ExportError, match="no classification head"):
+        export_model(headless, headless.config, tmp_path / "x.onnx", labels=[],
                      preprocessing=Preprocessing.timm_eval(224))
     assert not (tmp_path / "x.onnx").exists()
 
