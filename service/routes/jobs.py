@@ -196,6 +196,11 @@ async def cancel_job(request: Request, job_id: str) -> dict:
     description="JSON lines `{\"path\", \"labels\", \"scores\"}` or `{\"path\", \"error\": {\"code\", \"message\"}}`; "
                 "CSV with `Accept: text/csv` (path, label_1, score_1, ..., error_code, error). Images not scored "
                 "yet are absent; the X-Job-State header says whether more will come.",
+    # Document what is really sent (FastAPI would otherwise promise application/json).
+    response_class=StreamingResponse,
+    responses={200: {"description": "one result row per line",
+                     "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                 "text/csv": {"schema": {"type": "string"}}}}},
 )
 async def job_results(request: Request, job_id: str):
     runner = _runner(request)
