@@ -3,10 +3,11 @@
     .venv/bin/python bench/serve.py --model vit_tiny.onnx [--concurrency 1,8,32,64] [--duration-s 15]
 
 What it does, all bounded in time:
-1. In-process ceiling, in this process with the server not running: pre-process the photos
-   (service.preprocess, one thread) and run the ONNX Runtime session (service.engine, the same
-   intra-op threads as the server) for batch sizes 1..max, back to back; the best images/s is
-   the ceiling. Also the single-image latency (pre-process 1 + run 1), median.
+1. In-process ceiling, in this process: pre-process the photos (service.preprocess, one
+   thread) and run the ONNX Runtime session (service.engine, the same intra-op threads as the
+   server) for batch sizes 1..16 back to back; the best batch size's images/s is the ceiling,
+   re-measured right before every concurrency level (the server idle meanwhile) so that a
+   drifting machine load hits both sides alike. Also the single-image latency, median.
 2. Starts `vitserve serve` on a free port and, for each concurrency C, keeps C keep-alive
    connections busy for --duration-s (closed loop: each sends its next request as soon as the
    answer arrives) with JPEG photographs from skimage.data (astronaut, coffee, chelsea, rocket),
@@ -53,35 +54,40 @@ def photos_jpeg(quality: int = 90) -> list[bytes]:
 
 
 # -- 1. the in-process ceiling ---------------------------------------------------------------------
-def in_process_ceiling(model: Path, images: list[bytes], batch_sizes: list[int], intra_op_threads: int,
-                       seconds_per_size: float) -> dict:
-    from service.engine import Engine
-    from service.preprocess import load_pixels
+class InProcess:
+    """The reference the server is compared with: pre-process + session.run in one loop, no HTTP."""
 
-    engine = Engine(model, intra_op_threads=intra_op_threads, log_placement=False)
-    p = engine.metadata.preprocessing
-    engine.warmup(batch_sizes, repeats=2)
-    rates = {}
-    for n in batch_sizes:
-        done, started = 0, time.perf_counter()
-        i = 0
-        while time.perf_counter() - started < seconds_per_size or done < 3 * n:
-            batch = np.stack([load_pixels(images[(i + j) % len(images)], p, max_pixels=10**8) for j in range(n)])
-            engine.run(batch)
+    def __init__(self, model: Path, images: list[bytes], intra_op_threads: int, jpeg_draft: bool) -> None:
+        from service.engine import Engine
+
+        self.engine = Engine(model, intra_op_threads=intra_op_threads, log_placement=False)
+        self.images = images
+        self.jpeg_draft = jpeg_draft
+
+    def _pixels(self, i: int) -> np.ndarray:
+        from service.preprocess import load_pixels
+
+        return load_pixels(self.images[i % len(self.images)], self.engine.metadata.preprocessing, max_pixels=10**8,
+                           jpeg_draft=self.jpeg_draft)
+
+    def rate(self, n: int, seconds: float) -> float:
+        """Images/s for batches of n, pre-processing included, over about ``seconds``."""
+        self.engine.run(np.stack([self._pixels(j) for j in range(n)]))  # warm this shape
+        done, i, started = 0, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or done < 3 * n:
+            self.engine.run(np.stack([self._pixels(i + j) for j in range(n)]))
             done += n
             i += n
-        rates[n] = done / (time.perf_counter() - started)
-    single = []
-    for i in range(max(20, int(seconds_per_size * 20))):
-        started = time.perf_counter()
-        engine.run(load_pixels(images[i % len(images)], p, max_pixels=10**8)[None])
-        single.append((time.perf_counter() - started) * 1000)
-        if sum(single) > seconds_per_size * 1000 and len(single) >= 20:
-            break
-    best = max(rates, key=rates.get)
-    return {"rates": rates, "best_batch": best, "ceiling": rates[best], "single_ms": statistics.median(single),
-            "providers": engine.providers, "threads": engine.intra_op_threads,
-            "architecture": engine.metadata.architecture}
+        return done / (time.perf_counter() - started)
+
+    def single_ms(self, seconds: float) -> float:
+        """Median latency of one image: pre-process + run."""
+        times: list[float] = []
+        while sum(times) < seconds * 1000 or len(times) < 20:
+            started = time.perf_counter()
+            self.engine.run(self._pixels(len(times))[None])
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
 
 
 # -- 2. the load generator -------------------------------------------------------------------------
@@ -179,26 +185,34 @@ def main() -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="0 = one per core (the server's default)")
     parser.add_argument("--ceiling-batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--ceiling-seconds", type=float, default=4.0, help="seconds per batch size for the ceiling")
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0,
+                        help="seconds per measurement of the in-process reference")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     images = photos_jpeg()
-    sizes = [int(s) for s in args.ceiling_batch_sizes.split(",")]
-    ceiling = in_process_ceiling(args.model, images, sizes, args.intra_op_threads, args.ceiling_seconds)
+    reference = InProcess(args.model, images, args.intra_op_threads, jpeg_draft=True)
+    sweep = {n: reference.rate(n, args.ceiling_seconds) for n in (int(s) for s in args.ceiling_batch_sizes.split(","))}
+    best = max(sweep, key=sweep.get)
     port = free_port()
     server = start_server(args, port)
     rows = []
     try:
         requests = build_requests(images, port)
         for c in (int(x) for x in args.concurrency.split(",")):
+            # The machine's load can drift: re-measure the reference right before each level (the
+            # server is idle meanwhile; its ONNX Runtime threads sleep, they do not spin).
+            ceiling = reference.rate(best, args.ceiling_seconds)
+            single = reference.single_ms(args.ceiling_seconds) if c == 1 else float("nan")
             batches_before = scrape(port, "vitserve_batch_size_count")
             images_before = scrape(port, "vitserve_batch_size_sum")
             result = asyncio.run(load(port, requests, c, args.warmup_s, args.duration_s))
             batches = scrape(port, "vitserve_batch_size_count") - batches_before
-            result["mean_batch"] = (scrape(port, "vitserve_batch_size_sum") - images_before) / max(batches, 1)
-            result["concurrency"] = c
+            result.update(concurrency=c, ceiling=ceiling, single_ms=single,
+                          mean_batch=(scrape(port, "vitserve_batch_size_sum") - images_before) / max(batches, 1))
             rows.append(result)
-            print(f"  c={c}: {result['rps']:.1f} req/s, p50 {result['p50']:.1f} ms", file=sys.stderr, flush=True)
+            print(f"  c={c}: {result['rps']:.1f} req/s (ceiling {ceiling:.1f}), p50 {result['p50']:.1f} ms",
+                  file=sys.stderr, flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -206,23 +220,24 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    print(f"\nvitserve serve vs in-process ceiling: {ceiling['architecture']} ({args.model.name}), "
-          f"{ceiling['providers'][0]}, {ceiling['threads']} intra-op threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}, max_batch_size {args.max_batch_size}, "
-          f"max_queue_delay_ms {args.max_queue_delay_ms}")
-    print("in-process (pre-process + session.run, one thread feeding): "
-          + ", ".join(f"batch {n}: {r:.1f} img/s" for n, r in ceiling["rates"].items())
-          + f"; ceiling {ceiling['ceiling']:.1f} img/s at batch {ceiling['best_batch']};"
-          f" single image {ceiling['single_ms']:.2f} ms (median)\n")
-    print("| concurrency | req/s | p50 ms | p95 ms | p99 ms | p99/p50 | req/s / ceiling | mean batch | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    engine = reference.engine
+    print(f"\nvitserve serve vs in-process: {engine.metadata.architecture} ({args.model.name}), {engine.providers[0]}, "
+          f"{engine.intra_op_threads} intra-op threads, {os.cpu_count()} CPUs ({platform.machine()}), "
+          f"max_batch_size {args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms}, "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("in-process sweep (pre-process + session.run, img/s): "
+          + ", ".join(f"batch {n}: {r:.1f}" for n, r in sweep.items()) + f"; best batch {best}\n")
+    print("| concurrency | req/s | in-process ceiling img/s | ratio | p50 ms | p95 ms | p99 ms | p99/p50 "
+          "| mean batch | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-              f"{r['p99'] / r['p50']:.2f} | {r['rps'] / ceiling['ceiling']:.3f} | {r['mean_batch']:.1f} | "
-              f"{r['errors']} |")
-    if rows and rows[0]["concurrency"] == 1:
-        print(f"\nconcurrency 1: p50 {rows[0]['p50']:.2f} ms vs in-process single image {ceiling['single_ms']:.2f} ms "
-              f"(+{rows[0]['p50'] - ceiling['single_ms']:.2f} ms)")
+        print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['ceiling']:.1f} | {r['rps'] / r['ceiling']:.3f} | "
+              f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | "
+              f"{r['mean_batch']:.1f} | {r['errors']} |")
+    for r in rows:
+        if r["concurrency"] == 1:
+            print(f"\nconcurrency 1: server p50 {r['p50']:.2f} ms vs in-process single image {r['single_ms']:.2f} ms "
+                  f"(difference {r['p50'] - r['single_ms']:+.2f} ms)")
     return 0
 
 
