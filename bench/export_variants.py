@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{args.model}, images/s (median over {args.passes} passes of timed blocks), {when}")
-    print(f"{cpu_name()}, {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"{cpu_name()}, {os.cpu_count()} logical cores; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"onnxruntime {ort.__version__} CPUExecutionProvider\n")
     header = "| variant | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |"
     print(header)

@@ -181,7 +181,8 @@ def build_metadata(config: ViTConfig, *, labels: Sequence[str], preprocessing: P
     if precision == "int8":
         import onnxruntime
 
-        extra["quantization"] = f"dynamic int8 weights of MatMul/Gemm, per channel (onnxruntime {onnxruntime.__version__})"
+        extra["quantization"] = (f"dynamic int8 weights of MatMul/Gemm, per channel "
+                                 f"(onnxruntime {onnxruntime.__version__})")
     return ModelMetadata(
         architecture=config.name, labels=tuple(labels), preprocessing=preprocessing, precision=precision,
         input_dtype="float32", source=source, weights_sha256=weights_sha256, extra=extra,

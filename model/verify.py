@@ -190,7 +190,8 @@ def inspect_export(path: str | os.PathLike) -> ExportInfo:
         raise ExportFileError(f"{path}: not an ONNX model (cannot parse it: {type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise ExportFileError(f"{path}: not an ONNX model (no graph nodes; the file is empty or not ONNX)")
-    external = sorted({entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+    external = sorted({entry.value for tensor in model.graph.initializer
+                       if tensor.data_location == onnx.TensorProto.EXTERNAL
                        for entry in tensor.external_data if entry.key == "location"})
     for name in external:
         if not (path.parent / name).is_file():
@@ -363,7 +364,8 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
             top1 += f" (>= {p.min_top1:.0%})"
         lines.append(f"  {p.name:<11} {p.rows:>3} rows  max|diff| {p.max_abs_diff:.2e} (<= {p.bound:.1e})  {top1}")
     if report.weights_match is not None:
-        lines.append(f"weights       {'same hash as the source' if report.weights_match else 'DIFFERENT from the source'}")
+        same = "same hash as the source" if report.weights_match else "DIFFERENT from the source"
+        lines.append(f"weights       {same}")
     failures = report.failures()
     lines.append("result        " + ("PASSED" if not failures else "FAILED: " + "; ".join(failures)))
     return "\n".join(lines)

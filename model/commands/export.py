@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "else fp32")
     export.add_argument("--target", choices=("gpu", "cpu"), default=None,
                         help="only picks the default precision: gpu -> fp16, cpu -> fp32")
-    export.add_argument("--opset", type=int, default=23, help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23")
+    export.add_argument("--opset", type=int, default=23,
+                        help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23")
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     export.add_argument("--external-data-threshold-mb", type=float, default=2000.0,
                         help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)")

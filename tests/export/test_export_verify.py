@@ -23,7 +23,8 @@ from model.verify import (
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_good_exports_pass_with_figures_on_random_and_photos(exports, tiny_model, precision):
-    report = verify_export(exports[precision].path, tiny_model, expected_sha256=exports[precision].metadata.weights_sha256)
+    result = exports[precision]
+    report = verify_export(result.path, tiny_model, expected_sha256=result.metadata.weights_sha256)
     assert report.failures() == [] and report.passed
     assert report.info.graph.fused_attention == report.depth == DEPTH
     assert report.weights_match is True
@@ -80,7 +81,7 @@ def _foreign_model() -> onnx.ModelProto:
 
 def _bad_files(tmp_path, good: bytes) -> dict:
     files = {
-        "random bytes": (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not an ONNX model"),
+        "random bytes": (np.random.default_rng(0).bytes(4096), "not an ONNX model"),
         "truncated": (good[: len(good) // 2], "not an ONNX model"),
         "empty": (b"", "not an ONNX model"),
         "text": (b"<html>404 Not Found</html>\n", "not an ONNX model"),
