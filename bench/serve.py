@@ -14,7 +14,9 @@ What it does, all bounded in time:
    after a short warm-up per level. The load generator is raw asyncio HTTP/1.1 (pre-built
    requests, no client library) so it takes as little of the shared CPU as possible.
 3. Prints one table: req/s, p50/p95/p99 latency, req/s / ceiling, p99/p50, mean batch size
-   (from the server's /metrics).
+   (from the server's /metrics), and CPU milliseconds per image of the server process next to
+   the in-process loop's: on a shared machine wall-clock rates drift with other load, CPU time
+   per image shows the overhead regardless.
 """
 
 from __future__ import annotations
@@ -70,15 +72,15 @@ class InProcess:
         return load_pixels(self.images[i % len(self.images)], self.engine.metadata.preprocessing, max_pixels=10**8,
                            jpeg_draft=self.jpeg_draft)
 
-    def rate(self, n: int, seconds: float) -> float:
-        """Images/s for batches of n, pre-processing included, over about ``seconds``."""
+    def rate(self, n: int, seconds: float) -> tuple[float, float]:
+        """(images/s, CPU ms per image) for batches of n, pre-processing included, over ~``seconds``."""
         self.engine.run(np.stack([self._pixels(j) for j in range(n)]))  # warm this shape
-        done, i, started = 0, 0, time.perf_counter()
+        done, i, started, cpu_started = 0, 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds or done < 3 * n:
             self.engine.run(np.stack([self._pixels(i + j) for j in range(n)]))
             done += n
             i += n
-        return done / (time.perf_counter() - started)
+        return done / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / done
 
     def single_ms(self, seconds: float) -> float:
         """Median latency of one image: pre-process + run."""
@@ -143,6 +145,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc): the server's cost, whatever the load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scrape(port: int, name: str) -> float:
     import urllib.request
 
@@ -193,7 +201,7 @@ def main() -> int:
     images = photos_jpeg()
     reference = InProcess(args.model, images, args.intra_op_threads, jpeg_draft=True)
     sweep = {n: reference.rate(n, args.ceiling_seconds) for n in (int(s) for s in args.ceiling_batch_sizes.split(","))}
-    best = max(sweep, key=sweep.get)
+    best = max(sweep, key=lambda n: sweep[n][0])
     port = free_port()
     server = start_server(args, port)
     rows = []
@@ -202,14 +210,17 @@ def main() -> int:
         for c in (int(x) for x in args.concurrency.split(",")):
             # The machine's load can drift: re-measure the reference right before each level (the
             # server is idle meanwhile; its ONNX Runtime threads sleep, they do not spin).
-            ceiling = reference.rate(best, args.ceiling_seconds)
+            ceiling, ceiling_cpu_ms = reference.rate(best, args.ceiling_seconds)
             single = reference.single_ms(args.ceiling_seconds) if c == 1 else float("nan")
             batches_before = scrape(port, "vitserve_batch_size_count")
             images_before = scrape(port, "vitserve_batch_size_sum")
+            cpu_before = process_cpu_s(server.pid)
             result = asyncio.run(load(port, requests, c, args.warmup_s, args.duration_s))
+            cpu_s = process_cpu_s(server.pid) - cpu_before
+            images_run = scrape(port, "vitserve_batch_size_sum") - images_before
             batches = scrape(port, "vitserve_batch_size_count") - batches_before
-            result.update(concurrency=c, ceiling=ceiling, single_ms=single,
-                          mean_batch=(scrape(port, "vitserve_batch_size_sum") - images_before) / max(batches, 1))
+            result.update(concurrency=c, ceiling=ceiling, single_ms=single, ceiling_cpu_ms=ceiling_cpu_ms,
+                          server_cpu_ms=cpu_s * 1000 / max(images_run, 1), mean_batch=images_run / max(batches, 1))
             rows.append(result)
             print(f"  c={c}: {result['rps']:.1f} req/s (ceiling {ceiling:.1f}), p50 {result['p50']:.1f} ms",
                   file=sys.stderr, flush=True)
@@ -225,15 +236,16 @@ def main() -> int:
           f"{engine.intra_op_threads} intra-op threads, {os.cpu_count()} CPUs ({platform.machine()}), "
           f"max_batch_size {args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms}, "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print("in-process sweep (pre-process + session.run, img/s): "
-          + ", ".join(f"batch {n}: {r:.1f}" for n, r in sweep.items()) + f"; best batch {best}\n")
+    print("in-process sweep (pre-process + session.run): "
+          + ", ".join(f"batch {n}: {r:.1f} img/s ({cpu:.1f} CPU ms/img)" for n, (r, cpu) in sweep.items())
+          + f"; best batch {best}\n")
     print("| concurrency | req/s | in-process ceiling img/s | ratio | p50 ms | p95 ms | p99 ms | p99/p50 "
-          "| mean batch | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| mean batch | CPU ms/img server | CPU ms/img in-process | errors |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['ceiling']:.1f} | {r['rps'] / r['ceiling']:.3f} | "
               f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | "
-              f"{r['mean_batch']:.1f} | {r['errors']} |")
+              f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['ceiling_cpu_ms']:.1f} | {r['errors']} |")
     for r in rows:
         if r["concurrency"] == 1:
             print(f"\nconcurrency 1: server p50 {r['p50']:.2f} ms vs in-process single image {r['single_ms']:.2f} ms "
