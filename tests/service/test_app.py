@@ -132,3 +132,25 @@ def test_cli_reports_bad_settings_and_missing_model(tmp_path, capsys, monkeypatc
     assert "max_batch_size" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing.onnx")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+def test_metrics_count_images_batches_and_rate(make_fake_engine, encode_photo):
+    import re
+
+    with TestClient(create_app(Settings(), engine=make_fake_engine())) as client:
+        _wait_ready(client)
+        for _ in range(3):
+            assert client.post("/v1/classify", content=encode_photo("rocket"),
+                               headers={"Content-Type": "image/jpeg"}).status_code == 200
+        client.post("/v1/classify", content=b"junk", headers={"Content-Type": "image/jpeg"})
+        text = client.get("/metrics").text
+
+    def value(name: str) -> float:
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE).group(1))
+
+    assert value("vitserve_images_total") == 3 and value("vitserve_batch_size_sum") == 3
+    assert value("vitserve_preprocess_seconds_count") == 3 and value("vitserve_inference_seconds_count") == 3
+    assert value("vitserve_images_per_second") == pytest.approx(3 / 10)  # 3 images in the 10 s window
+    assert value('vitserve_image_errors_total{code="invalid_image"}') == 1
+    assert value("vitserve_queue_depth") == 0 and value("vitserve_ready") == 1
+    assert value('vitserve_requests_total{method="POST",route="/v1/classify",status="422"}') == 1
