@@ -1,0 +1,249 @@
+"""Batch scoring benchmark: `vitserve score` vs the in-process ceiling, and online latency while a job runs.
+
+    .venv/bin/python bench/score.py [--export vit_tiny_patch16_224 | --model m.onnx] [--images 400]
+                                    [--workers 2] [--batch-size 8] [--online-s 10] [--append bench/RESULTS.md]
+
+1. Writes --images JPEG photographs (skimage.data astronaut, coffee, chelsea, rocket at their
+   own sizes, 90 % quality) into a temporary folder.
+2. In-process ceiling (this process): for each image decode + pre-process (service.preprocess,
+   one thread) then run the engine (service.engine, all cores) batch by batch, no I/O to a
+   result file, no parallel decoding: the same definition as bench/serve.py's ceiling. The
+   engine alone on pre-decoded pixels is printed too (the hard upper bound).
+3. `vitserve score FOLDER -o out.jsonl` as a subprocess (the real command): its images/s from
+   its own summary (after start-up) and wall-clock including start-up; ratio to (2).
+4. Starts `vitserve serve`, measures concurrency-8 closed-loop /v1/classify traffic (bench/serve.py's
+   raw-asyncio load generator) for --online-s seconds without a job, then again while a scoring
+   job over the same images runs (POST /v1/jobs manifest under VITSERVE_JOB_ROOT); p50/p95 and
+   req/s of both, and how many job images were scored during, and after, the online window.
+Prints a markdown table; --append adds it to a results file with date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def _bench_serve():
+    # bench/serve.py's load generator and helpers (bench/ is not a package)
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_photos(folder: Path, count: int) -> list[bytes]:
+    import skimage.data
+    from PIL import Image
+
+    jpegs = []
+    for name in PHOTOS:
+        buf = io.BytesIO()
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"{i:05d}_{PHOTOS[i % 4]}.jpg").write_bytes(jpegs[i % 4])
+    return jpegs
+
+
+def export_random(name: str, workdir: Path) -> Path:
+    from model.checkpoint import import_checkpoint
+    from model.export import export_model
+
+    loaded = import_checkpoint(f"random:{name}")
+    path = workdir / f"{name}.onnx"
+    print(f"exporting {name} (random weights) ...", file=sys.stderr, flush=True)
+    export_model(loaded.model, loaded.config, path, labels=loaded.labels, preprocessing=loaded.preprocessing,
+                 source=loaded.source, weights_sha256=loaded.weights_sha256)
+    return path
+
+
+def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[float, float]:
+    """(decode + engine images/s, engine-only images/s) over every image of the folder, serially."""
+    from service.engine import Engine
+    from service.preprocess import load_pixels
+
+    engine = Engine(model, log_placement=False)
+    p = engine.metadata.preprocessing
+    files = sorted(folder.iterdir())
+    engine.run(np.stack([load_pixels(files[0].read_bytes(), p, max_pixels=10**8)] * batch_size))  # warm the shape
+    started = time.perf_counter()
+    engine_s = 0.0
+    for start in range(0, len(files), batch_size):
+        batch = np.stack([load_pixels(f.read_bytes(), p, max_pixels=10**8) for f in files[start:start + batch_size]])
+        t0 = time.perf_counter()
+        engine.run(batch)
+        engine_s += time.perf_counter() - t0
+    total_s = time.perf_counter() - started
+    return len(files) / total_s, len(files) / engine_s
+
+
+def run_score_command(model: Path, folder: Path, out: Path, workers: int, batch_size: int) -> tuple[float, float]:
+    """(images/s the command reports, images/s over its wall clock including start-up)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "service.cli", "score", str(folder), "-o", str(out), "--model",
+                           str(model), "--workers", str(workers), "--batch-size", str(batch_size), "--quiet"],
+                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"vitserve score failed:\n{done.stderr}")
+    rate = float(re.search(r"([0-9.]+) images/s", done.stderr).group(1))
+    lines = sum(1 for _ in open(out))
+    return rate, lines / wall
+
+
+def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(port),
+           "--log-level", "warning"]
+    process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("server not ready within 120 s")
+
+
+def http_json(port: int, method: str, path: str, body: bytes | None = None, content_type: str = "") -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                     headers={"Content-Type": content_type} if content_type else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], concurrency: int,
+                                online_s: float, data_dir: Path) -> dict:
+    serve = _bench_serve()
+    port = serve.free_port()
+    server = start_server(model, port, {"VITSERVE_DATA_DIR": str(data_dir), "VITSERVE_JOB_ROOT": str(folder),
+                                        "VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
+    try:
+        requests = serve.build_requests(jpegs, port)
+        names = sorted(p.name for p in folder.iterdir())
+        # Alternate windows (no job, job, no job, job) so that drifting load from other processes on
+        # a shared machine hits both sides alike; each job is submitted as its window's load starts.
+        alone, with_job, during, rest_images, rest_s = [], [], 0, 0, 0.0
+        for window in range(4):
+            if window % 2 == 0:
+                alone.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / 2)))
+                continue
+            job = http_json(port, "POST", "/v1/jobs", json.dumps({"paths": names}).encode(), "application/json")
+            with_job.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / 2)))
+            done = http_json(port, "GET", f"/v1/jobs/{job['id']}")["done"]
+            during += done
+            started = time.perf_counter()
+            while http_json(port, "GET", f"/v1/jobs/{job['id']}")["state"] != "done":
+                time.sleep(0.1)
+            rest_s += time.perf_counter() - started
+            rest_images += len(names) - done
+        return {"alone": alone, "with_job": with_job, "job_images_during": during, "job_rest_s": rest_s,
+                "job_rest_images": rest_images}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def mean_of(windows: list[dict], key: str) -> float:
+    return float(np.mean([w[key] for w in windows]))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model_name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+        cpu = model_name
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="exported .onnx model (default: export --export with random weights)")
+    parser.add_argument("--export", default="vit_tiny_patch16_224", help="timm-style name to export when no --model")
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--online-s", type=float, default=10.0)
+    parser.add_argument("--append", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="vitserve-bench-score-"))
+    try:
+        model = args.model or export_random(args.export, workdir)
+        folder = workdir / "images"
+        jpegs = write_photos(folder, args.images)
+        print("in-process ceiling ...", file=sys.stderr, flush=True)
+        ceiling, engine_only = in_process_ceiling(model, folder, args.batch_size)
+        print("vitserve score ...", file=sys.stderr, flush=True)
+        rate, wall_rate = run_score_command(model, folder, workdir / "out.jsonl", args.workers, args.batch_size)
+        print("online traffic with and without a job ...", file=sys.stderr, flush=True)
+        online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, workdir / "data")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    alone, with_job = online["alone"], online["with_job"]
+    a50, j50 = mean_of(alone, "p50"), mean_of(with_job, "p50")
+    alone_p50s = ", ".join(f"{w['p50']:.1f}" for w in alone)
+    job_p50s = ", ".join(f"{w['p50']:.1f}" for w in with_job)
+    table = "\n".join([
+        f"### bench/score.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"- machine: {machine()}; model: {args.model.name if args.model else args.export + ' (random weights)'}; "
+        f"{args.images} JPEG photos (skimage.data, 300x451 to 512x512); batch {args.batch_size}; "
+        f"`vitserve score --workers {args.workers}`",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| in-process ceiling (decode + engine, one loop) | {ceiling:.1f} img/s |",
+        f"| engine alone on decoded pixels | {engine_only:.1f} img/s |",
+        f"| `vitserve score` (its own rate, after start-up) | {rate:.1f} img/s = **{rate / ceiling:.2f}** x ceiling |",
+        f"| `vitserve score` wall clock incl. start-up | {wall_rate:.1f} img/s |",
+        f"| online c={args.concurrency}, no job: p50 / p95 / req/s / errors (2 windows) | "
+        f"{a50:.1f} ms / {mean_of(alone, 'p95'):.1f} ms / {mean_of(alone, 'rps'):.1f} / "
+        f"{sum(w['errors'] for w in alone)} |",
+        f"| online c={args.concurrency}, job running: p50 / p95 / req/s / errors (2 windows) | "
+        f"{j50:.1f} ms / {mean_of(with_job, 'p95'):.1f} ms / {mean_of(with_job, 'rps'):.1f} / "
+        f"{sum(w['errors'] for w in with_job)} |",
+        f"| online p50 with job / without | **{j50 / a50:.2f}** (windows: no job {alone_p50s} ms; "
+        f"job {job_p50s} ms) |",
+        f"| job images scored while online traffic ran (2 jobs of {args.images}) | {online['job_images_during']} |",
+        f"| job images scored after the online windows | {online['job_rest_images']} in "
+        f"{online['job_rest_s']:.1f} s ({online['job_rest_images'] / max(online['job_rest_s'], 1e-9):.1f} img/s) |",
+        "",
+    ])
+    print(table)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
