@@ -135,9 +135,12 @@ async def classify(request: Request, top_k: int = Query(5, description="how many
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
         form = await _form(request, max_files=1)
-        if "file" not in form:
-            raise BadRequest(f"multipart body needs a file field named 'file' (got fields {sorted(form.keys())})")
-        data = await _upload_bytes(form["file"], "file")
+        try:
+            if "file" not in form:
+                raise BadRequest(f"multipart body needs a file field named 'file' (got fields {sorted(form.keys())})")
+            data = await _upload_bytes(form["file"], "file")
+        finally:
+            await form.close()  # spooled temporary files go now, not at garbage collection
     elif media_type in IMAGE_TYPES:
         data = await request.body()
     else:
@@ -168,16 +171,20 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
     media_type = _media_type(request)
     if media_type == "multipart/form-data":
         form = await _form(request, max_files=limit)
-        uploads = form.getlist("files")
-        if not uploads:
-            raise BadRequest(f"multipart body needs one or more file fields named 'files' (got {sorted(form.keys())})")
-        if len(uploads) > limit:
-            raise PayloadTooLarge(f"too many images: {len(uploads)} > max_batch_images={limit}")
-        items = []
-        for i, upload in enumerate(uploads):
-            item_id = getattr(upload, "filename", None) or str(i)
-            items.append((item_id, await _upload_bytes(upload, "files")))
-        return items, None
+        try:
+            uploads = form.getlist("files")
+            if not uploads:
+                raise BadRequest(f"multipart body needs one or more file fields named 'files' "
+                                 f"(got {sorted(form.keys())})")
+            if len(uploads) > limit:
+                raise PayloadTooLarge(f"too many images: {len(uploads)} > max_batch_images={limit}")
+            items = []
+            for i, upload in enumerate(uploads):
+                item_id = getattr(upload, "filename", None) or str(i)
+                items.append((item_id, await _upload_bytes(upload, "files")))
+            return items, None
+        finally:
+            await form.close()
     if media_type != "application/json":
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported here; send "
                                    "multipart/form-data with 'files' or application/json with 'images'")
