@@ -5,8 +5,7 @@ touch the host's own containers and can delete all they made by deleting that ro
 module is built on, measured on the CI machines (Debian bookworm, podman 4.3, hybrid cgroups v1):
 
 - ``podman build`` needs ``--isolation chroot`` (the OCI isolation fails on these cgroups) and
-  ``--format docker`` (the OCI format silently drops HEALTHCHECK and STOPSIGNAL stays but the
-  health check is what we test).
+  ``--format docker`` (the OCI image format has no HEALTHCHECK: it would be dropped silently).
 - ``podman run`` needs ``runtime = "runc"`` (crun is not installed) and explicit default ulimits
   (the host's hard limits are below podman's defaults).
 - Health checks are driven by systemd timers, which this machine does not run: a test calls
@@ -20,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -34,6 +34,8 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the slim Python base provides and a debootstrapped minbase lacks: Python with venv/ensurepip
 # (bookworm's python3 is 3.11; the project needs >= 3.11) and CA certificates.
 STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+VAR_LIB_CONTAINERS = Path("/var/lib/containers")
+NETAVARK_TABLES = ("nat", "filter")
 APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "fuse-overlayfs", "uidmap")
 
 
@@ -71,8 +73,14 @@ class Podman:
 
     root: Path
     env: dict[str, str] = field(init=False)
+    _firewall_before: set[tuple[str, str]] = field(init=False, default_factory=set)
+    _created_var_lib: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        # What podman leaves on the host outside its storage: netavark's iptables chains and the
+        # blob-info cache under /var/lib/containers. Remember what was there, remove the rest later.
+        self._firewall_before = firewall_chains()
+        self._created_var_lib = not VAR_LIB_CONTAINERS.exists()
         conf = self.root / "conf"
         conf.mkdir(parents=True, exist_ok=True)
         (conf / "storage.conf").write_text(
@@ -139,18 +147,50 @@ class Podman:
         return self(kind, "inspect", "--format", fmt, ref).stdout.strip()
 
     def close(self) -> None:
-        """Remove every container and image in the private storage, then the storage itself."""
+        """Remove every container (their network namespaces and firewall rules go with them), the images
+        and the storage, and what podman left on the host outside it."""
         with contextlib.suppress(Exception):
             self("rm", "--all", "--force", "--time", "0", timeout=120, check=False)
-        with contextlib.suppress(Exception):
-            self("system", "reset", "--force", timeout=300, check=False)
-        # overlay may leave mounts behind when a reset was interrupted; unmount before deleting
+        # The storage is private, so deleting its directory removes every image; that is much faster
+        # than `podman system reset` (layer by layer). Unmount anything still mounted under it first.
         storage = str(self.root)
         with open("/proc/mounts") as mounts:
             targets = [line.split()[1] for line in mounts if line.split()[1].startswith(storage)]
         for target in sorted(targets, key=len, reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
+        remove_firewall_chains(firewall_chains() - self._firewall_before)
+        if self._created_var_lib:
+            shutil.rmtree(VAR_LIB_CONTAINERS, ignore_errors=True)
+
+
+def firewall_chains() -> set[tuple[str, str]]:
+    """(table, chain) of every netavark chain in iptables now; empty when iptables is absent."""
+    chains = set()
+    if shutil.which("iptables") is None:
+        return chains
+    for table in NETAVARK_TABLES:
+        out = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, timeout=30)
+        for line in out.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith("NETAVARK"):
+                chains.add((table, parts[1]))
+    return chains
+
+
+def remove_firewall_chains(chains: set[tuple[str, str]]) -> None:
+    """Delete the jumps into these chains, then the chains (netavark keeps them after the last container)."""
+    for table in sorted({table for table, _ in chains}):
+        names = {chain for t, chain in chains if t == table}
+        rules = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True, timeout=30).stdout
+        for line in rules.splitlines():
+            args = shlex.split(line)
+            if args[:1] == ["-A"] and args[1] not in names and any(a in names for a in args[2:]):
+                subprocess.run(["iptables", "-t", table, "-D", *args[1:]], capture_output=True, timeout=30)
+        for chain in names:
+            subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True, timeout=30)
+        for chain in names:
+            subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True, timeout=30)
 
 
 def standin_tarball(cache_dir: Path, suite: str = "bookworm", packages: Sequence[str] = STANDIN_PACKAGES) -> Path:
