@@ -16,11 +16,13 @@ a symlink swapped in after submission is still refused.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -31,6 +33,11 @@ from service.errors import BadRequest, PayloadTooLarge, ServiceError
 # Files taken from archives and folders; anything else (READMEs, .DS_Store...) is skipped.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _COPY_CHUNK = 1 << 20
+# What a damaged or unsupported archive raises while it is read: a 400, never a 500. zlib/lzma
+# errors come from garbage in a member's compressed data (zipfile passes them through), and
+# NotImplementedError from zip members with a compression method or encryption zipfile lacks.
+_CORRUPT_ARCHIVE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+                    NotImplementedError)
 
 
 class Forbidden(ServiceError):
@@ -132,6 +139,8 @@ def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, BinaryIO | None
                 if info.is_dir():
                     yield info.filename, True, None
                     continue
+                if info.flag_bits & 0x1:  # zipfile would raise a bare RuntimeError (a 500) asking for a password
+                    raise BadRequest(f"archive entry {info.filename!r} is encrypted; send an unencrypted archive")
                 with archive.open(info) as stream:
                     yield info.filename, False, stream
         return
@@ -168,7 +177,7 @@ def iter_archive(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, bytes
             data = stream.read(limits.max_member_bytes + 1)
             budget.count(name, len(data), len(data))
             yield name, data
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as exc:
+    except _CORRUPT_ARCHIVE as exc:
         raise BadRequest(f"{path.name}: corrupt archive: {exc}") from None
 
 
@@ -204,7 +213,7 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
                     budget.count(name, written, len(chunk))
                     out.write(chunk)
             names.append(name)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zipfile.LargeZipFile) as exc:
+    except _CORRUPT_ARCHIVE as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise BadRequest(f"corrupt archive: {exc}") from None
     except BaseException:
