@@ -62,7 +62,16 @@ print("requirements expected on the device:", ", ".join(f"{k} ({', '.join(v)})" 
       file=sys.stderr)
 EOF
 
-tar -cf "$WHEELHOUSE/vitserve-wheels.tar" -C "$WHEELHOUSE" wheels
+# MODELS="a.onnx b.onnx": ONNX exports made here, packed too, for a device whose torch cannot
+# export (gpu.sh's setup puts them where its export stage looks, which then keeps them). Name
+# them vit_b16_fp16.onnx / vit_b16_fp32.onnx; each adds its size in parts (ViT-B fp16: 173 MB).
+contents=(wheels)
+if [ -n "${MODELS:-}" ]; then
+  mkdir -p "$WHEELHOUSE/models"
+  for model in $MODELS; do cp "$model" "$WHEELHOUSE/models/"; done
+  contents+=(models)
+fi
+tar -cf "$WHEELHOUSE/vitserve-wheels.tar" -C "$WHEELHOUSE" "${contents[@]}"
 (cd "$WHEELHOUSE" && sha256sum vitserve-wheels.tar > vitserve-wheels.tar.sha256)
 split -b "${PART_MB}M" "$WHEELHOUSE/vitserve-wheels.tar" "$WHEELHOUSE/vitserve-wheels.tar.part-"
 rm "$WHEELHOUSE/vitserve-wheels.tar"
