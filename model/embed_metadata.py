@@ -96,7 +96,8 @@ def check_export_mode(args) -> str | None:
     if not args.source and not args.from_onnx:
         return "give SOURCE (a checkpoint) or --from-onnx ONNX"
     if not args.from_onnx:
-        given = [flag for flag, dest, _ in SPEC_FLAGS if flag != "--image-size" and getattr(args, dest, None) is not None]
+        given = [flag for flag, dest, _ in SPEC_FLAGS
+                 if flag != "--image-size" and getattr(args, dest, None) is not None]
         if given:
             return f"{', '.join(given)} only apply with --from-onnx (a checkpoint export writes its own description)"
     return None

@@ -171,8 +171,8 @@ def _channels(kind: str):
             items = list(value)
         numbers = tuple(float(v) for v in items)
         if len(numbers) != 3 or any(not math.isfinite(v) for v in numbers):
-            raise ValueError(f"expected 3 numbers (R,G,B) such as 0.5,0.5,0.5 or a name ({', '.join(NAMED_NORMALISATIONS)}), "
-                             f"got {value!r}")
+            names = ", ".join(NAMED_NORMALISATIONS)
+            raise ValueError(f"expected 3 numbers (R,G,B) such as 0.5,0.5,0.5 or a name ({names}), got {value!r}")
         if kind == "std" and min(numbers) <= 0:
             raise ValueError(f"std must be > 0 for every channel, got {numbers}")
         return numbers
@@ -375,7 +375,8 @@ def graph_io_from_onnx(model) -> GraphIO:
 
 def missing_fields(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
     """The REQUIRED fields that no source gives (for `vitserve inspect`; resolve_spec raises on them)."""
-    layers = [options or SpecOptions(), options_from_metadata(graph.props), load_sidecar(model_path) or SpecOptions()]
+    layers = [options or SpecOptions(), options_from_metadata(graph.props),
+              load_sidecar(model_path) or SpecOptions()]
     missing = [name for name in REQUIRED if all(getattr(layer, name) is None for layer in layers)]
     if "image_size" in missing and len(graph.inputs) == 1:
         tensor = graph.inputs[0]

@@ -189,14 +189,16 @@ def format_text(summary: dict[str, Any]) -> str:
                      + f"; ir_version {summary['ir_version']}; producer {summary['producer'] or '?'}")
     for kind in ("inputs", "outputs"):
         for t in summary[kind]:
-            shape = "[?]" if t["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in t["shape"]) + "]"
+            dims = t["shape"]
+            shape = "[?]" if dims is None else "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
             lines.append(f"  {kind[:-1]:6} {t['name']} {shape} {t['dtype']}")
     dynamic = summary["dynamic_batch"]
     lines.append("  batch axis: " + ("dynamic" if dynamic else "unknown" if dynamic is None else "FIXED"))
     if "fused_attention_total" in summary:
         fused = ", ".join(f"{op} x{n}" for op, n in summary["fused_attention_nodes"].items()) or "none"
+        unfused = summary["softmax_nodes"] and not summary["fused_attention_total"]
         lines.append(f"  fused attention nodes: {summary['fused_attention_total']} ({fused}); Softmax nodes: "
-                     f"{summary['softmax_nodes']} ({'attention not fused' if summary['softmax_nodes'] and not summary['fused_attention_total'] else 'ok'}); "
+                     f"{summary['softmax_nodes']} ({'attention not fused' if unfused else 'ok'}); "
                      f"{summary['node_count']} nodes in all")
     lines.append(f"  precision: {summary['precision']} (from {summary['precision_from']})")
     if summary["vitserve_metadata"]:

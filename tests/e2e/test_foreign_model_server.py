@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 LABELS = ("tench", "goldfish", "shark", "hen", "ostrich", "finch", "junco", "bunting", "robin", "bulbul")
-HF_FLAGS = ["--resize-mode", "squash", "--interpolation", "bilinear", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]
+HF_FLAGS = ["--resize-mode", "squash", "--interpolation", "bilinear", "--mean", "0.5,0.5,0.5",
+            "--std", "0.5,0.5,0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.cli import main as cli_main
 from service.engine import Engine, EngineError
-from service.metadata import ModelMetadata
+from service.metadata import ModelMetadata, Preprocessing
 from service.model_spec import (
     ModelSpecError,
     SpecOptions,
@@ -315,11 +315,9 @@ def test_fixed_batch_of_one_is_served_with_batching_off(tmp_path, labels_txt, en
     assert described["spec"]["labels"]["source"] == "flag" and described["labels"] == list(LABELS)
     assert answer.status_code == 200, answer.text
     p = described["preprocessing"]
+    preprocessing = Preprocessing(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
     for name, result in zip(("coffee", "chelsea", "rocket"), answer.json()["results"]):
-        from service.metadata import Preprocessing
-
-        pixels = load_pixels(encode_photo(name, "PNG"), Preprocessing(**{**p, "mean": tuple(p["mean"]),
-                                                                          "std": tuple(p["std"])}), max_pixels=10**8)
+        pixels = load_pixels(encode_photo(name, "PNG"), preprocessing, max_pixels=10**8)
         assert result["predictions"][0]["label"] == LABELS[int(expected_logits(pixels[None]).argmax())]
 
 
