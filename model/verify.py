@@ -9,10 +9,11 @@ An export is verified, not trusted (shared/DESIGN.md). Checks:
   normal inputs and real photographs (skimage.data, preprocessed exactly as the service does):
   max abs diff of logits within a bound relative to the logit scale, and top-1 agreement.
 
-Top-1 agreement ignores rows where PyTorch's two best logits tie (margin <= 1e-6 x scale): no
-precision can be held to a tie, and a fresh head (zero-initialised, as the paper fine-tunes)
-gives all-equal logits. fp16 random-noise rows are reported without a top-1 bound: noise
-inputs give near-tied logits that a legitimate 1e-3 fp16 error flips; on photos fp16 must agree.
+Top-1 agreement counts only the rows PyTorch decides: its two best logits differ by more than
+the precision's resolution (its typical error, far below the diff bound). Closer than that, a
+correct fp16 or int8 graph may legitimately pick the other class, and a fresh zero-initialised
+head (the paper's fine-tuning start) ties every logit. fp16 random-noise rows are reported
+without a top-1 bound: noise inputs give near-tied logits; on photos fp16 must agree.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ FUSED_ATTENTION_OPS = frozenset({
 })
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 NUM_RANDOM = 8
-TIE_MARGIN = 1e-6
 
 
 class ExportFileError(ValueError):
@@ -49,21 +49,24 @@ class Tolerance:
 
     Args:
         max_abs_diff: bound on max |logits_onnx - logits_torch|, relative to max(1, max |logits_torch|).
-        min_top1: per input set, the least fraction of (untied) rows whose top-1 must agree; a set
+        resolution: the precision's typical error, relative like max_abs_diff; top-1 is compared
+            only on rows whose reference top-2 margin exceeds it.
+        min_top1: per input set, the least fraction of those rows whose top-1 must agree; a set
             missing here is reported but not bounded.
     """
 
     max_abs_diff: float
+    resolution: float
     min_top1: dict[str, float]
 
 
 TOLERANCES: dict[str, Tolerance] = {
     # fp32: measured ~1e-6 on ViT-Ti; 1e-4 leaves room for deeper and wider models.
-    "fp32": Tolerance(1e-4, {"random": 1.0, "photos": 1.0}),
+    "fp32": Tolerance(1e-4, 1e-6, {"random": 1.0, "photos": 1.0}),
     # fp16: ~1e-3 relative measured (11-bit mantissa through L residual additions).
-    "fp16": Tolerance(1e-2, {"photos": 1.0}),
-    # int8: weights quantised to 8 bits move logits by a few percent (~5% measured on random weights).
-    "int8": Tolerance(0.2, {"random": 0.5, "photos": 0.75}),
+    "fp16": Tolerance(1e-2, 2e-3, {"photos": 1.0}),
+    # int8: weights quantised to 8 bits move logits by a few percent (~4% measured on random weights).
+    "int8": Tolerance(0.2, 5e-2, {"random": 0.5, "photos": 0.75}),
 }
 
 
@@ -98,7 +101,7 @@ class Parity:
     max_abs_diff: float
     bound: float
     top1_agree: int
-    top1_rows: int  # rows whose reference top-1 is not a tie
+    top1_rows: int  # rows the reference decides (top-2 margin above the precision's resolution)
     min_top1: float | None
 
     @property
@@ -263,7 +266,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: 
     candidate = candidate.astype(np.float64)
     scale = max(1.0, float(np.abs(reference).max()))
     top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
-    decided = (top2[:, 1] - top2[:, 0]) > TIE_MARGIN * scale
+    decided = (top2[:, 1] - top2[:, 0]) > tolerance.resolution * scale
     agree = reference.argmax(1) == candidate.argmax(1)
     return Parity(
         name=name, rows=len(reference), max_abs_diff=float(np.abs(reference - candidate).max()),
@@ -359,7 +362,7 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
         return "\n".join(lines)
     lines.append("parity        ONNX Runtime CPU vs PyTorch fp32")
     for p in report.parity:
-        top1 = f"top-1 {p.top1_agree}/{p.top1_rows}"
+        top1 = f"top-1 {p.top1_agree}/{p.top1_rows} decided"
         if p.min_top1 is not None:
             top1 += f" (>= {p.min_top1:.0%})"
         lines.append(f"  {p.name:<11} {p.rows:>3} rows  max|diff| {p.max_abs_diff:.2e} (<= {p.bound:.1e})  {top1}")
