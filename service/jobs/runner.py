@@ -127,7 +127,12 @@ class JobRunner:
             await asyncio.sleep(0.05)
         while True:
             self._wake.clear()
-            jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+            try:
+                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+            except Exception:  # noqa: BLE001 - e.g. a full disk: keep the service up, try again
+                log.exception("cannot read the jobs database %s; retrying in 5 s", self.db_path)
+                await asyncio.sleep(5)
+                continue
             if not jobs:
                 await self._wake.wait()
                 continue

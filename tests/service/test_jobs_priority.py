@@ -57,7 +57,8 @@ def test_online_traffic_starves_the_low_lane_and_keeps_its_latency():
 
     async def online_latencies(with_job: bool) -> tuple[list[float], LaneRecordingEngine, int]:
         engine = LaneRecordingEngine(delay_s=0.01)
-        batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=30)
+        # idle 100 ms vs the clients' 2 ms turnaround: wide margin for a loaded CI machine
+        batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=100)
         await batcher.start()
         job = [asyncio.create_task(batcher.submit_low(image(LOW, i))) for i in range(40)] if with_job else []
         latencies: list[float] = []
@@ -82,29 +83,31 @@ def test_online_traffic_starves_the_low_lane_and_keeps_its_latency():
     assert all(len(set(b)) == 1 for b in engine.batches), "a batch mixed online and job images"
     assert sum(b.count(LOW) for b in engine.batches) == 40
     p50_without, p50_with = float(np.median(without)), float(np.median(with_job))
-    assert p50_with <= p50_without * 1.3 + 0.003, (p50_without, p50_with)
+    # behind job batches it would be ~one more 10 ms run per request
+    assert p50_with <= p50_without * 1.3 + 0.005, (p50_without, p50_with)
 
 
 def test_online_request_waits_at_most_one_low_batch():
-    engine = LaneRecordingEngine(delay_s=0.03)
+    engine = LaneRecordingEngine(delay_s=0.05)
 
     async def main():
         batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=0)
         await batcher.start()
         job = [asyncio.create_task(batcher.submit_low(image(LOW, i))) for i in range(40)]
-        await asyncio.sleep(0.045)  # a job batch is running now
+        await asyncio.sleep(0.075)  # a job batch is running now
+        started_before = len(engine.batches)
         started = time.monotonic()
         await batcher.submit(image(ONLINE, 0))
         waited = time.monotonic() - started
         await asyncio.gather(*job)
         await batcher.stop()
-        return waited
+        return waited, started_before
 
-    waited = asyncio.run(main())
-    # at most the rest of the running job batch (30 ms) + its own run (30 ms)
-    assert waited < 0.085, waited
+    waited, started_before = asyncio.run(main())
+    # at most the rest of the running job batch (50 ms) + its own run (50 ms); FIFO would be 10 runs
+    assert waited < 0.2, waited
     online_at = [i for i, b in enumerate(engine.batches) if ONLINE in b]
-    assert online_at == [2], engine.batches  # right after the job batch that was running
+    assert online_at == [started_before], engine.batches  # right after the job batch that was running
 
 
 def test_stop_fails_waiting_low_items_with_not_ready():
