@@ -146,16 +146,6 @@ class DecodeReport:
         return "\n".join(lines)
 
 
-def _readable(path: Path) -> str | None:
-    """None when Pillow can open and verify the file, else the reason it cannot."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as exc:  # Pillow raises many types for corrupt files; every one means "unreadable"
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 class ImageFilesDataset(torch.utils.data.Dataset):
     """Decodes one image per item (for datasets too large to hold in memory).
 
@@ -180,41 +170,35 @@ def load_images(files: LabeledFiles, preprocessing: Preprocessing, *,
                 preload_budget_bytes: int = PRELOAD_BUDGET_BYTES,
                 progress: Callable[[Sequence], Sequence] = lambda xs: xs,
                 ) -> tuple[torch.utils.data.Dataset, LabeledFiles, DecodeReport]:
-    """Decode the dataset, skipping unreadable files; returns (dataset, the files kept, the report).
+    """Decode every image once, skipping unreadable ones; returns (dataset, the files kept, the report).
 
-    Small datasets are decoded once into a TensorDataset (fast epochs); larger ones are checked
-    with Pillow's verify() and decoded per item.
+    The decoded pixels of a small dataset are kept (one TensorDataset, fast epochs); a larger one
+    is decoded again per item, and this pass only proves that every kept file decodes, so an
+    epoch never dies half-way on a corrupt file.
     """
+    from service.errors import InvalidImage
+
     report = DecodeReport()
     p = preprocessing
-    size = len(files) * 3 * p.image_size * p.image_size * 4
+    preload = len(files) * 3 * p.image_size * p.image_size * 4 <= preload_budget_bytes
+    arrays: list[np.ndarray] = []
     kept: list[int] = []
-    if size <= preload_budget_bytes:
-        arrays = []
-        for i in progress(range(len(files))):
-            try:
-                arrays.append(decode_image(files.paths[i], p))
-            except Exception as exc:  # decoding errors come from Pillow and the service under many types
-                report.skipped.append((files.paths[i], f"{type(exc).__name__}: {exc}"))
-                continue
-            kept.append(i)
-        files = files.subset(kept)
-        if not len(files):
-            raise DatasetError(f"no readable images: {report.describe()}")
-        pixels = torch.from_numpy(np.stack(arrays))  # (N, 3, H, W)
-        dataset: torch.utils.data.Dataset = torch.utils.data.TensorDataset(pixels, torch.tensor(files.targets))
-    else:
-        for i in progress(range(len(files))):
-            reason = _readable(files.paths[i])
-            if reason is None:
-                kept.append(i)
-            else:
-                report.skipped.append((files.paths[i], reason))
-        files = files.subset(kept)
-        if not len(files):
-            raise DatasetError(f"no readable images: {report.describe()}")
-        dataset = ImageFilesDataset(files, p)
-    return dataset, files, report
+    for i in progress(range(len(files))):
+        try:
+            pixels = decode_image(files.paths[i], p)
+        except (OSError, InvalidImage) as exc:  # a file we cannot read; bytes the service would refuse
+            report.skipped.append((files.paths[i], f"{type(exc).__name__}: {exc}"))
+            continue
+        kept.append(i)
+        if preload:
+            arrays.append(pixels)
+    files = files.subset(kept)
+    if not len(files):
+        raise DatasetError(f"no readable images: {report.describe()}")
+    if not preload:
+        return ImageFilesDataset(files, p), files, report
+    pixels = torch.from_numpy(np.stack(arrays))  # (N, 3, H, W)
+    return torch.utils.data.TensorDataset(pixels, torch.tensor(files.targets)), files, report
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -222,7 +222,8 @@ def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, opti
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, count = 0.0, 0, 0
     start = time.perf_counter()
-    with tqdm(loader, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(loader, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+              disable=None) as bar:  # None: a bar on a terminal, none in logs
         for pixels, targets in bar:
             pixels, targets = pixels.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if options.augment:
@@ -244,10 +245,10 @@ def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, opti
 
 
 def _loader(dataset, indices: list[int], batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
-            num_workers: int) -> torch.utils.data.DataLoader:
+            num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
     subset = torch.utils.data.Subset(dataset, indices)
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=num_workers, pin_memory=device.type == "cuda")
 
 
 def _load_base(base: LoadedCheckpoint | str, image_size: int | None) -> LoadedCheckpoint:
@@ -309,7 +310,7 @@ def finetune(
         if not state_path.is_file():
             raise FinetuneError(f"nothing to resume in {output_dir}: no {STATE_NAME} "
                                 "(the run finished, or never completed an epoch)")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_resumable(state, options, files)
 
     torch.manual_seed(options.seed)
@@ -324,7 +325,7 @@ def finetune(
     from tqdm.auto import tqdm
 
     dataset, files_kept, report = load_images(
-        files, preprocessing, progress=lambda xs: tqdm(xs, desc="decode", unit="img", leave=False, file=sys.stderr))
+        files, preprocessing, progress=lambda xs: tqdm(xs, desc="decode", unit="img", leave=False, file=sys.stderr, disable=None))
     if report.skipped:
         log(report.describe())
     missing = sorted(set(range(len(files.classes))) - set(files_kept.targets))
@@ -374,9 +375,11 @@ def _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, l
     from tqdm.auto import tqdm
 
     def features(indices: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
-        loader = _loader(dataset, indices, options.batch_size, shuffle=False, generator=None, num_workers=num_workers)
+        loader = _loader(dataset, indices, options.batch_size, shuffle=False, generator=None, num_workers=num_workers,
+                         device=dev)
         return extract_features(model, loader, dev,
-                                progress=lambda xs: tqdm(xs, desc=desc, unit="batch", leave=False, file=sys.stderr))
+                                progress=lambda xs: tqdm(xs, desc=desc, unit="batch", leave=False, file=sys.stderr,
+                                                         disable=None))
 
     start = time.perf_counter()
     train_x, train_y = features(train_idx, "features (train)")
@@ -426,13 +429,13 @@ def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state,
         start_epoch, history = state["epoch"], list(state["history"])
         log(f"resumed from {state_path} after epoch {start_epoch}/{options.epochs}")
     val_loader = (_loader(dataset, val_idx, options.batch_size, shuffle=False, generator=None,
-                          num_workers=num_workers) if val_idx else None)
+                          num_workers=num_workers, device=dev) if val_idx else None)
     output_dir.mkdir(parents=True, exist_ok=True)
     val_accuracy = history[-1]["val_accuracy"] if history else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         generator = _epoch_generator(options.seed, epoch)
         train_loader = _loader(dataset, train_idx, options.batch_size, shuffle=True, generator=generator,
-                               num_workers=num_workers)
+                               num_workers=num_workers, device=dev)
         start = time.perf_counter()
         train_loss, train_acc, rate = train_one_epoch(model, train_loader, optimizer, scheduler, options, dev,
                                                       generator, desc=f"epoch {epoch}/{options.epochs}")
