@@ -3,44 +3,31 @@ hold every image exactly once (none scored twice into the results, none lost).""
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import json
 import os
+import signal
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    # Reuse the service tests' model fixture code and server helper (tests/ is not a package).
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-service_conftest = _load(TESTS / "service" / "conftest.py", "vitserve_service_conftest")
-jobs_api = _load(TESTS / "service" / "test_jobs_api.py", "vitserve_jobs_api_helpers")
-
 IMAGES = 400
 BROKEN_EVERY = 50  # every 50th file is not an image: errors must be recorded exactly once too
 
 
-@pytest.fixture(scope="module")
-def tiny_onnx_e2e(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny_vit.onnx"
-    service_conftest.export_tiny_vit(path)
-    return path
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] not in ("done", "cancelled", "failed"):
+        assert time.monotonic() < deadline, f"job not finished after {timeout_s} s: {job}"
+        time.sleep(0.05)
+    return job
 
 
 @pytest.mark.slow
-def test_sigkill_mid_job_then_restart_scores_every_image_exactly_once(tiny_onnx_e2e, tmp_path):
+def test_sigkill_mid_job_then_restart_scores_every_image_exactly_once(e2e_model, start_service, tmp_path):
     import skimage.data
 
     root = tmp_path / "root"
@@ -59,33 +46,28 @@ def test_sigkill_mid_job_then_restart_scores_every_image_exactly_once(tiny_onnx_
 
     env = {"VITSERVE_DATA_DIR": str(tmp_path / "data"), "VITSERVE_JOB_ROOT": str(root),
            "VITSERVE_JOB_DECODE_THREADS": "1", "VITSERVE_JOB_MAX_IN_FLIGHT": "8"}
-    first = jobs_api.ServerProcess(tiny_onnx_e2e, jobs_api.free_port(), env, tmp_path / "first.log")
-    first.start()
-    try:
-        with httpx.Client(base_url=first.url, timeout=30) as client:
-            created = client.post("/v1/jobs?top_k=3", json={"paths": paths})
-            assert created.status_code == 202, created.text
-            job_id = created.json()["id"]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/jobs/{job_id}").json()["done"] < 40:
-                assert time.monotonic() < deadline, "the job made no progress"
-                time.sleep(0.01)
-            first.kill()  # SIGKILL: no shutdown code runs, in-flight images are lost mid-way
-    finally:
-        first.stop()
+    first = start_service(e2e_model, **env)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        created = client.post("/v1/jobs?top_k=3", json={"paths": paths})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job_id}").json()["done"] < 40:
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.01)
+    os.kill(first.process.pid, signal.SIGKILL)  # no shutdown code runs; in-flight images are lost mid-way
+    first.process.wait(timeout=10)
 
-    second = jobs_api.ServerProcess(tiny_onnx_e2e, jobs_api.free_port(), env, tmp_path / "second.log")
-    second.start()
-    try:
-        with httpx.Client(base_url=second.url, timeout=30) as client:
-            resumed = client.get(f"/v1/jobs/{job_id}").json()
-            assert 40 <= resumed["done"] < IMAGES, f"the kill did not land mid-job: {resumed}"
-            job = jobs_api.wait_for_job(client, job_id, timeout_s=120)
-            rows = jobs_api.jsonl_results(client, job_id)
-            reference = client.post("/v1/classify?top_k=3", content=source.read_bytes(),
-                                    headers={"content-type": "image/png"}).json()["predictions"]
-    finally:
-        second.stop()
+    second = start_service(e2e_model, **env)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        resumed = client.get(f"/v1/jobs/{job_id}").json()
+        assert 40 <= resumed["done"] < IMAGES, f"the kill did not land mid-job: {resumed}"
+        job = wait_for_job(client, job_id, timeout_s=120)
+        response = client.get(f"/v1/jobs/{job_id}/results")
+        rows = [json.loads(line) for line in response.text.splitlines()]
+        reference = client.post("/v1/classify?top_k=3", content=source.read_bytes(),
+                                headers={"content-type": "image/png"}).json()["predictions"]
+    second.stop()
 
     broken_count = sum(1 for i in range(IMAGES) if i % BROKEN_EVERY == 7)
     assert (job["state"], job["total"], job["done"]) == ("done", IMAGES, IMAGES)
