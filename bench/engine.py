@@ -56,8 +56,8 @@ TARGET_BATCH1_MS = 1.5
 def device_name(provider: str) -> str:
     if provider in GPU_PROVIDERS:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+            query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
             return f"{out.splitlines()[0]} (name, driver, memory)"
         except (OSError, subprocess.SubprocessError, IndexError):
             return "unknown GPU"
@@ -209,8 +209,9 @@ def markdown(report: dict) -> str:
         for b in sizes:
             r = row["results"].get(str(b)) or row["results"].get(b)
             cells.append(f"{r['images_per_s']:.1f} ({r['p50_ms']:.2f})" if r else "-")
-        lines.append(f"| {row['architecture']} | {row['precision']} | {row['provider'].removesuffix('ExecutionProvider')}"
-                     f" | {row['config']} | " + " | ".join(cells) + " |")
+        provider = row["provider"].removesuffix("ExecutionProvider")
+        lines.append(f"| {row['architecture']} | {row['precision']} | {provider} | {row['config']} | "
+                     + " | ".join(cells) + " |")
     for row in report["rows"]:
         if row.get("error"):
             lines.append(f"\n{row['architecture']} {row['precision']} {row['provider']} {row['config']}: FAILED: "
@@ -223,8 +224,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {n} | {cell('pageable')} | {cell('pinned')} |")
     if report.get("decode"):
         d = report["decode"]
-        lines += ["", f"JPEG decode + resize + normalise (service.preprocess, skimage photos): {d['ms_per_image']:.2f} ms"
-                      f" per image per core = {d['images_per_s_per_core']:.0f} img/s per core, "
+        lines += ["", f"JPEG decode + resize + normalise (service.preprocess, skimage photos): "
+                      f"{d['ms_per_image']:.2f} ms per image per core = {d['images_per_s_per_core']:.0f} img/s per core, "
                       f"{d['images_per_s_per_core'] * d['cores']:.0f} img/s on {d['cores']} cores at best"]
     lines += ["", *report.get("verdicts", [])]
     return "\n".join(lines) + "\n"
@@ -253,7 +254,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", default=[], help="exported .onnx file (repeatable)")
-    parser.add_argument("--export", metavar="NAME", help="export random:NAME first (needs torch), e.g. vit_base_patch16_224")
+    parser.add_argument("--export", metavar="NAME",
+                        help="export random:NAME first (needs torch), e.g. vit_base_patch16_224")
     parser.add_argument("--precisions", default="fp32,int8", help="with --export: comma list of fp32, fp16, int8")
     parser.add_argument("--providers", default="", help="comma list (cuda, tensorrt, cpu); default: the GPU ones that "
                                                         "load, else cpu")

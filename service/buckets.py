@@ -100,7 +100,8 @@ class BucketRunner:
                 bucket.binding.bind_output(self._output_name, self._device, 0)
         return bucket
 
-    def _fixed_batch_session(self, size: int, dynamic_session: ort.InferenceSession) -> tuple[ort.InferenceSession, bool]:
+    def _fixed_batch_session(self, size: int,
+                             dynamic_session: ort.InferenceSession) -> tuple[ort.InferenceSession, bool]:
         batch_dim = dynamic_session.get_inputs()[0].shape[0]
         want_graph = self._options.cuda_graphs and self._providers[0] == CUDA
         if self._options.cuda_graphs and not want_graph:

@@ -257,7 +257,8 @@ class Engine:
                 self._read_placement()
             return self._buckets.run(batch)
         if self._max_chunk is not None and batch.shape[0] > self._max_chunk:
-            return np.concatenate([self.run(batch[i:i + self._max_chunk]) for i in range(0, len(batch), self._max_chunk)])
+            step = self._max_chunk
+            return np.concatenate([self.run(batch[i:i + step]) for i in range(0, len(batch), step)])
         fixed = self.max_static_batch
         if fixed is not None and batch.shape[0] != fixed:
             return np.concatenate([self._run_padded(batch[i:i + fixed], fixed) for i in range(0, len(batch), fixed)])

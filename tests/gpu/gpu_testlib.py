@@ -78,9 +78,10 @@ def photo_batch(preprocessing) -> np.ndarray:
     return np.stack([preprocess(rgb(name), preprocessing) for name in PHOTO_NAMES])
 
 
-def report(name: str, text: str) -> None:
-    """Append ``text`` to ``name`` in the report folder, when bench/gpu.sh gave one."""
+def report(topic: str, text: str) -> None:
+    """Append ``text`` under ``topic`` to tests-report.txt in the report folder, when bench/gpu.sh gave one
+    (one file: a device call brings back at most 8)."""
     folder = os.environ.get(REPORT_ENV)
     if folder:
-        with open(Path(folder) / name, "a") as f:
-            f.write(text.rstrip("\n") + "\n")
+        with open(Path(folder) / "tests-report.txt", "a") as f:
+            f.write(f"## {topic}\n{text.rstrip()}\n\n")

@@ -61,7 +61,7 @@ def test_fp16_matches_fp32_on_photographs(models, fp16_engine, photos):
     fp32 = cuda_engine(models["fp32"], log_placement=False)
     reference = fp32.run(photos)
     logits = fp16_engine.run(photos)
-    report("parity.txt", f"fp16 vs fp32 on {len(photos)} photos: max |diff| {np.abs(logits - reference).max():.2e}, "
+    report("fp16 vs fp32", f"fp16 vs fp32 on {len(photos)} photos: max |diff| {np.abs(logits - reference).max():.2e}, "
                          f"top-1 {logits.argmax(1).tolist()} vs {reference.argmax(1).tolist()}")
     np.testing.assert_array_equal(logits.argmax(1), reference.argmax(1))
     assert np.abs(logits - reference).max() <= 1e-2
@@ -69,7 +69,7 @@ def test_fp16_matches_fp32_on_photographs(models, fp16_engine, photos):
 
 def test_every_attention_node_runs_on_cuda(fp16_engine):
     placement = fp16_engine.placement
-    report("placement.txt", repr(placement))
+    report("node placement (ORT profile)", repr(placement))
     cuda_attention = sum(placement.get("CUDAExecutionProvider", {}).get(op, 0) for op in ATTENTION_OPS)
     assert cuda_attention == DEPTH, placement
     on_cpu = set(placement.get("CPUExecutionProvider", {}))
@@ -93,7 +93,8 @@ def test_attention_runs_as_fused_kernels(fp16_engine, photos):
         fp16_engine.run(photos)
         torch.cuda.synchronize()
     kernels = [e.key for e in trace.key_averages() if e.device_type == DeviceType.CUDA]
-    report("kernels.txt", "GPU activity of one fp16 run, batch %d:\n  " % len(photos) + "\n  ".join(sorted(kernels)))
+    report("GPU kernels (torch profiler)",
+           f"GPU activity of one fp16 run, batch {len(photos)}:\n  " + "\n  ".join(sorted(kernels)))
     fused = [k for k in kernels if FUSED_ATTENTION_KERNEL.search(k)]
     assert fused, f"no fused attention kernel among {sorted(kernels)}"
     unfused = [k for k in kernels if "softmax" in k.lower()]
@@ -106,6 +107,7 @@ def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_en
     engine = cuda_engine(models["fp16"], log_placement=False,
                          gpu_options=GpuOptions(batch_buckets=(1, 8, 32), cuda_graphs=True, pinned_host_memory=True))
     engine.warmup([1])
+    report("CUDA graph buckets", repr({k: v for k, v in engine.describe().items() if k != "placement"}))
     assert engine.cuda_graph_buckets == [1, 8, 32], engine.describe()
     assert engine.describe()["pinned_host_memory"] in ("onnxruntime", "cudaHostAlloc")
     assert is_pinned(engine.input_buffer(8))
@@ -141,6 +143,6 @@ def test_device_memory_is_flat_over_varying_batches(models, buckets):
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     growth_mib = (total - free - used_before) / 2**20
-    report("memory.txt", f"buckets {buckets or 'none'}: device memory in use {used_before / 2**20:.0f} MiB, "
+    report("device memory", f"buckets {buckets or 'none'}: device memory in use {used_before / 2**20:.0f} MiB, "
                          f"+{growth_mib:.1f} MiB after 300 batches of 1..64")
     assert growth_mib <= 64, f"device memory grew by {growth_mib:.1f} MiB over 300 batches"
