@@ -27,6 +27,7 @@ import numpy as np
 
 from service.jobs.rows import error_row, prediction_row
 from service.metadata import ModelMetadata, Preprocessing
+from service.model_spec import graph_io_from_session, resolve_spec
 from service.scoring import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Progress, ResultWriter, ScoringError,
                              Summary, iter_sources, resolve_inputs)
 
@@ -93,7 +94,8 @@ def read_metadata(model: Path) -> ModelMetadata:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    # Our metadata, or a foreign file's <model>.json sidecar: what each actor's Engine resolves too.
+    return resolve_spec(model, graph_io_from_session(session)).metadata
 
 
 def score_with_ray(spec: str, output: Path, *, model: Path, address: str | None = None, batch_size: int = 8,

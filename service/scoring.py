@@ -369,7 +369,7 @@ class Summary:
 def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers: int = 0, top_k: int = 5,
           resume: bool = False, providers: str | None = None, intra_op_threads: int = 0,
           max_pixels: int = DEFAULT_MAX_PIXELS, progress_stream: TextIO | None = sys.stderr,
-          engine_factory: Callable | None = None) -> Summary:
+          engine_factory: Callable | None = None, spec_options=None) -> Summary:
     """Score every image of ``spec`` into ``output``; see the module docstring.
 
     Args:
@@ -384,6 +384,8 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
         max_pixels: largest decoded image (width x height).
         progress_stream: where the progress bar goes (None: silent).
         engine_factory: builds the engine from ``model`` (tests); default ``service.engine.Engine``.
+        spec_options: model description flags (service.model_spec.SpecOptions) for ONNX files
+            without vitserve metadata; None = the file's metadata or its sidecar.
     """
     if batch_size < 1 or top_k < 1:
         raise ScoringError("--batch-size and --top-k must be >= 1")
@@ -393,7 +395,8 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
         if engine_factory is None:
             from service.engine import Engine
 
-            engine = Engine(model, providers=providers or None, intra_op_threads=intra_op_threads, log_placement=False)
+            engine = Engine(model, spec_options=spec_options, providers=providers or None,
+                            intra_op_threads=intra_op_threads, log_placement=False)
         else:
             engine = engine_factory(model)
         meta = engine.metadata

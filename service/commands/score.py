@@ -37,10 +37,15 @@ def add_parser(subparsers) -> None:
                         help="with --ray: GPUs per scoring actor (1 = one actor per GPU; 0 = CPU actors)")
     parser.add_argument("--actors", type=int, default=None,
                         help="with --ray: scoring actors (default: one per GPU, or per CPU slot)")
+    from service.model_spec import add_spec_arguments
+
+    add_spec_arguments(parser)  # ONNX files without vitserve metadata, as for `vitserve serve`
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.engine import EngineError
+    from service.model_spec import ModelSpecError, options_from_args
     from service.scoring import ScoringError, score
 
     if not args.model.is_file():
@@ -48,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     progress = None if args.quiet else sys.stderr
     try:
+        spec_options = options_from_args(args)
+        if args.ray is not None and spec_options.given():
+            raise ScoringError("--ray reads the model description from the file or its <model>.json sidecar; "
+                               "embed flags once with `vitserve export --from-onnx`")
         if args.ray is not None:
             from service.ray_scoring import score_with_ray
 
@@ -61,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
             workers = args.workers if args.workers is not None else cpu_cores()
             summary = score(args.input, args.output, model=args.model, batch_size=args.batch_size, workers=workers,
                             top_k=args.top_k, resume=args.resume, providers=args.providers,
-                            intra_op_threads=args.intra_op_threads, progress_stream=progress)
-    except ScoringError as exc:
+                            intra_op_threads=args.intra_op_threads, progress_stream=progress,
+                            spec_options=spec_options)
+    except (ScoringError, EngineError, ModelSpecError) as exc:
         print(f"vitserve score: {exc}", file=sys.stderr)
         return 2
     print(f"vitserve score: {summary.scored} scored, {summary.failed} unreadable (listed with their error), "

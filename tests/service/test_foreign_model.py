@@ -404,3 +404,20 @@ def test_export_from_onnx_refusals(tmp_path, foreign, capsys):
     assert "not both" in capsys.readouterr().err
     assert cli_main(["export", "random:vit_tiny_patch16_224", "-o", str(out), "--mean", "imagenet"]) == 2
     assert "--mean only apply with --from-onnx" in capsys.readouterr().err
+
+
+def test_score_a_folder_with_a_foreign_file_and_flags(tmp_path, labels_txt, encode_photo, capsys):
+    model = build_classifier(tmp_path / "nhwc.onnx", layout="nhwc")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee", "rocket"):
+        (photos / f"{name}.png").write_bytes(encode_photo(name, "PNG"))
+    out = tmp_path / "scores.jsonl"
+    args = ["score", str(photos), "-o", str(out), "--model", str(model), "--workers", "0", "--top-k", "1", "--quiet"]
+    assert cli_main(args) == 2 and "not given: mean, std, labels" in capsys.readouterr().err
+    assert cli_main([*args, *HF_NORM, "--labels", str(labels_txt)]) == 0
+    rows = {Path(r["path"]).stem: r for r in map(json.loads, out.read_text().splitlines())}
+    served = engine(model, flags(labels_txt))
+    for name in ("coffee", "rocket"):
+        pixels = load_pixels(encode_photo(name, "PNG"), served.metadata.preprocessing, max_pixels=10**8)
+        assert rows[name]["labels"] == [LABELS[int(expected_logits(pixels[None]).argmax())]]
