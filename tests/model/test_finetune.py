@@ -169,6 +169,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_epoch_and_matches_an_uninterrupted_run(base_dir, photo_crops, tmp_path):
     options = FinetuneOptions(mode="full", epochs=3, batch_size=8, lr=1e-3, augment=True, val_split=0.25, seed=3)
     quiet = dict(log=lambda line: None)
