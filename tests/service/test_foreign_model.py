@@ -421,3 +421,14 @@ def test_score_a_folder_with_a_foreign_file_and_flags(tmp_path, labels_txt, enco
     for name in ("coffee", "rocket"):
         pixels = load_pixels(encode_photo(name, "PNG"), served.metadata.preprocessing, max_pixels=10**8)
         assert rows[name]["labels"] == [LABELS[int(expected_logits(pixels[None]).argmax())]]
+
+
+def test_partial_or_malformed_metadata(tmp_path):
+    partial = build_classifier(tmp_path / "partial.onnx", props={"vitserve.labels": json.dumps(list(LABELS))})
+    spec = spec_of(partial, SpecOptions.parse({"mean": "imagenet", "std": "imagenet"}, where="flags"))
+    assert spec.metadata.labels == LABELS and spec.sources["labels"] == "metadata"
+    with pytest.raises(ModelSpecError, match="its vitserve metadata is incomplete, and these are not given: mean, std"):
+        spec_of(partial)
+    broken = build_classifier(tmp_path / "broken.onnx", props={"vitserve.mean": "[0.5, 0.5"})
+    with pytest.raises(ModelSpecError, match="vitserve.mean is not JSON"):
+        spec_of(broken)
