@@ -118,10 +118,11 @@ def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_en
         expected = fp16_engine.run(batch)
         got = engine.run(batch)
         assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+        # Another batch size may pick other fp16 GEMM kernels: rounding differs by ~1e-3; a wrong row by ~0.5.
+        np.testing.assert_allclose(got, expected, atol=5e-3, rtol=0)
     buffer = engine.input_buffer(6)  # the zero-copy path: the batch is written into the pinned buffer
     buffer[:] = photos
-    np.testing.assert_allclose(engine.run(buffer), fp16_engine.run(photos), atol=2e-3, rtol=0)
+    np.testing.assert_allclose(engine.run(buffer), fp16_engine.run(photos), atol=5e-3, rtol=0)
 
 
 @pytest.mark.parametrize("buckets", [(), (1, 4, 16, 64)], ids=["per-size-buffers", "buckets"])
