@@ -184,7 +184,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="exported .onnx model (default: export --export with random weights)")
+    parser.add_argument("--model", type=Path, help="exported .onnx model (default: export's --export, random weights)")
     parser.add_argument("--export", default="vit_tiny_patch16_224", help="timm-style name to export when no --model")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))

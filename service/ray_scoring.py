@@ -159,7 +159,8 @@ def score_with_ray(spec: str, output: Path, *, model: Path, address: str | None 
                                                                       "providers": providers,
                                                                       "intra_op_threads": 1},
                                        batch_size=batch_size, batch_format="numpy",
-                                       compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus_per_actor or None)
+                                       compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                                       num_gpus=gpus_per_actor or None)
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 out = []
                 for text in batch["row"]:

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             summary = score_with_ray(args.input, args.output, model=args.model, address=args.ray or None,
                                      batch_size=args.batch_size, top_k=args.top_k, resume=args.resume,
                                      gpus_per_actor=args.gpus_per_actor, actors=args.actors,
+                                     providers=args.providers,
                                      progress_stream=progress)
         else:
             from service.scoring import cpu_cores
