@@ -103,6 +103,8 @@ class Parity:
     top1_agree: int
     top1_rows: int  # rows the reference decides (top-2 margin above the precision's resolution)
     min_top1: float | None
+    # PyTorch gave every input the same logits (a fresh zero head): the figures then test the head only.
+    constant_reference: bool = False
 
     @property
     def top1_fraction(self) -> float:
@@ -271,7 +273,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: 
     return Parity(
         name=name, rows=len(reference), max_abs_diff=float(np.abs(reference - candidate).max()),
         bound=tolerance.max_abs_diff * scale, top1_agree=int((agree & decided).sum()), top1_rows=int(decided.sum()),
-        min_top1=tolerance.min_top1.get(name),
+        min_top1=tolerance.min_top1.get(name), constant_reference=bool(np.ptp(reference, axis=0).max() == 0),
     )
 
 
@@ -366,6 +368,9 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
         if p.min_top1 is not None:
             top1 += f" (>= {p.min_top1:.0%})"
         lines.append(f"  {p.name:<11} {p.rows:>3} rows  max|diff| {p.max_abs_diff:.2e} (<= {p.bound:.1e})  {top1}")
+    if any(p.constant_reference for p in report.parity):
+        lines.append("note          PyTorch gives every input the same logits (zero-initialised head?): the parity "
+                     "figures cannot see the transformer body")
     if report.weights_match is not None:
         same = "same hash as the source" if report.weights_match else "DIFFERENT from the source"
         lines.append(f"weights       {same}")

@@ -71,6 +71,15 @@ def test_ties_are_not_counted_for_top1():
     assert any("top-1 agreement 0/1" in f for f in flipped.failures())
 
 
+def test_a_zero_head_is_flagged_as_vacuous_parity(exports, tiny_model):
+    zero_head = make_model()
+    zero_head.reset_head(zero_head.config.num_classes)  # the paper's fresh head: all logits 0
+    report = verify_export(exports["fp32"].path, zero_head)
+    assert all(p.constant_reference for p in report.parity)
+    assert "cannot see the transformer body" in format_summary(report.info, report)
+    assert not any(p.constant_reference for p in verify_export(exports["fp32"].path, tiny_model).parity)
+
+
 def _foreign_model() -> onnx.ModelProto:
     """A valid ONNX file that is not ours: y = x + x, no vitserve metadata."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
