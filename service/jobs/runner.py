@@ -155,6 +155,13 @@ class JobRunner:
             self._cleanup(job.id)  # cancelled while it waited behind another job
             return
         job = current
+        if job.model != self.metadata.architecture:
+            # Restarted with another model: finishing with it would mix two models' answers in one job.
+            await asyncio.to_thread(store.finish, job.id, FAILED,
+                                    f"the job was submitted to model {job.model!r}; this server now serves "
+                                    f"{self.metadata.architecture!r} (resubmit the job)")
+            self._cleanup(job.id)
+            return
         await asyncio.to_thread(store.mark_running, job.id)
         self._rate_start[job.id] = (time.monotonic(), job.processed)
         log.info("job %s: scoring %d of %d images", job.id, job.total - job.processed, job.total)

@@ -1,0 +1,74 @@
+"""The job runner in-process (fake engine): resuming at start-up, refusing to mix models, cleaning up."""
+
+from __future__ import annotations
+
+import io
+import time
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.jobs.store import JobStore
+from service.settings import Settings
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wait_state(client: TestClient, job_id: str, states=("done", "failed", "cancelled")) -> dict:
+    deadline = time.monotonic() + 20
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] not in states:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+    return job
+
+
+def test_unfinished_jobs_resume_at_start_up_and_another_models_jobs_fail(make_fake_engine, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png((i * 80, 10, 200)))
+    data_dir = tmp_path / "data"
+    store = JobStore(data_dir / "jobs.sqlite3")  # left behind by an earlier run of the service
+    items = [(f"{i}.png", str(root / f"{i}.png")) for i in range(3)]
+    store.create_job("same-model", kind="manifest", top_k=2, model="fake_vit", items=items)
+    store.record_results("same-model", [(0, {"path": "0.png", "labels": ["x"], "scores": [1.0]})])
+    store.mark_running("same-model")
+    store.create_job("other-model", kind="manifest", top_k=2, model="vit_other", items=items)
+    store.close()
+
+    engine = make_fake_engine(image_size=32)
+    settings = Settings(data_dir=data_dir, job_root=root)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        resumed = wait_state(client, "same-model")
+        assert (resumed["state"], resumed["done"], resumed["scored"]) == ("done", 3, 3)
+        rows = [line for line in client.get("/v1/jobs/same-model/results").text.splitlines()]
+        assert len(rows) == 3 and '"labels": ["x"]' in rows[0]  # the result from before the restart is kept
+        assert sum(engine.batch_sizes) == 2  # only the two pending images were scored
+        other = wait_state(client, "other-model")
+        assert other["state"] == "failed" and "vit_other" in other["error"] and other["done"] == 0
+
+
+def test_a_queued_job_can_be_cancelled_and_its_files_are_removed(make_fake_engine, tmp_path):
+    import zipfile
+
+    engine = make_fake_engine(image_size=32, delay_s=0.05)
+    settings = Settings(data_dir=tmp_path / "data", job_decode_threads=1)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(40):
+            z.writestr(f"{i:02d}.png", png((i, i, i)))
+    with TestClient(create_app(settings, engine=engine)) as client:
+        first = client.post("/v1/jobs", content=archive.getvalue(), headers={"content-type": "application/zip"}).json()
+        second = client.post("/v1/jobs", content=archive.getvalue(), headers={"content-type": "application/zip"}).json()
+        assert client.delete(f"/v1/jobs/{second['id']}").json()["state"] == "cancelled"
+        assert not (tmp_path / "data" / "jobs" / second["id"]).exists()  # queued: cleaned up at once
+        done = wait_state(client, first["id"])
+        assert (done["state"], done["done"]) == ("done", 40)
+        assert not (tmp_path / "data" / "jobs" / first["id"]).exists()  # results live in the database
+        assert client.get(f"/v1/jobs/{second['id']}").json()["done"] == 0
+        assert client.get(f"/v1/jobs/{second['id']}/results").text == ""
