@@ -216,6 +216,9 @@ def inspect_export(path: str | os.PathLike) -> ExportInfo:
 
 
 def _check_signature(path: Path, model: onnx.ModelProto, metadata: ModelMetadata) -> None:
+    if metadata.precision not in TOLERANCES:
+        raise ExportFileError(f"{path}: unknown precision {metadata.precision!r} in its metadata "
+                              f"(expected one of {', '.join(TOLERANCES)})")
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)

@@ -126,6 +126,16 @@ def test_wrong_signature_is_named(tmp_path, exports):
         inspect_export(tmp_path / "renamed.onnx")
 
 
+def test_unknown_precision_in_metadata_is_named(tmp_path, exports):
+    model = onnx.load(exports["fp32"].path)
+    for prop in model.metadata_props:
+        if prop.key == "vitserve.precision":
+            prop.value = "bf16"
+    save_model(model, tmp_path / "bf16.onnx")
+    with pytest.raises(ExportFileError, match="unknown precision 'bf16'"):
+        inspect_export(tmp_path / "bf16.onnx")
+
+
 def test_verify_checks_the_file_before_loading_the_source(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00" * 100)
