@@ -121,7 +121,7 @@ stage_test() {
 
 stage_engine() {
   "$PY" bench/engine.py --model "$WORK/vit_b16_fp16.onnx" --model "$WORK/vit_b16_fp32.onnx" --providers cuda \
-    --seconds "${ENGINE_SECONDS:-0.5}" --markdown "$OUT/engine.md" --json "$OUT/engine.json"
+    --seconds "${ENGINE_SECONDS:-0.3}" --passes 2 --markdown "$OUT/engine.md" --json "$OUT/engine.json"
 }
 
 stage_serve() {
