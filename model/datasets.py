@@ -37,7 +37,13 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class LabeledFiles:
-    """A scanned dataset: image paths, their class indices and the class names, in index order."""
+    """A scanned dataset: image paths, their class indices and the class names, in index order.
+
+    Args:
+        paths: one file per sample.
+        targets: the class index of each sample.
+        classes: class names; ``classes[t]`` names target ``t``.
+    """
 
     paths: tuple[Path, ...]
     targets: tuple[int, ...]

@@ -112,6 +112,16 @@ class FinetuneOptions:
 
 @dataclass
 class EpochRecord:
+    """One epoch's figures, as logged and kept in the checkpoint's history.
+
+    Args:
+        epoch: 1-based epoch number.
+        train_loss, train_accuracy: over the epoch's (augmented) training batches.
+        val_loss, val_accuracy: on the validation split after the epoch; None without one.
+        images_per_s: training throughput.
+        seconds: wall time of the epoch, validation included.
+    """
+
     epoch: int
     train_loss: float
     train_accuracy: float
@@ -123,7 +133,16 @@ class EpochRecord:
 
 @dataclass
 class FinetuneResult:
-    """Where the checkpoint went and how training went."""
+    """Where the checkpoint went and how training went.
+
+    Args:
+        checkpoint_dir: the native checkpoint directory written.
+        classes: the class names, in head order.
+        history: one dict per epoch (EpochRecord fields; the ridge fit for "linear").
+        val_accuracy: final validation accuracy, None without a validation split.
+        num_train, num_val: images in each split (unreadable ones excluded).
+        skipped: (path, reason) of every image that could not be read.
+    """
 
     checkpoint_dir: Path
     classes: tuple[str, ...]

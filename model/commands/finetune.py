@@ -9,6 +9,7 @@ import argparse
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,6 +69,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     except (DatasetError, FinetuneError, CheckpointError) as exc:
         print(f"vitserve finetune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\nvitserve finetune: interrupted; the last finished epoch is saved in {args.output}: "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     accuracy = f"{result.val_accuracy:.4f}" if result.val_accuracy is not None else "n/a (no val split)"
     print(f"wrote {result.checkpoint_dir} ({len(result.classes)} classes, {result.num_train} train / "
           f"{result.num_val} val images, val accuracy {accuracy})")

@@ -243,3 +243,30 @@ def test_cli_reports_bad_dataset_with_exit_code_2(base_dir, tmp_path, capsys):
     code = main(["finetune", str(base_dir), str(tmp_path / "data"), "-o", str(tmp_path / "out")])
     assert code == 2
     assert "only one class ('only')" in capsys.readouterr().err
+
+
+def test_cli_interrupted_run_resumes(base_dir, photo_crops, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during epoch 2 keeps epoch 1's state; the same command with --resume finishes the run."""
+    import model.finetune as finetune_module
+    from service.cli import main
+
+    real_epoch = finetune_module.train_one_epoch
+    calls = []
+
+    def interrupted_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train_one_epoch", interrupted_in_second_epoch)
+    out = tmp_path / "run"
+    argv = ["finetune", str(base_dir), str(photo_crops), "-o", str(out), "--epochs", "2", "--batch-size", "8"]
+    assert main(argv) == 130
+    assert "run the same command with --resume" in capsys.readouterr().err
+    assert (out / STATE_NAME).is_file() and not (out / "vitserve.json").exists()
+
+    assert main(argv + ["--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed from" in captured.err and "epoch 2/2" in captured.err and "epoch 1/2:" not in captured.err
+    assert [h["epoch"] for h in load_native(out).extra["finetune"]["history"]] == [1, 2]
