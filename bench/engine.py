@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                                image_size=engine.input_shape[1])
                     if engine.providers[0] != provider:
                         raise RuntimeError(f"asked for {provider}, the session runs on {engine.providers}")
+                    if provider in GPU_PROVIDERS:
+                        engine.warmup(sizes)  # every size (graph capture included) before any timing
                     row["results"] = time_sizes(engine, sizes, args.seconds, args.max_call_s, args.passes)
                 except Exception as exc:  # noqa: BLE001 - one failing option set must not lose the others
                     row.setdefault("architecture", model.stem)

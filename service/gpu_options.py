@@ -201,11 +201,15 @@ def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
         for device in get_devices():
             if device.ep_name != "CUDAExecutionProvider":
                 continue
-            info = device.memory_info(memory_type.HOST_ACCESSIBLE)
-            if info is None:
-                continue
-            value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=info)
-            array = value.numpy()  # a view of ORT's pinned block, not a copy
+            try:
+                info = device.memory_info(memory_type.HOST_ACCESSIBLE)
+                if info is None:
+                    continue
+                value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=info)
+                array = value.numpy()  # a view of ORT's pinned block, not a copy
+            except Exception as exc:  # noqa: BLE001 - this ORT build offers no such allocator: use CUDA's
+                log.debug("onnxruntime host-accessible memory unavailable (%s)", exc)
+                break
             if array.ctypes.data == value.data_ptr():
                 array.fill(0)
                 return _keep_alive(array, value), "onnxruntime"
