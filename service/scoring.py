@@ -32,7 +32,8 @@ import numpy as np
 
 from service.errors import ServiceError
 from service.jobs.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
-from service.jobs.sources import ArchiveLimits, archive_kind, is_image_name, iter_archive, manifest_paths, read_limited
+from service.jobs.sources import (ArchiveLimits, archive_kind, is_image_name, iter_archive, list_archive,
+                                  manifest_paths, read_limited)
 from service.metadata import Preprocessing
 from service.preprocess import load_pixels
 
@@ -91,7 +92,7 @@ def resolve_inputs(spec: str) -> Inputs:
         if archive_kind(path) is not None:
             limits = ArchiveLimits(max_ratio=float("inf"), max_total_bytes=sys.maxsize)  # the user's own file
             try:
-                names = [name for name, _ in _archive_names(path, limits)]
+                names = list_archive(path, limits)
             except ServiceError as exc:
                 raise ScoringError(f"{path}: {exc.message}") from None
             return Inputs("archive", names, archive=path)
@@ -100,12 +101,6 @@ def resolve_inputs(spec: str) -> Inputs:
         matched = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         return Inputs("glob", matched, matched)
     raise ScoringError(f"{spec}: no such file or folder (and not a glob pattern)")
-
-
-def _archive_names(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, int]]:
-    # One pass to list names (and catch unsafe archives before any scoring starts).
-    for name, data in iter_archive(path, limits):
-        yield name, len(data)
 
 
 # -- outputs -----------------------------------------------------------------------------------

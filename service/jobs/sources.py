@@ -23,8 +23,9 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -128,8 +129,14 @@ class _Budget:
                                   "(a decompression bomb?)")
 
 
-def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, BinaryIO | None]]:
-    """(raw name, is a directory, open stream or None) per entry; links and devices raise UnsafeArchive."""
+_Opener = Callable[[], BinaryIO]
+
+
+def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, _Opener | None]]:
+    """(raw name, is a directory, opener of its stream) per entry; links and devices raise UnsafeArchive.
+
+    A stream must be read before the next entry is taken; entries never opened are skipped cheaply.
+    """
     if kind == "zip":
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -141,8 +148,7 @@ def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, BinaryIO | None
                     continue
                 if info.flag_bits & 0x1:  # zipfile would raise a bare RuntimeError (a 500) asking for a password
                     raise BadRequest(f"archive entry {info.filename!r} is encrypted; send an unencrypted archive")
-                with archive.open(info) as stream:
-                    yield info.filename, False, stream
+                yield info.filename, False, partial(archive.open, info)
         return
     # Streaming mode ("r|*"): one pass, never seeks back, works for .tar.gz of any size.
     with tarfile.open(path, "r|*") as archive:
@@ -152,9 +158,32 @@ def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, BinaryIO | None
             if member.isdir():
                 yield member.name, True, None
             elif member.isfile():
-                yield member.name, False, archive.extractfile(member)
+                yield member.name, False, partial(archive.extractfile, member)
             else:
                 raise UnsafeArchive(f"archive entry {member.name!r} is a device, FIFO or other special file")
+
+
+def list_archive(path: Path, limits: ArchiveLimits) -> list[str]:
+    """The image names of a zip or tar, in archive order, every name check applied, no image read."""
+    kind = archive_kind(path)
+    if kind is None:
+        raise BadRequest(f"{path.name}: not a zip or tar archive")
+    budget = _Budget(limits, path.stat().st_size)
+    names: list[str] = []
+    seen: set[str] = set()
+    try:
+        for raw_name, is_dir, _ in _members(path, kind):
+            name = safe_member_name(raw_name)
+            if is_dir or not is_image_name(name):
+                continue
+            if name in seen:
+                raise UnsafeArchive(f"archive entry {name!r} appears twice")
+            seen.add(name)
+            budget.admit_member(name)
+            names.append(name)
+    except _CORRUPT_ARCHIVE as exc:
+        raise BadRequest(f"{path.name}: corrupt archive: {exc}") from None
+    return names
 
 
 def iter_archive(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, bytes]]:
@@ -174,7 +203,8 @@ def iter_archive(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, bytes
             seen.add(name)
             budget.admit_member(name)
             assert stream is not None
-            data = stream.read(limits.max_member_bytes + 1)
+            with stream() as opened:
+                data = opened.read(limits.max_member_bytes + 1)
             budget.count(name, len(data), len(data))
             yield name, data
     except _CORRUPT_ARCHIVE as exc:
@@ -206,9 +236,9 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
             except FileExistsError:
                 raise UnsafeArchive(f"archive entry {name!r} appears twice") from None
             written = 0
-            with os.fdopen(fd, "wb") as out:
-                assert stream is not None
-                while chunk := stream.read(_COPY_CHUNK):
+            assert stream is not None
+            with os.fdopen(fd, "wb") as out, stream() as opened:
+                while chunk := opened.read(_COPY_CHUNK):
                     written += len(chunk)
                     budget.count(name, written, len(chunk))
                     out.write(chunk)
