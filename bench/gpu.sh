@@ -36,6 +36,16 @@ exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export VITSERVE_GPU_MODELS=$WORK VITSERVE_GPU_REPORT_DIR=$OUT
+# onnxruntime.preload_dlls() finds CUDA/cuDNN in the nvidia-* packages; should its idea of their
+# layout not match the image's, the loader still finds them through this path.
+NV_LIBS=$("$PY" - 2>/dev/null <<'PYLIBS'
+import glob, os
+import nvidia
+dirs = {os.path.dirname(p) for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))
+PYLIBS
+)
+[ -n "$NV_LIBS" ] && export LD_LIBRARY_PATH="$NV_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 echo "| stage | status | seconds |" > "$OUT/summary.md.tmp"
 echo "|---|---|---:|" >> "$OUT/summary.md.tmp"
@@ -88,11 +98,18 @@ stage_setup() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
     echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
     "$PY" - <<'EOF'
-import platform, onnxruntime as ort, numpy, torch
+import os, platform, onnxruntime as ort, numpy, torch
 print(f"Python {platform.python_version()}, onnxruntime {ort.__version__} ({ort.__file__}), numpy {numpy.__version__}, "
       f"torch {torch.__version__} (CUDA {torch.version.cuda})")
 ort.preload_dlls()
 print("onnxruntime providers:", ort.get_available_providers())
+from onnx import TensorProto, helper
+vec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [4])
+graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [vec("x")], [vec("y")])
+probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print("a CUDA session gets:", session.get_providers())
+print("LD_LIBRARY_PATH:", os.environ.get("LD_LIBRARY_PATH", ""))
 import fastapi, pydantic, uvicorn, service.app  # the service's stack imports
 print(f"fastapi {fastapi.__version__}, pydantic {pydantic.__version__}, uvicorn {uvicorn.__version__}")
 EOF
