@@ -10,7 +10,6 @@ never dropped silently.
 from __future__ import annotations
 
 import csv
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ import torch
 from PIL import Image
 
 from service.metadata import Preprocessing
-
-log = logging.getLogger(__name__)
 
 # The extensions torchvision's ImageFolder accepts; other files in a class folder are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -343,8 +343,10 @@ def finetune(
 
     from tqdm.auto import tqdm
 
-    dataset, files_kept, report = load_images(
-        files, preprocessing, progress=lambda xs: tqdm(xs, desc="decode", unit="img", leave=False, file=sys.stderr, disable=None))
+    def decode_progress(items):
+        return tqdm(items, desc="decode", unit="img", leave=False, file=sys.stderr, disable=None)
+
+    dataset, files_kept, report = load_images(files, preprocessing, progress=decode_progress)
     if report.skipped:
         log(report.describe())
     missing = sorted(set(range(len(files.classes))) - set(files_kept.targets))
@@ -391,6 +393,7 @@ def finetune(
 
 
 def _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, log):
+    """Mode "linear": ridge head on frozen features; returns (val accuracy, one history record)."""
     from tqdm.auto import tqdm
 
     def features(indices: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -434,6 +437,7 @@ def _check_resumable(state: dict, options: FinetuneOptions, files: LabeledFiles)
 
 def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state, state_path, output_dir,
            files, log, on_epoch_end):
+    """Modes "head" and "full": the epoch loop, saving the resumable state after every epoch."""
     if options.mode == "head":
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("head.")
@@ -442,6 +446,9 @@ def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state,
     start_epoch = 0
     history: list[dict[str, Any]] = []
     if state is not None:
+        if state["image_size"] != model.config.image_size:
+            raise FinetuneError(f"--resume needs the interrupted run's --image-size {state['image_size']}, "
+                                f"got {model.config.image_size}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -466,7 +473,8 @@ def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state,
             f"{rate:.0f} img/s, {record.seconds:.1f}s")
         _save_state(state_path, {
             "version": STATE_VERSION, "epoch": epoch, "options": dataclasses.asdict(options),
-            "classes": list(files.classes), "num_files": len(files), "history": history,
+            "classes": list(files.classes), "num_files": len(files), "image_size": model.config.image_size,
+            "history": history,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         })
         if on_epoch_end is not None:

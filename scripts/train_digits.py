@@ -89,6 +89,12 @@ def heldout_accuracy(onnx_path: Path) -> tuple[float, int]:
     return correct / len(held), len(held)
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_readme(output: Path, accuracy: float, count: int, train_seconds: float, result) -> None:
     ckpt_kb = (output / "model.safetensors").stat().st_size / 1024
     onnx_kb = (output / "model.onnx").stat().st_size / 1024
@@ -112,6 +118,7 @@ repository README for serving the real ViT-B/16).
 | files | `model.safetensors` + `vitserve.json` (native checkpoint, {ckpt_kb:.0f} KiB), `model.onnx` (fp32, {onnx_kb:.0f} KiB) |
 | data | `sklearn.datasets.load_digits`, rendered 32x32 RGB PNG, dark ink on white, bicubic upsampling; held out: {DIGITS_HELDOUT_FRACTION:.0%} of every digit, seed {DIGITS_SPLIT_SEED} |
 | recipe | mode full from random init, {OPTIONS.epochs} epochs, batch {OPTIONS.batch_size}, AdamW lr {OPTIONS.lr} (warm-up {OPTIONS.warmup_fraction:.0%}, cosine), weight decay {OPTIONS.weight_decay}, label smoothing {OPTIONS.label_smoothing}, random rotation/scale/shift, seed {SEED} |
+| weights | sha256 of the safetensors file `{file_sha256(output / "model.safetensors")}` (a rerun of the command below on the same machine reproduces it bit for bit) |
 | training time | {train_seconds / 60:.1f} min, {NUM_THREADS} CPU thread ({platform.machine()}, torch {torch.__version__}, shared with other jobs) |
 
 Reproduce (from the repository root; it rewrites this folder, README included):
@@ -140,7 +147,8 @@ def main() -> int:
         assert len(files) == len(train) and not set(train) & set(held)
         start = time.perf_counter()
         result = finetune(fresh_model(), files, args.output, OPTIONS, num_classes=10, device="cpu",
-                          extra={"dataset": f"sklearn digits, train split ({len(train)} images), see {Path(__file__).name}"})
+                          extra={"dataset": f"sklearn digits, train split ({len(train)} images), "
+                                            f"see scripts/{Path(__file__).name}"})
         train_seconds = time.perf_counter() - start
     if result.classes != LABELS:
         raise SystemExit(f"classes came out as {result.classes}, expected {LABELS}")

@@ -207,6 +207,9 @@ def test_resume_refuses_changed_options_and_missing_state(base_dir, photo_crops,
     changed = FinetuneOptions(mode="full", epochs=2, batch_size=16, val_split=0.25)
     with pytest.raises(FinetuneError, match=r"batch_size \(8 -> 16\)"):
         finetune(str(base_dir), photo_crops, tmp_path / "run", changed, resume=True, log=lambda line: None)
+    with pytest.raises(FinetuneError, match="--image-size 32, got 48"):
+        finetune(str(base_dir), photo_crops, tmp_path / "run", options, image_size=48, resume=True,
+                 log=lambda line: None)
     with pytest.raises(FinetuneError, match="nothing to resume"):
         finetune(str(base_dir), photo_crops, tmp_path / "elsewhere", options, resume=True, log=lambda line: None)
 
