@@ -11,10 +11,12 @@
    engine alone on pre-decoded pixels is printed too (the hard upper bound).
 3. `vitserve score FOLDER -o out.jsonl` as a subprocess (the real command): its images/s from
    its own summary (after start-up) and wall-clock including start-up; ratio to (2).
-4. Starts `vitserve serve`, measures concurrency-8 closed-loop /v1/classify traffic (bench/serve.py's
-   raw-asyncio load generator) for --online-s seconds without a job, then again while a scoring
-   job over the same images runs (POST /v1/jobs manifest under VITSERVE_JOB_ROOT); p50/p95 and
-   req/s of both, and how many job images were scored during, and after, the online window.
+4. Starts `vitserve serve` and measures concurrency-8 closed-loop /v1/classify traffic (bench/serve.py's
+   raw-asyncio load generator) in --pairs alternating windows: without a job, then while a
+   scoring job over the same images runs (POST /v1/jobs manifest under VITSERVE_JOB_ROOT,
+   submitted as the window starts), and so on, so drifting load on a shared machine hits both
+   sides alike; p50/p95 and req/s of both, and how many job images were scored during, and
+   after, the online windows.
 Prints a markdown table; --append adds it to a results file with date and machine.
 """
 
@@ -137,7 +139,7 @@ def http_json(port: int, method: str, path: str, body: bytes | None = None, cont
 
 
 def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], concurrency: int,
-                                online_s: float, data_dir: Path) -> dict:
+                                online_s: float, pairs: int, data_dir: Path) -> dict:
     serve = _bench_serve()
     port = serve.free_port()
     server = start_server(model, port, {"VITSERVE_DATA_DIR": str(data_dir), "VITSERVE_JOB_ROOT": str(folder),
@@ -145,15 +147,15 @@ def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], c
     try:
         requests = serve.build_requests(jpegs, port)
         names = sorted(p.name for p in folder.iterdir())
-        # Alternate windows (no job, job, no job, job) so that drifting load from other processes on
-        # a shared machine hits both sides alike; each job is submitted as its window's load starts.
+        # Alternate windows (no job, job, no job, job, ...) so that drifting load from other processes
+        # on a shared machine hits both sides alike; each job is submitted as its window's load starts.
         alone, with_job, during, rest_images, rest_s = [], [], 0, 0, 0.0
-        for window in range(4):
+        for window in range(2 * pairs):
             if window % 2 == 0:
-                alone.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / 2)))
+                alone.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / pairs)))
                 continue
             job = http_json(port, "POST", "/v1/jobs", json.dumps({"paths": names}).encode(), "application/json")
-            with_job.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / 2)))
+            with_job.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / pairs)))
             done = http_json(port, "GET", f"/v1/jobs/{job['id']}")["done"]
             during += done
             started = time.perf_counter()
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--online-s", type=float, default=10.0)
+    parser.add_argument("--online-s", type=float, default=12.0, help="online seconds measured per side")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating (no job, job) window pairs")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
 
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print("vitserve score ...", file=sys.stderr, flush=True)
         rate, wall_rate = run_score_command(model, folder, workdir / "out.jsonl", args.workers, args.batch_size)
         print("online traffic with and without a job ...", file=sys.stderr, flush=True)
-        online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, workdir / "data")
+        online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, args.pairs,
+                                             workdir / "data")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -225,15 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         f"| engine alone on decoded pixels | {engine_only:.1f} img/s |",
         f"| `vitserve score` (its own rate, after start-up) | {rate:.1f} img/s = **{rate / ceiling:.2f}** x ceiling |",
         f"| `vitserve score` wall clock incl. start-up | {wall_rate:.1f} img/s |",
-        f"| online c={args.concurrency}, no job: p50 / p95 / req/s / errors (2 windows) | "
+        f"| online c={args.concurrency}, no job: p50 / p95 / req/s / errors ({args.pairs} windows) | "
         f"{a50:.1f} ms / {mean_of(alone, 'p95'):.1f} ms / {mean_of(alone, 'rps'):.1f} / "
         f"{sum(w['errors'] for w in alone)} |",
-        f"| online c={args.concurrency}, job running: p50 / p95 / req/s / errors (2 windows) | "
+        f"| online c={args.concurrency}, job running: p50 / p95 / req/s / errors ({args.pairs} windows) | "
         f"{j50:.1f} ms / {mean_of(with_job, 'p95'):.1f} ms / {mean_of(with_job, 'rps'):.1f} / "
         f"{sum(w['errors'] for w in with_job)} |",
         f"| online p50 with job / without | **{j50 / a50:.2f}** (windows: no job {alone_p50s} ms; "
         f"job {job_p50s} ms) |",
-        f"| job images scored while online traffic ran (2 jobs of {args.images}) | {online['job_images_during']} |",
+        f"| job images scored while online traffic ran ({args.pairs} jobs of {args.images}) | "
+        f"{online['job_images_during']} |",
         f"| job images scored after the online windows | {online['job_rest_images']} in "
         f"{online['job_rest_s']:.1f} s ({online['job_rest_images'] / max(online['job_rest_s'], 1e-9):.1f} img/s) |",
         "",
