@@ -80,6 +80,15 @@ def test_heldout_accuracy_through_the_onnx_file_is_at_least_97_percent(heldout):
     accuracy = float(np.mean(predicted == targets))
     assert len(targets) >= 350
     assert accuracy >= 0.97, f"held-out accuracy {accuracy:.4f} on {len(targets)} digits"
+    readme = (REPO / DEMO_DIR / "README.md").read_text()
+    assert f"**{accuracy:.2%}** ({int(np.sum(predicted == targets))}/{len(targets)}" in readme  # the figure it states
+
+
+def test_readme_names_the_committed_weights():
+    import hashlib
+
+    digest = hashlib.sha256((REPO / DEMO_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in (REPO / DEMO_DIR / "README.md").read_text()
 
 
 @pytest.mark.slow
