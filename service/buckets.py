@@ -73,19 +73,21 @@ class BucketRunner:
         self._output_dtype = np.dtype({"tensor(float16)": np.float16}.get(output.type, np.float32))
         self._num_classes = output.shape[-1]
         self.pinned_source: str | None = None
-        self._buckets = {size: self._make_bucket(size, session, io_binding) for size in self.sizes}
+        self._dynamic_session, self._io_binding = session, io_binding
+        self._buckets = {size: self._make_bucket(size) for size in self.sizes}
 
     @property
     def cuda_graph_sizes(self) -> list[int]:
         return [size for size, bucket in self._buckets.items() if bucket.cuda_graph]
 
     # -- building --------------------------------------------------------------------------------
-    def _make_bucket(self, size: int, dynamic_session: ort.InferenceSession, io_binding: bool) -> _Bucket:
-        session, cuda_graph = dynamic_session, False
+    def _make_bucket(self, size: int, allow_graph: bool = True, host: np.ndarray | None = None) -> _Bucket:
+        session, cuda_graph = self._dynamic_session, False
         if self._options.per_bucket_sessions:
-            session, cuda_graph = self._fixed_batch_session(size, dynamic_session)
-        bucket = _Bucket(size=size, session=session, host=self._host_buffer(size), cuda_graph=cuda_graph)
-        if io_binding:
+            session, cuda_graph = self._fixed_batch_session(size, allow_graph)
+        bucket = _Bucket(size=size, session=session, host=self._host_buffer(size) if host is None else host,
+                         cuda_graph=cuda_graph)
+        if self._io_binding:
             bucket.device_input = ort.OrtValue.ortvalue_from_shape_and_type(bucket.host.shape, self._input_dtype,
                                                                             self._device, 0)
             num_classes = self._num_classes if isinstance(self._num_classes, int) else None
@@ -100,11 +102,10 @@ class BucketRunner:
                 bucket.binding.bind_output(self._output_name, self._device, 0)
         return bucket
 
-    def _fixed_batch_session(self, size: int,
-                             dynamic_session: ort.InferenceSession) -> tuple[ort.InferenceSession, bool]:
-        batch_dim = dynamic_session.get_inputs()[0].shape[0]
-        want_graph = self._options.cuda_graphs and self._providers[0] == CUDA
-        if self._options.cuda_graphs and not want_graph:
+    def _fixed_batch_session(self, size: int, allow_graph: bool) -> tuple[ort.InferenceSession, bool]:
+        batch_dim = self._dynamic_session.get_inputs()[0].shape[0]
+        want_graph = allow_graph and self._options.cuda_graphs and self._providers[0] == CUDA
+        if allow_graph and self._options.cuda_graphs and self._providers[0] != CUDA:
             log.warning("cuda_graphs is set but the session runs on %s: no graphs", self._providers[0])
         attempts = [True, False] if want_graph else [False]
         for cuda_graph in attempts:
@@ -160,6 +161,19 @@ class BucketRunner:
         n = len(part)
         if part.ctypes.data != bucket.host.ctypes.data or part.dtype != bucket.host.dtype:
             bucket.host[:n] = part  # casts to the input dtype in the same pass
+        try:
+            return self._execute(bucket, n)
+        except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail
+            if not bucket.cuda_graph:
+                raise
+            # Capture happens on an early run, not at session creation: a failure there (an
+            # allocation or a CPU node during capture) costs this bucket its graph, not the service.
+            log.warning("CUDA graph of batch bucket %d failed (%s); that bucket runs without one", bucket.size,
+                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            bucket = self._buckets[bucket.size] = self._make_bucket(bucket.size, allow_graph=False, host=bucket.host)
+            return self._execute(bucket, n)
+
+    def _execute(self, bucket: _Bucket, n: int) -> np.ndarray:
         if bucket.binding is None:
             (logits,) = bucket.session.run([self._output_name], {self._input_name: np.asarray(bucket.host)})
         else:

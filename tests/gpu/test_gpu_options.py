@@ -191,3 +191,23 @@ def test_buckets_refuse_a_fixed_batch_graph(tmp_path):
     onnx.save(model, path)
     with pytest.raises(EngineError, match="batch_buckets"):
         Engine(path, providers="cpu", log_placement=False, gpu_options=GpuOptions(batch_buckets=(1, 4)))
+
+
+@pytest.mark.slow
+def test_a_bucket_whose_cuda_graph_fails_runs_without_one(tiny_export, batches, caplog):
+    """Graph capture happens on an early run; a failure there must cost the bucket its graph only."""
+    from service.engine import Engine
+
+    class CaptureFails:
+        def run(self, *args, **kwargs):
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+
+    plain = Engine(tiny_export, providers="cpu", log_placement=False)
+    engine = Engine(tiny_export, providers="cpu", log_placement=False,
+                    gpu_options=GpuOptions(batch_buckets=(1, 4), static_shapes=True))
+    broken = engine._buckets._buckets[4]
+    broken.session, broken.cuda_graph = CaptureFails(), True  # what a CUDA bucket whose capture fails looks like
+    np.testing.assert_allclose(engine.run(batches[1]), plain.run(batches[1]), rtol=1e-5, atol=1e-5)
+    assert "CUDA graph of batch bucket 4 failed" in caplog.text
+    assert engine.cuda_graph_buckets == []
+    np.testing.assert_allclose(engine.run(batches[1]), plain.run(batches[1]), rtol=1e-5, atol=1e-5)
