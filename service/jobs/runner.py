@@ -178,37 +178,52 @@ class JobRunner:
                 await asyncio.to_thread(store.record_results, job.id, batch)
             last_flush = time.monotonic()
 
+        stopping: list[NotReady] = []  # set when the batcher shuts down under us
+
         async def one(item: PendingItem) -> None:
             try:
-                buffer.append((item.seq, await self._score(job, item)))
+                row = await self._score(job, item)
+            except NotReady as exc:
+                stopping.append(exc)  # the image stays pending and is scored after the next start
+                return
+            except Exception as exc:  # noqa: BLE001 - list the image with the error rather than lose it
+                log.exception("job %s: scoring %s failed", job.id, item.path)
+                row = error_row(item.path, "internal_error", f"{type(exc).__name__}: {exc}")
             finally:
                 slots.release()
+            buffer.append((item.seq, row))
+
+        def halted() -> bool:
+            return job.id in self._cancelled or bool(stopping)
 
         try:
-            after = -1
-            while job.id not in self._cancelled:
-                page = await asyncio.to_thread(store.pending_items, job.id, after, _PAGE)
-                if not page:
-                    break
-                for item in page:
-                    await slots.acquire()
-                    if job.id in self._cancelled:
-                        slots.release()
+            # Passes over the pending items until none is left: one pass, unless an image was skipped.
+            while not halted():
+                after = -1
+                while not halted():
+                    page = await asyncio.to_thread(store.pending_items, job.id, after, _PAGE)
+                    if not page:
                         break
-                    task = asyncio.create_task(one(item))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    if len(buffer) >= _FLUSH_ITEMS or time.monotonic() - last_flush >= _FLUSH_S:
-                        await flush()
-                after = page[-1].seq
-            if job.id in self._cancelled:
-                for task in tasks:
-                    task.cancel()
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, NotReady):
-                    raise outcome
-            await flush()
+                    for item in page:
+                        await slots.acquire()
+                        if halted():
+                            slots.release()
+                            break
+                        task = asyncio.create_task(one(item))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        if len(buffer) >= _FLUSH_ITEMS or time.monotonic() - last_flush >= _FLUSH_S:
+                            await flush()
+                    after = page[-1].seq
+                if job.id in self._cancelled:
+                    for task in tasks:
+                        task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await flush()
+                if not await asyncio.to_thread(store.pending_items, job.id, -1, 1):
+                    break
+            if stopping:
+                raise stopping[0]
         except BaseException:
             for task in tasks:
                 task.cancel()

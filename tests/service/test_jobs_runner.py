@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 from fastapi.testclient import TestClient
@@ -72,3 +73,24 @@ def test_a_queued_job_can_be_cancelled_and_its_files_are_removed(make_fake_engin
         assert not (tmp_path / "data" / "jobs" / first["id"]).exists()  # results live in the database
         assert client.get(f"/v1/jobs/{second['id']}").json()["done"] == 0
         assert client.get(f"/v1/jobs/{second['id']}/results").text == ""
+
+
+def test_a_failing_engine_batch_lists_its_images_with_the_error_and_the_job_finishes(make_fake_engine, tmp_path):
+    import zipfile
+
+    # Batches holding the black image fail; its batch-mates fail with it, the other batches do not.
+    engine = make_fake_engine(image_size=32, fail_when=lambda batch: bool((batch.max(axis=(1, 2, 3)) < -1.5).any()))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(12):
+            z.writestr(f"{i:02d}.png", png((0, 0, 0) if i == 5 else (200, 180, 160)))
+    settings = Settings(data_dir=tmp_path / "data", max_batch_size=4, job_max_in_flight=4, job_decode_threads=1)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        job_id = client.post("/v1/jobs", content=archive.getvalue(),
+                             headers={"content-type": "application/zip"}).json()["id"]
+        job = wait_state(client, job_id)
+        rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
+    assert (job["state"], job["done"], job["total"]) == ("done", 12, 12)
+    failed = [r for r in rows if "error" in r]
+    assert "05.png" in {r["path"] for r in failed} and all(r["error"]["code"] == "inference_failed" for r in failed)
+    assert job["failed"] == len(failed) < 12
