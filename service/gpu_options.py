@@ -119,7 +119,7 @@ def plan_chunks(n: int, buckets: Sequence[int], max_chunk: int | None = None) ->
 
 
 def cuda_provider_options(*, cuda_graph: bool = False, device_id: int = 0) -> dict[str, str]:
-    """CUDA provider options; the defaults of ORT otherwise (they were what bench/engine.py measured)."""
+    """CUDA provider options: ORT's defaults but for the graph flag (what the service always ran with)."""
     options = {"device_id": str(device_id)}
     if cuda_graph:
         options["enable_cuda_graph"] = "1"
