@@ -47,8 +47,9 @@ STATE_VERSION = 1
 # middle of the paper's fine-tuning grid {0.001, 0.003, 0.01, 0.03} (Table 4).
 DEFAULT_LR = {("adamw", "head"): 1e-3, ("adamw", "full"): 1e-4, ("sgd", "head"): 0.03, ("sgd", "full"): 0.01}
 
-# Augmentation: a small random affine map per image (rotation, scale, shift), borders replicated.
-# Mild on purpose: it must not change what the image shows (no flips: digits and text have a side).
+# Augmentation defaults: a small random affine map per image (rotation, scale, shift), borders
+# replicated. Mild on purpose: it must not change what the image shows (no flips: digits and text
+# have a side).
 AUG_MAX_ROTATION_DEG = 12.0
 AUG_SCALE_RANGE = (0.85, 1.15)
 AUG_MAX_SHIFT = 0.12  # fraction of the image side
@@ -74,6 +75,9 @@ class FinetuneOptions:
         grad_clip_norm: clip the global gradient norm (the paper clips at 1); 0 disables.
         label_smoothing: cross-entropy label smoothing.
         augment: random small rotations, scalings and shifts of the training images.
+        aug_rotation_deg: largest rotation, degrees either way.
+        aug_scale: (smallest, largest) zoom of the content; below 1 shrinks it inside the frame.
+        aug_shift: largest shift, as a fraction of the image side, either way on each axis.
         val_split: fraction of every class held out for validation (0 disables).
         seed: fixes the split, the shuffling, the augmentation and the ridge cross-validation.
     """
@@ -88,6 +92,9 @@ class FinetuneOptions:
     grad_clip_norm: float = 1.0
     label_smoothing: float = 0.0
     augment: bool = True
+    aug_rotation_deg: float = AUG_MAX_ROTATION_DEG
+    aug_scale: tuple[float, float] = AUG_SCALE_RANGE
+    aug_shift: float = AUG_MAX_SHIFT
     val_split: float = 0.1
     seed: int = 0
 
@@ -102,6 +109,9 @@ class FinetuneOptions:
             raise FinetuneError(f"val_split must be in [0, 1), got {self.val_split}")
         if not 0 <= self.warmup_fraction < 1:
             raise FinetuneError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if len(self.aug_scale) != 2 or not 0 < self.aug_scale[0] <= self.aug_scale[1]:
+            raise FinetuneError(f"aug_scale must be (min, max) with 0 < min <= max, got {self.aug_scale}")
+        object.__setattr__(self, "aug_scale", tuple(float(v) for v in self.aug_scale))
 
     @property
     def peak_lr(self) -> float:
@@ -162,16 +172,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def augment_batch(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(pixels: torch.Tensor, generator: torch.Generator, *, rotation_deg: float = AUG_MAX_ROTATION_DEG,
+                  scale: tuple[float, float] = AUG_SCALE_RANGE, shift: float = AUG_MAX_SHIFT) -> torch.Tensor:
     """Apply one random affine map per image to (B, C, H, W); borders are replicated, not blacked out."""
     b = pixels.shape[0]
     rand = torch.rand(b, 4, generator=generator).to(pixels.device)  # (B, 4) uniform in [0, 1)
-    angle = (2 * rand[:, 0] - 1) * math.radians(AUG_MAX_ROTATION_DEG)
-    low, high = AUG_SCALE_RANGE
+    angle = (2 * rand[:, 0] - 1) * math.radians(rotation_deg)
+    low, high = scale
     zoom = 1.0 / (low + (high - low) * rand[:, 1])  # the grid maps output to input: inverse scale
-    shift = (2 * rand[:, 2:] - 1) * 2 * AUG_MAX_SHIFT  # affine_grid coordinates span [-1, 1]: 2 per side
+    offset = (2 * rand[:, 2:] - 1) * 2 * shift  # (B, 2); affine_grid coordinates span [-1, 1]: 2 per side
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -246,7 +257,8 @@ def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, opti
         for pixels, targets in bar:
             pixels, targets = pixels.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if options.augment:
-                pixels = augment_batch(pixels, generator)
+                pixels = augment_batch(pixels, generator, rotation_deg=options.aug_rotation_deg,
+                                       scale=options.aug_scale, shift=options.aug_shift)
             logits = _logits(model, pixels, options.mode)
             loss = F.cross_entropy(logits, targets, label_smoothing=options.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no random rotations/scalings/shifts of training images")
+    # The augmentation defaults mirror model.finetune.AUG_* (importing it here would pull in torch).
+    parser.add_argument("--aug-rotation", type=float, default=12.0, metavar="DEG",
+                        help="largest random rotation, degrees either way (default 12)")
+    parser.add_argument("--aug-scale", type=float, nargs=2, default=(0.85, 1.15), metavar=("MIN", "MAX"),
+                        help="random zoom range of the content; below 1 shrinks it (default 0.85 1.15)")
+    parser.add_argument("--aug-shift", type=float, default=0.12, metavar="FRACTION",
+                        help="largest random shift, fraction of the image side (default 0.12)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="fine-tune at this resolution (position embeddings are interpolated in 2-D)")
     parser.add_argument("--val-split", type=float, default=0.1,
@@ -61,7 +68,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         options = FinetuneOptions(
             mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_fraction=args.warmup,
-            label_smoothing=args.label_smoothing, augment=args.augment, val_split=args.val_split, seed=args.seed,
+            label_smoothing=args.label_smoothing, augment=args.augment, aug_rotation_deg=args.aug_rotation,
+            aug_scale=tuple(args.aug_scale), aug_shift=args.aug_shift, val_split=args.val_split, seed=args.seed,
         )
         result = finetune(args.base, args.data, args.output, options, num_classes=args.num_classes,
                           image_size=args.image_size, resume=args.resume, device=args.device,

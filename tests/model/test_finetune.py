@@ -115,6 +115,19 @@ def test_linear_mode_fits_head_on_frozen_backbone(base_dir, tmp_path):
     assert tuned.extra["finetune"]["history"][0]["ridge_lambda"] > 0
 
 
+def test_augmentation_is_identity_at_zero_strength_and_shrinks_content_below_scale_1():
+    from model.finetune import augment_batch
+
+    image = torch.ones(2, 3, 32, 32)  # white paper in normalised units
+    image[:, :, 8:24, 8:24] = -1.0  # a dark 16 x 16 square in the middle
+    same = augment_batch(image, torch.Generator().manual_seed(0), rotation_deg=0, scale=(1, 1), shift=0)
+    torch.testing.assert_close(same, image, atol=1e-5, rtol=0)
+    half = augment_batch(image, torch.Generator().manual_seed(0), rotation_deg=0, scale=(0.5, 0.5), shift=0)
+    dark = (half[:, 0] < 0).sum(dim=(1, 2)).float()  # (B,) dark pixels per image
+    torch.testing.assert_close(dark, torch.full((2,), 64.0))  # 16 x 16 shrunk to 8 x 8
+    assert torch.all(half[:, :, 0, 0] == 1.0)  # borders replicated: the paper stays white
+
+
 # --- gradient training ----------------------------------------------------------------------------
 
 
