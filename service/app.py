@@ -67,6 +67,11 @@ class ServiceMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if state.draining and not any(k.lower() == b"connection" for k, _ in message.get("headers", ())):
+                    # While draining, no connection is kept alive: a client's next request then opens
+                    # a new connection (503, or refused once we stop listening) instead of being sent
+                    # on one that the shutdown closes under it.
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
         rejection = self._reject(scope, settings, state) if guarded else None

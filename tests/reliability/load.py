@@ -1,7 +1,9 @@
 """Closed-loop HTTP load for the reliability tests: N clients, each sending its next request as
 soon as it has an answer (after ``backoff_s`` when refused with 429/503, as a polite client
 would), for a bounded time. Every request's status and latency is recorded; a transport error
-(connection refused, reset, timeout) is recorded as status 0: a lost request.
+after the server accepted the request (reset, closed mid-answer, timeout) is recorded as status 0:
+a lost request; a connection that was never opened (refused: the server had stopped listening)
+is recorded as -1, a request the server never saw.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 LOST = 0
+REFUSED = -1
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Outcome:
     status: int
     latency_s: float
     sent_at: float  # time.monotonic()
+    error: str = ""  # the transport error, for LOST and REFUSED
 
 
 @dataclass
@@ -58,14 +62,17 @@ async def _closed_loop(url: str, request: Callable[[int], dict], clients: int, d
             n = 0
             while time.monotonic() < stop_at:
                 sent = time.monotonic()
+                error = ""
                 try:
                     response = await client.post(**request(index * 1_000_000 + n))
                     status = response.status_code
-                except httpx.TransportError:
-                    status = LOST
-                outcomes.append(Outcome(status, time.monotonic() - sent, sent))
+                except httpx.ConnectError as exc:
+                    status, error = REFUSED, f"{type(exc).__name__}: {exc}"
+                except httpx.TransportError as exc:
+                    status, error = LOST, f"{type(exc).__name__}: {exc}"
+                outcomes.append(Outcome(status, time.monotonic() - sent, sent, error))
                 n += 1
-                if status in (429, 503):
+                if status in (429, 503, REFUSED):
                     await asyncio.sleep(backoff_s)
 
         await asyncio.gather(*(one_client(i) for i in range(clients)))
