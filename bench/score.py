@@ -1,22 +1,24 @@
 """Batch scoring benchmark: `vitserve score` vs the in-process ceiling, and online latency while a job runs.
 
-    .venv/bin/python bench/score.py [--export vit_tiny_patch16_224 | --model m.onnx] [--images 400]
-                                    [--workers 2] [--batch-size 8] [--online-s 10] [--append bench/RESULTS.md]
+    .venv/bin/python bench/score.py [--export vit_tiny_patch16_224 | --model m.onnx] [--images 200]
+                                    [--rounds 3] [--pairs 5] [--online-s 15] [--append bench/RESULTS.md]
 
 1. Writes --images JPEG photographs (skimage.data astronaut, coffee, chelsea, rocket at their
    own sizes, 90 % quality) into a temporary folder.
 2. In-process ceiling (this process): for each image decode + pre-process (service.preprocess,
-   one thread) then run the engine (service.engine, all cores) batch by batch, no I/O to a
-   result file, no parallel decoding: the same definition as bench/serve.py's ceiling. The
-   engine alone on pre-decoded pixels is printed too (the hard upper bound).
-3. `vitserve score FOLDER -o out.jsonl` as a subprocess (the real command): its images/s from
-   its own summary (after start-up) and wall-clock including start-up; ratio to (2).
-4. Starts `vitserve serve` and measures concurrency-8 closed-loop /v1/classify traffic (bench/serve.py's
-   raw-asyncio load generator) in --pairs alternating windows: without a job, then while a
-   scoring job over the same images runs (POST /v1/jobs manifest under VITSERVE_JOB_ROOT,
-   submitted as the window starts), and so on, so drifting load on a shared machine hits both
-   sides alike; p50/p95 and req/s of both, and how many job images were scored during, and
-   after, the online windows.
+   one thread) then run the engine (service.engine, all cores) batch by batch, no result file,
+   no parallel decoding: the same definition as bench/serve.py's ceiling. The engine alone on
+   pre-decoded pixels is printed too (the hard upper bound).
+3. `vitserve score FOLDER -o out.jsonl` as a subprocess (the real command): its images/s from its
+   own summary (after start-up) and wall clock including start-up. (2) and (3) alternate for
+   --rounds rounds; the ratio is the median of each round's (3) / (2), so a shared machine's
+   drifting load hits both sides alike.
+4. Starts `vitserve serve` and measures concurrency-8 closed-loop /v1/classify traffic
+   (bench/serve.py's raw-asyncio load generator) in --pairs alternating windows: without a job,
+   then while a scoring job over the same images runs (POST /v1/jobs manifest under
+   VITSERVE_JOB_ROOT, submitted as the window starts, cancelled at its end), and so on; medians
+   of p50/p95 and req/s, job images scored during the online windows, and the job's own rate
+   on the idle service.
 Prints a markdown table; --append adds it to a results file with date and machine.
 """
 
@@ -146,32 +148,31 @@ def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], c
                                         "VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
     try:
         requests = serve.build_requests(jpegs, port)
-        names = sorted(p.name for p in folder.iterdir())
+        body = json.dumps({"paths": sorted(p.name for p in folder.iterdir())}).encode()
         # Alternate windows (no job, job, no job, job, ...) so that drifting load from other processes
-        # on a shared machine hits both sides alike; each job is submitted as its window's load starts.
-        alone, with_job, during, rest_images, rest_s = [], [], 0, 0, 0.0
+        # on a shared machine hits both sides alike; each job starts with its window and is cancelled
+        # at its end.
+        alone, with_job, during = [], [], 0
         for window in range(2 * pairs):
             if window % 2 == 0:
                 alone.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / pairs)))
                 continue
-            job = http_json(port, "POST", "/v1/jobs", json.dumps({"paths": names}).encode(), "application/json")
+            job = http_json(port, "POST", "/v1/jobs", body, "application/json")
             with_job.append(asyncio.run(serve.load(port, requests, concurrency, 1.0, online_s / pairs)))
-            done = http_json(port, "GET", f"/v1/jobs/{job['id']}")["done"]
-            during += done
-            started = time.perf_counter()
-            while http_json(port, "GET", f"/v1/jobs/{job['id']}")["state"] != "done":
-                time.sleep(0.1)
-            rest_s += time.perf_counter() - started
-            rest_images += len(names) - done
-        return {"alone": alone, "with_job": with_job, "job_images_during": during, "job_rest_s": rest_s,
-                "job_rest_images": rest_images}
+            during += http_json(port, "DELETE", f"/v1/jobs/{job['id']}")["done"]
+        # The job alone, for its own throughput on the idle service.
+        job = http_json(port, "POST", "/v1/jobs", body, "application/json")
+        while (state := http_json(port, "GET", f"/v1/jobs/{job['id']}"))["state"] != "done":
+            time.sleep(0.1)
+        return {"alone": alone, "with_job": with_job, "job_images_during": during,
+                "job_alone_rate": state["images_per_second"]}
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def mean_of(windows: list[dict], key: str) -> float:
-    return float(np.mean([w[key] for w in windows]))
+def median_of(rows: list[dict], key: str) -> float:
+    return float(np.median([row[key] for row in rows]))
 
 
 def machine() -> str:
@@ -188,59 +189,72 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="exported .onnx model (default: export's --export, random weights)")
     parser.add_argument("--export", default="vit_tiny_patch16_224", help="timm-style name to export when no --model")
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved (ceiling, vitserve score) rounds")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--online-s", type=float, default=12.0, help="online seconds measured per side")
-    parser.add_argument("--pairs", type=int, default=3, help="alternating (no job, job) window pairs")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating (no job, job) window pairs")
     parser.add_argument("--append", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="vitserve-bench-score-"))
+    load_before = os.getloadavg()[0]
     try:
         model = args.model or export_random(args.export, workdir)
         folder = workdir / "images"
         jpegs = write_photos(folder, args.images)
-        print("in-process ceiling ...", file=sys.stderr, flush=True)
-        ceiling, engine_only = in_process_ceiling(model, folder, args.batch_size)
-        print("vitserve score ...", file=sys.stderr, flush=True)
-        rate, wall_rate = run_score_command(model, folder, workdir / "out.jsonl", args.workers, args.batch_size)
+        # Interleaved rounds (ceiling, command, ceiling, command...): each ratio compares neighbours.
+        rounds = []
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}: in-process ceiling, then vitserve score ...", file=sys.stderr,
+                  flush=True)
+            ceiling, engine_only = in_process_ceiling(model, folder, args.batch_size)
+            rate, wall_rate = run_score_command(model, folder, workdir / f"out{r}.jsonl", args.workers,
+                                                args.batch_size)
+            rounds.append({"ceiling": ceiling, "engine": engine_only, "rate": rate, "wall": wall_rate})
         print("online traffic with and without a job ...", file=sys.stderr, flush=True)
         online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, args.pairs,
                                              workdir / "data")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()[0]
 
+    ratios = [r["rate"] / r["ceiling"] for r in rounds]
     alone, with_job = online["alone"], online["with_job"]
-    a50, j50 = mean_of(alone, "p50"), mean_of(with_job, "p50")
-    alone_p50s = ", ".join(f"{w['p50']:.1f}" for w in alone)
-    job_p50s = ", ".join(f"{w['p50']:.1f}" for w in with_job)
+    a50, j50 = median_of(alone, "p50"), median_of(with_job, "p50")
+    alone_p50s = ", ".join(f"{w['p50']:.0f}" for w in alone)
+    job_p50s = ", ".join(f"{w['p50']:.0f}" for w in with_job)
+    per_round = "; ".join(f"{r['rate']:.1f}/{r['ceiling']:.1f}" for r in rounds)
     table = "\n".join([
         f"### bench/score.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        f"- machine: {machine()}; model: {args.model.name if args.model else args.export + ' (random weights)'}; "
-        f"{args.images} JPEG photos (skimage.data, 300x451 to 512x512); batch {args.batch_size}; "
-        f"`vitserve score --workers {args.workers}`",
+        f"- machine: {machine()}; load average {load_before:.1f} before, {load_after:.1f} after (a shared "
+        "machine: other processes ran meanwhile)",
+        f"- model: {args.model.name if args.model else args.export + ' (random weights)'}; {args.images} JPEG "
+        f"photos (skimage.data, 300x451 to 512x512); batch {args.batch_size}; `vitserve score --workers "
+        f"{args.workers}`; {args.rounds} interleaved rounds; online: c={args.concurrency} closed loop, "
+        f"{args.pairs} alternating window pairs of {args.online_s / args.pairs:.1f} s",
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| in-process ceiling (decode + engine, one loop) | {ceiling:.1f} img/s |",
-        f"| engine alone on decoded pixels | {engine_only:.1f} img/s |",
-        f"| `vitserve score` (its own rate, after start-up) | {rate:.1f} img/s = **{rate / ceiling:.2f}** x ceiling |",
-        f"| `vitserve score` wall clock incl. start-up | {wall_rate:.1f} img/s |",
-        f"| online c={args.concurrency}, no job: p50 / p95 / req/s / errors ({args.pairs} windows) | "
-        f"{a50:.1f} ms / {mean_of(alone, 'p95'):.1f} ms / {mean_of(alone, 'rps'):.1f} / "
-        f"{sum(w['errors'] for w in alone)} |",
-        f"| online c={args.concurrency}, job running: p50 / p95 / req/s / errors ({args.pairs} windows) | "
-        f"{j50:.1f} ms / {mean_of(with_job, 'p95'):.1f} ms / {mean_of(with_job, 'rps'):.1f} / "
+        f"| in-process ceiling (decode + engine, one loop), median | {median_of(rounds, 'ceiling'):.1f} img/s |",
+        f"| engine alone on decoded pixels, median | {median_of(rounds, 'engine'):.1f} img/s |",
+        f"| `vitserve score` (its own rate, after start-up), median | {median_of(rounds, 'rate'):.1f} img/s |",
+        f"| `vitserve score` / ceiling, median of rounds | **{float(np.median(ratios)):.2f}** "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; img/s {per_round}) |",
+        f"| `vitserve score` wall clock incl. start-up, median | {median_of(rounds, 'wall'):.1f} img/s |",
+        f"| online, no job: p50 / p95 / req/s / errors (median of windows) | {a50:.1f} ms / "
+        f"{median_of(alone, 'p95'):.1f} ms / {median_of(alone, 'rps'):.1f} / {sum(w['errors'] for w in alone)} |",
+        f"| online, job running: p50 / p95 / req/s / errors (median of windows) | {j50:.1f} ms / "
+        f"{median_of(with_job, 'p95'):.1f} ms / {median_of(with_job, 'rps'):.1f} / "
         f"{sum(w['errors'] for w in with_job)} |",
-        f"| online p50 with job / without | **{j50 / a50:.2f}** (windows: no job {alone_p50s} ms; "
-        f"job {job_p50s} ms) |",
-        f"| job images scored while online traffic ran ({args.pairs} jobs of {args.images}) | "
+        f"| online p50 with job / without | **{j50 / a50:.2f}** (p50 per window, ms: no job {alone_p50s}; "
+        f"job {job_p50s}) |",
+        f"| job images scored while online traffic ran ({args.pairs} jobs, cancelled at window end) | "
         f"{online['job_images_during']} |",
-        f"| job images scored after the online windows | {online['job_rest_images']} in "
-        f"{online['job_rest_s']:.1f} s ({online['job_rest_images'] / max(online['job_rest_s'], 1e-9):.1f} img/s) |",
+        f"| the job alone on the idle service | {online['job_alone_rate']:.1f} img/s |",
         "",
     ])
     print(table)
