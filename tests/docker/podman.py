@@ -243,10 +243,10 @@ class Container:
 
     @classmethod
     def start(cls, podman: Podman, image: str, name: str, env: dict[str, str] | None = None,
-              volumes: Sequence[str] = (), stop_timeout_s: int = 30) -> Container:
+              volumes: Sequence[str] = (), stop_timeout_s: int = 30, extra: Sequence[str] = ()) -> Container:
         port = free_port()
         args = ["run", "--detach", "--pull=never", "--name", name, "--publish", f"127.0.0.1:{port}:8000",
-                "--stop-timeout", str(stop_timeout_s)]
+                "--stop-timeout", str(stop_timeout_s), *extra]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
         for volume in volumes:
