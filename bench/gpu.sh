@@ -6,7 +6,7 @@
 #   setup   install the wheels bench/wheelhouse.sh made (parts already moved to /tmp/vitserve-wheels)
 #           into /tmp/vitserve-site; write OUT/env.txt (GPU, driver, versions, providers)
 #   export  ViT-B/16 random weights, fp16 and fp32, into /tmp/vitserve-gpu (kept for later stages)
-#   test    pytest tests/gpu -> OUT/tests.log (+ what the tests saw: kernels, placement, memory)
+#   test    pytest tests/gpu + tests/export/test_export_gpu.py -> OUT/tests.log (+ what the tests saw: kernels, placement, memory)
 #   engine  bench/engine.py, batch 1..256, every engine option set -> OUT/engine.md, OUT/engine.json
 #   serve   bench/serve.py on the fp16 model, JPEG load generator on this machine -> OUT/serve.md
 #
@@ -132,7 +132,8 @@ stage_export() {
 }
 
 stage_test() {
-  "$PY" -m pytest tests/gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+  # tests/gpu, and the export issue's own CUDA test (tiny model: fp16 placement and parity).
+  "$PY" -m pytest tests/gpu tests/export/test_export_gpu.py -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
   return "${PIPESTATUS[0]}"
 }
 
