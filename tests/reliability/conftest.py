@@ -113,6 +113,17 @@ class LiveServer:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
+    def thread_names(self) -> dict[str, int]:
+        """Thread name (as the kernel has it, 15 characters) -> how many."""
+        names: dict[str, int] = {}
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                name = Path(f"/proc/{self.pid}/task/{task}/comm").read_text().strip()
+            except FileNotFoundError:
+                continue  # ended while we looked
+            names[name] = names.get(name, 0) + 1
+        return dict(sorted(names.items()))
+
     # -- ending it ---------------------------------------------------------------------------
     def terminate(self, timeout_s: float = 60.0) -> int:
         if self.process.poll() is None:

@@ -51,20 +51,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _closed_loop(url: str, request: Callable[[int], dict], clients: int, duration_s: float,
-                       timeout_s: float, backoff_s: float) -> LoadResult:
+                       timeout_s: float, backoff_s: float, total: int | None) -> LoadResult:
     outcomes: list[Outcome] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
         started = time.monotonic()
         stop_at = started + duration_s
 
+        issued = 0
+
         async def one_client(index: int) -> None:
+            nonlocal issued
             n = 0
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at and (total is None or issued < total):
+                issued += 1
                 sent = time.monotonic()
                 error = ""
                 try:
-                    response = await client.post(**request(index * 1_000_000 + n))
+                    response = await client.request(**{"method": "POST", **request(index * 1_000_000 + n)})
                     status = response.status_code
                 except httpx.ConnectError as exc:
                     status, error = REFUSED, f"{type(exc).__name__}: {exc}"
@@ -80,6 +84,7 @@ async def _closed_loop(url: str, request: Callable[[int], dict], clients: int, d
 
 
 def closed_loop(url: str, request: Callable[[int], dict], *, clients: int, duration_s: float,
-                timeout_s: float = 30.0, backoff_s: float = 0.05) -> LoadResult:
-    """Run ``clients`` closed-loop clients for ``duration_s``; ``request(n)`` gives httpx.post kwargs."""
-    return asyncio.run(_closed_loop(url, request, clients, duration_s, timeout_s, backoff_s))
+                timeout_s: float = 30.0, backoff_s: float = 0.05, total: int | None = None) -> LoadResult:
+    """Run ``clients`` closed-loop clients for ``duration_s`` (or until ``total`` requests were sent);
+    ``request(n)`` gives the httpx ``request`` kwargs (method, url, ...) of a client's n-th request."""
+    return asyncio.run(_closed_loop(url, request, clients, duration_s, timeout_s, backoff_s, total))
