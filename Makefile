@@ -29,3 +29,11 @@ test: $(VENV)/.installed-test
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The reliability tests at full size (CI runs them small): ~300 schemathesis cases per operation and
+# mode, 3000 hypothesis examples per property, a 10,000-request soak, 30 s of overload.
+# Figures and what each test proves: docs/RELIABILITY.md.
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-test
+	RELIABILITY_FUZZ_CASES=300 RELIABILITY_PROPERTY_EXAMPLES=3000 RELIABILITY_SOAK_REQUESTS=10000 \
+	RELIABILITY_OVERLOAD_SECONDS=30 $(PY) -m pytest tests/reliability -s -p no:cacheprovider
