@@ -159,3 +159,18 @@ def test_decode_uses_the_service_preprocessing(tmp_path):
     path = write_image(tmp_path / "a.png", size=(64, 48))
     expected = load_pixels(path.read_bytes(), P32, max_pixels=10_000)
     np.testing.assert_array_equal(decode_image(path, P32), expected)
+
+
+def test_finetune_reads_a_csv_dataset(tmp_path):
+    config = ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=2,
+                       name="vit_test_patch8_32")
+    base = save_native(tmp_path / "base", VisionTransformer(config), config, ["x", "y"], P32)
+    rows = ["path,label"]
+    for i in range(6):
+        write_image(tmp_path / "imgs" / f"{i}.png", colour=(250, 250, 250) if i % 2 else (10, 10, 10))
+        rows.append(f"imgs/{i}.png,{'light' if i % 2 else 'dark'}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    result = finetune(str(base), tmp_path / "data.csv", tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.0),
+                      log=lambda line: None)
+    assert result.classes == ("dark", "light") and result.num_train == 6
+    assert result.history[0]["train_accuracy"] == 1.0
