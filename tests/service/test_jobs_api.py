@@ -210,6 +210,11 @@ def test_manifest_job_scores_files_under_the_root_and_lists_missing_ones(server,
                                                                  photos_small["coffee.jpg"]}
     assert_matches_classify(client, [r for r in rows if "error" not in r], images, 2)
 
+    # the same manifest as a multipart file field
+    response = client.post("/v1/jobs?top_k=2", files={"manifest": ("list.jsonl", "\n".join(lines), "text/plain")})
+    assert response.status_code == 202, response.text
+    assert jsonl_results(client, wait_for_job(client, response.json()["id"])["id"]) == rows
+
 
 def test_manifest_paths_outside_the_root_are_forbidden(server, client, tmp_path):
     secret = tmp_path / "secret.jpg"
