@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CUDA_EXTRAS, DEMO_MODEL, DOCKERFILES, REPO, BuiltImage, tool
 from PIL import Image
 from podman import Container, Podman
+from vitserve_images import CUDA_EXTRAS, DEMO_MODEL, DOCKERFILES, REPO, BuiltImage, tool
 
 COMPOSE_GPU = [REPO / "docker-compose.yml"]
 COMPOSE_CPU = [REPO / "docker-compose.yml", REPO / "docker-compose.cpu.yml"]
