@@ -191,7 +191,8 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
         state.batcher = Batcher(state.engine, max_batch_size=state.settings.max_batch_size,
                                 max_queue_delay_ms=settings.max_queue_delay_ms,
                                 max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch,
-                                low_priority_idle_ms=settings.low_priority_idle_ms)
+                                low_priority_idle_ms=settings.low_priority_idle_ms,
+                                low_priority_batch_size=settings.job_batch_size or max(1, settings.max_batch_size // 4))
         await state.batcher.start()
         from service.jobs.runner import JobRunner  # scoring jobs: resumes unfinished ones once warm
 

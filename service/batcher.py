@@ -73,11 +73,13 @@ class Batcher:
         on_batch: optional callback (batch size, inference seconds) after every batch, for metrics.
         low_priority_idle_ms: how long the online lane must have been quiet (nothing submitted or
             answered) before a ``submit_low`` batch may run.
+        low_priority_batch_size: most images in one low-priority batch (default max_batch_size);
+            smaller bounds how long an online request can wait behind a job batch already running.
     """
 
     def __init__(self, engine: BatchEngine, *, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
                  max_queue_size: int = 256, on_batch: BatchObserver | None = None,
-                 low_priority_idle_ms: float = 20.0) -> None:
+                 low_priority_idle_ms: float = 20.0, low_priority_batch_size: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_ms < 0:
@@ -100,6 +102,7 @@ class Batcher:
         self._last_online_end_s = float("-inf")  # when the last online batch finished (monotonic)
         self._last_online_batch = 0  # its size
         self.low_priority_idle_s = low_priority_idle_ms / 1000.0
+        self.low_priority_batch_size = min(low_priority_batch_size or max_batch_size, max_batch_size)
         self._low_queue: asyncio.Queue[_Item] | None = None
         self._wake: asyncio.Event | None = None  # set on every submit, either lane
         self._last_online_s = float("-inf")  # monotonic time of the last online submit or answer
@@ -218,11 +221,12 @@ class Batcher:
                 item.future.cancel()
 
     # -- the consumer ------------------------------------------------------------------------
-    def _take(self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None) -> None:
+    def _take(self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None,
+              limit: int | None = None) -> None:
         """Move waiting items into ``batch`` (up to the limit), answering dead ones on the spot."""
         queue = queue or self._queue
         assert queue is not None
-        while len(batch) < self.max_batch_size:
+        while len(batch) < (limit or self.max_batch_size):
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -257,7 +261,7 @@ class Batcher:
             wait_s = self._low_wait_s()
             if wait_s == 0.0:
                 batch: list[_Item] = []
-                self._take(batch, time.monotonic(), self._low_queue)
+                self._take(batch, time.monotonic(), self._low_queue, self.low_priority_batch_size)
                 if batch:
                     await self._run(batch, self._low_queue)
                     ran = True

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     job_decode_threads: int = Field(0, ge=0, le=256, description="job decode threads; 0 = half the cores (min 1)")
     job_max_in_flight: int = Field(0, ge=0, le=100_000, description="job images decoded or queued at once; "
                                                                       "0 = 2 x max_batch_size")
+    job_batch_size: int = Field(0, ge=0, le=1024, description="most images in one job batch (an online request "
+                                                              "may wait behind one); 0 = max_batch_size / 4")
     low_priority_idle_ms: float = Field(20.0, ge=0, le=10_000, description="online lane quiet time before a job "
                                                                             "batch may run")
 

@@ -40,7 +40,8 @@ def test_low_priority_items_use_the_idle_engine_and_get_their_own_answers():
     engine = LaneRecordingEngine(delay_s=0.001)
 
     async def main():
-        batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=5)
+        batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=5,
+                          low_priority_batch_size=3)
         await batcher.start()
         results = await asyncio.gather(*(batcher.submit_low(image(LOW, i)) for i in range(10)))
         await batcher.stop()
@@ -48,7 +49,7 @@ def test_low_priority_items_use_the_idle_engine_and_get_their_own_answers():
 
     results = asyncio.run(main())
     assert [int(r[1]) for r in results] == list(range(10))
-    assert sorted(len(b) for b in engine.batches) == [2, 4, 4]
+    assert sorted(len(b) for b in engine.batches) == [1, 3, 3, 3]  # low_priority_batch_size bounds them
 
 
 def test_online_traffic_starves_the_low_lane_and_keeps_its_latency():
