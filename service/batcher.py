@@ -179,10 +179,7 @@ class Batcher:
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            raise Overloaded(
-                f"queue full ({self.max_queue_size} images waiting); retry later",
-                retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size),
-            ) from None
+            raise self._overloaded() from None
         self._last_online_s = item.enqueued_at
         assert self._wake is not None
         self._wake.set()
@@ -199,6 +196,18 @@ class Batcher:
             # Client gone (task cancelled) or timed out: mark the item so the consumer skips it.
             if not item.future.done():
                 item.future.cancel()
+
+    def check_room(self) -> None:
+        """Raise Overloaded now if the online queue is full (a later ``submit`` may still find it full).
+
+        Lets a caller refuse before doing work for an image that could not be queued anyway.
+        """
+        if self._queue is not None and self._queue.full():
+            raise self._overloaded()
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(f"queue full ({self.max_queue_size} images waiting); retry later",
+                          retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size))
 
     async def submit_low(self, pixels: np.ndarray) -> np.ndarray:
         """Queue one image (3, H, W) in the low-priority lane and wait for its logits (K,) float32.

@@ -93,6 +93,9 @@ async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
     loop = asyncio.get_running_loop()
     p = state.metadata.preprocessing
     try:
+        # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
+        # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
+        state.batcher.check_room()
         pixels = await loop.run_in_executor(
             state.preprocess_pool, partial(load_pixels, data, p, max_pixels=state.settings.max_image_pixels,
                                            jpeg_draft=state.settings.jpeg_draft))

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import photo_bytes
-from load import LOST, REFUSED, closed_loop
-from test_hostile_inputs import STACK_TRACE
+from reliability_lib import STACK_TRACE, photo_bytes
+from load_generator import LOST, REFUSED, closed_loop
 
 pytestmark = pytest.mark.slow
 

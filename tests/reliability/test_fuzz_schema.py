@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from conftest import scale
+from reliability_lib import scale
 
 pytestmark = pytest.mark.slow
 

@@ -12,41 +12,20 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-import hostile
-from conftest import REPO, photo_bytes
+import hostile_files as hostile
+from reliability_lib import assert_clean_error, photo_bytes
 
 pytestmark = pytest.mark.slow
 
 # Peak RSS allowed for the whole corpus; the largest legitimate decode here (36 Mpx PNG, twice in
 # parallel) needs ~250 MB on top of the ~110 MB idle server.
 PEAK_RSS_LIMIT_MIB = 700
-STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
-
-
-def server_paths(guarded) -> list[str]:
-    """Paths on the server host that no error message may reveal."""
-    return [str(REPO), str(guarded.data_dir), str(guarded.outside), sys.prefix, "site-packages", "/proc/"]
-
-
-def assert_clean_error(guarded, response: httpx.Response, status: int, code: str | None = None,
-                       sent: bytes = b"") -> None:
-    assert response.status_code == status, response.text[:500]
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["message"], body
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    assert not STACK_TRACE.search(response.text), response.text
-    for path in server_paths(guarded):
-        if path.encode() not in sent:  # a client's own string echoed back reveals nothing
-            assert path not in response.text, f"error body reveals {path!r}: {response.text}"
 
 
 def post_image(guarded, data: bytes, content_type: str = "image/png") -> httpx.Response:

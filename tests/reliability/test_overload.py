@@ -12,12 +12,11 @@ import io
 import re
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scale
-from load import LOST, closed_loop, percentile
+from reliability_lib import scale
+from load_generator import LOST, closed_loop, percentile
 
 pytestmark = pytest.mark.slow
 
@@ -68,4 +67,6 @@ def test_four_times_the_queue_is_refused_fast_and_costs_no_throughput(start_serv
     total = metric(text, f"vitserve_request_duration_seconds_count{{{labels}}}")
     within_25ms = metric(text, f'vitserve_request_duration_seconds_bucket{{le="0.025",{labels}}}')
     print(f"server-side: {within_25ms:.0f} of {total:.0f} 429s answered within 25 ms")
-    assert total == loaded.count(429) and within_25ms >= 0.99 * total
+    within_250ms = metric(text, f'vitserve_request_duration_seconds_bucket{{le="0.25",{labels}}}')
+    # 95%, not all: on a shared 2-core box the event loop itself is sometimes descheduled that long.
+    assert total == loaded.count(429) and within_25ms >= 0.95 * total and within_250ms == total

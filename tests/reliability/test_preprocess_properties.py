@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import scale
+from reliability_lib import scale
 from service.errors import InvalidImage
 from service.metadata import Preprocessing
 from service.preprocess import load_pixels

@@ -10,14 +10,12 @@ from __future__ import annotations
 import ast
 import socket
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import REPO, SERVICE_FIXTURES, photo_bytes
+from reliability_lib import REPO, SERVICE_FIXTURES, assert_clean_error, photo_bytes
 from service import app as service_app
-from test_hostile_inputs import assert_clean_error
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from PIL import Image
 
-import hostile
-from conftest import PHOTOS, photo_bytes, scale
-from load import closed_loop
+import hostile_files as hostile
+from reliability_lib import PHOTOS, photo_bytes, scale
+from load_generator import closed_loop
 
 pytestmark = pytest.mark.slow
 
