@@ -39,6 +39,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/
                         "/", "/static/app.js", "/static/style.css"})
 # Routers from other modules, included when their module is installed (KServe v2, the web page).
 OPTIONAL_ROUTERS = ("service.routes.v2", "service.routes.page", "service.routes.jobs")
+# max_batch_size when the session runs on a GPU and the setting was left at its (CPU) default.
+GPU_DEFAULT_MAX_BATCH_SIZE = 32
 # Scoring jobs upload whole archives: their one route gets its own, larger body limit.
 JOB_UPLOAD_PATH = "/v1/jobs"
 
@@ -181,6 +183,12 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
         state = app.state
         state.engine = engine if engine is not None else await asyncio.to_thread(_build_engine, settings)
         state.metadata = state.engine.metadata
+        if getattr(state.engine, "on_gpu", False) and "max_batch_size" not in settings.model_fields_set:
+            # The default of 8 suits a CPU (compute-bound: bigger batches only add latency); a GPU
+            # needs bigger batches to fill it. An explicit setting always wins.
+            log.info("GPU provider: max_batch_size %d (default for GPU hosts; set VITSERVE_MAX_BATCH_SIZE to change)",
+                     GPU_DEFAULT_MAX_BATCH_SIZE)
+            state.settings = state.settings.model_copy(update={"max_batch_size": GPU_DEFAULT_MAX_BATCH_SIZE})
         fixed_batch = getattr(state.engine, "max_batch_size", None)  # a graph with a fixed batch axis
         if fixed_batch is not None and fixed_batch < state.settings.max_batch_size:
             log.warning("the model takes at most %d image(s) per run: max_batch_size %d -> %d", fixed_batch,

@@ -154,3 +154,19 @@ def test_metrics_count_images_batches_and_rate(make_fake_engine, encode_photo):
     assert value('vitserve_image_errors_total{code="invalid_image"}') == 1
     assert value("vitserve_queue_depth") == 0 and value("vitserve_ready") == 1
     assert value('vitserve_requests_total{method="POST",route="/v1/classify",status="422"}') == 1
+
+
+def test_gpu_hosts_get_a_bigger_default_batch_unless_one_is_set(make_fake_engine):
+    from service.app import GPU_DEFAULT_MAX_BATCH_SIZE
+
+    for settings, expected in ((Settings(), GPU_DEFAULT_MAX_BATCH_SIZE), (Settings(max_batch_size=8), 8)):
+        engine = make_fake_engine()
+        engine.on_gpu = True
+        with TestClient(create_app(settings, engine=engine)) as client:
+            _wait_ready(client)
+            assert client.get("/v1/models").json()["batching"]["max_batch_size"] == expected
+        assert max(engine.warmed) == expected  # warm-up covered the batch size actually served
+    cpu = make_fake_engine()
+    with TestClient(create_app(Settings(), engine=cpu)) as client:
+        _wait_ready(client)
+        assert client.get("/v1/models").json()["batching"]["max_batch_size"] == 8
