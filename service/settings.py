@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
 
     # Batching: CPU inference is compute-bound (batches beyond ~8 add latency, not throughput);
-    # GPU hosts want larger batches (set VITSERVE_MAX_BATCH_SIZE=32..64 there).
+    # GPU hosts want larger batches: left unset, the app uses 32 there (service.app.GPU_DEFAULT_MAX_BATCH_SIZE).
     max_batch_size: int = Field(8, ge=1, le=1024, description="most images per engine run")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest a request waits for a batch to fill")
     max_queue_size: int = Field(256, ge=1, le=1_000_000, description="queued images before answering 429")
