@@ -4,9 +4,9 @@
     python3 bench/engine.py --model vit_b16_fp16.onnx --model vit_b16_fp32.onnx              # GPU (bench/gpu.sh)
 
 Every number comes from ``service.engine.Engine``, exactly as the service runs it. One timed
-call = write the batch into ``engine.input_buffer(n)`` (what a batcher stacking into the engine's
-buffer does) + ``engine.run`` (upload, compute, logits back to the host, synchronised). Per batch
-size: a warm-up, then calls for ``--seconds`` (3 at least); images/s = n / median call.
+call = stack n single images into a batch (as the batcher does) + ``engine.run`` (upload,
+compute, logits back to the host, synchronised). Per batch size: a warm-up, then calls for
+``--seconds`` (3 at least, best of ``--passes`` blocks); images/s = n / median call.
 
 Engine option sets ("configs"; by default all on CUDA, ``default`` alone on the CPU):
   default           the service's defaults (IO binding with a device input per batch size on CUDA)
@@ -16,6 +16,8 @@ Engine option sets ("configs"; by default all on CUDA, ``default`` alone on the 
   pinned            buckets + page-locked host buffers
   cudagraph         buckets + one CUDA graph per bucket
   cudagraph+pinned  both
+  X/buffer          X, the batch stacked straight into the engine's (pinned) buffer: what the batcher
+                    could do with engine.input_buffer(n), saving one host copy per batch
 Also measured: host->device copy of one batch from pageable and from pinned memory, and JPEG
 decode + resize + normalise per image on one core (service.preprocess), so the service's ceiling
 can be split into decode, transfer and compute.
@@ -47,7 +49,8 @@ from service.engine import CPU, CUDA, GPU_PROVIDERS, TENSORRT, Engine, automatic
 from service.gpu_options import GpuOptions, pinned_array  # noqa: E402
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-GPU_CONFIGS = ("default", "plain", "buckets", "static", "pinned", "cudagraph", "cudagraph+pinned")
+GPU_CONFIGS = ("default", "plain", "buckets", "static", "pinned", "cudagraph", "cudagraph+pinned", "pinned/buffer",
+               "cudagraph+pinned/buffer")
 # The issue's targets for ViT-B/16 fp16 on one H100 (issue 8).
 TARGET_IMAGES_PER_S = 8000.0
 TARGET_BATCH1_MS = 1.5
@@ -88,7 +91,7 @@ def engine_for(model: Path, provider: str, config: str, sizes: list[int]) -> Eng
         "cudagraph": GpuOptions(batch_buckets=buckets, cuda_graphs=True),
         "cudagraph+pinned": GpuOptions(batch_buckets=buckets, cuda_graphs=True, pinned_host_memory=True),
         "trt-cache": GpuOptions(trt_cache_dir=Path(tempfile.gettempdir()) / "vitserve-trt-cache"),
-    }[config]
+    }[config.split("/")[0]]
     providers = [provider] if provider == CPU else [provider, CPU]
     return Engine(model, providers=providers, log_placement=False, io_binding=False if config == "plain" else None,
                   gpu_options=options)
@@ -96,8 +99,12 @@ def engine_for(model: Path, provider: str, config: str, sizes: list[int]) -> Eng
 
 # -- measuring ------------------------------------------------------------------------------------------
 def time_sizes(engine: Engine, sizes: list[int], seconds: float, max_call_s: float, passes: int = 1,
-               seed: int = 0) -> dict:
+               feed: str = "array", seed: int = 0) -> dict:
     """batch size -> {images_per_s, p50_ms, p90_ms, p99_ms, calls, pass_images_per_s}.
+
+    One call stacks n single images into a batch and runs it, as the service's batcher does:
+    ``feed="array"`` stacks into a new array (the batcher today), ``"buffer"`` stacks straight
+    into ``engine.input_buffer(n)`` (with buckets: the bucket's own, maybe pinned, host buffer).
 
     Each size is timed in ``passes`` blocks of ``seconds``; the block with the lowest median call
     is reported (on a shared machine the least disturbed one), every block's rate is kept.
@@ -107,20 +114,21 @@ def time_sizes(engine: Engine, sizes: list[int], seconds: float, max_call_s: flo
     results: dict[int, dict] = {}
     for n in sizes:
         # Several distinct batches: a single one would let caches hold the input (METHOD.md).
-        inputs = [rng.standard_normal((n, *engine.input_shape), dtype=np.float32) for _ in range(3)]
-        for x in inputs[:2]:  # warm-up: allocation, kernel choice, graph capture
-            np.copyto(buf := engine.input_buffer(n), x, casting="same_kind")
-            engine.run(buf)
+        inputs = [list(rng.standard_normal((n, *engine.input_shape), dtype=np.float32)) for _ in range(3)]
+
+        def call(images: list[np.ndarray]) -> None:
+            engine.run(np.stack(images, out=engine.input_buffer(n)) if feed == "buffer" else np.stack(images))
+
+        for images in inputs[:2]:  # warm-up: allocation, kernel choice, graph capture
+            call(images)
         blocks: list[list[float]] = []
         for _ in range(max(1, passes)):
             times: list[float] = []
             started = time.perf_counter()
             while len(times) < 3 or time.perf_counter() - started < seconds:
-                x = inputs[len(times) % len(inputs)]
+                images = inputs[len(times) % len(inputs)]
                 t0 = time.perf_counter()
-                buf = engine.input_buffer(n)
-                np.copyto(buf, x, casting="same_kind")
-                engine.run(buf)
+                call(images)
                 times.append(time.perf_counter() - t0)
             blocks.append(times)
         times = min(blocks, key=statistics.median)
@@ -317,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise RuntimeError(f"asked for {provider}, the session runs on {engine.providers}")
                     if provider in GPU_PROVIDERS:
                         engine.warmup(sizes)  # every size (graph capture included) before any timing
-                    row["results"] = time_sizes(engine, sizes, args.seconds, args.max_call_s, args.passes)
+                    feed = "buffer" if config.endswith("/buffer") else "array"
+                    row["results"] = time_sizes(engine, sizes, args.seconds, args.max_call_s, args.passes, feed)
                 except Exception as exc:  # noqa: BLE001 - one failing option set must not lose the others
                     row.setdefault("architecture", model.stem)
                     row.setdefault("precision", "?")
