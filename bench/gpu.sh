@@ -146,7 +146,8 @@ stage_engine() {
 }
 
 stage_serve() {
-  # Service settings for a GPU host: large batches, every batch padded to a warmed bucket.
+  # The service as shipped, with GPU-sized batches. GPU options stay at their defaults (off); to
+  # serve with some, set them for this stage: VITSERVE_BATCH_BUCKETS=1,8,32,64 bash bench/gpu.sh $OUT serve
   VITSERVE_WARMUP_BATCH_SIZES=1,8,32,64 VITSERVE_ORT_ALLOW_SPINNING=false \
     "$PY" bench/serve.py --model "$WORK/vit_b16_fp16.onnx" --concurrency 1,16,64,256 --duration-s 8 \
     --warmup-s 2 --max-batch-size 64 --max-queue-delay-ms 2 --ceiling-batch-sizes 1,8,32,64 \
