@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -36,6 +38,9 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 VAR_LIB_CONTAINERS = Path("/var/lib/containers")
 NETAVARK_TABLES = ("nat", "filter")
+# The chains netavark creates once and keeps after its last container is gone.
+NETAVARK_SCAFFOLD = {("nat", "NETAVARK-HOSTPORT-DNAT"), ("nat", "NETAVARK-HOSTPORT-MASQ"),
+                     ("nat", "NETAVARK-HOSTPORT-SETMARK"), ("filter", "NETAVARK_FORWARD")}
 APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "fuse-overlayfs", "uidmap")
 
 
@@ -75,6 +80,7 @@ class Podman:
     env: dict[str, str] = field(init=False)
     _firewall_before: set[tuple[str, str]] = field(init=False, default_factory=set)
     _created_var_lib: bool = field(init=False, default=False)
+    _network: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # What podman leaves on the host outside its storage: netavark's iptables chains and the
@@ -140,6 +146,26 @@ class Podman:
             args += ["--build-arg", f"{key}={value}"]
         return self(*args, str(context), timeout=timeout)
 
+    def network(self) -> str:
+        """This instance's own bridge network, made on first use.
+
+        Its own subnet and bridge, not podman's default 10.88.0.0/16 on podman0: two test sessions
+        on one machine (each with its own storage, hence its own address allocation) would otherwise
+        hand out the same addresses on the same bridge.
+        """
+        if self._network is None:
+            name = f"vitserve-test-{secrets.token_hex(3)}"
+            subnet = f"10.213.{secrets.randbelow(256)}.0/24"
+            self("network", "create", "--disable-dns", "--subnet", subnet, name)
+            # podman 4.3 names the bridge podman<N>, N counted in this storage only: two sessions
+            # would both take podman1. Give it a name of its own in the network's config file.
+            config_file = self.root / "conf" / "networks" / f"{name}.json"
+            config = json.loads(config_file.read_text())
+            config["network_interface"] = f"vs{name[-6:]}"
+            config_file.write_text(json.dumps(config, indent=2))
+            self._network = name
+        return self._network
+
     def image_size_bytes(self, tag: str) -> int:
         return int(self("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip())
 
@@ -151,6 +177,9 @@ class Podman:
         and the storage, and what podman left on the host outside it."""
         with contextlib.suppress(Exception):
             self("rm", "--all", "--force", "--time", "0", timeout=120, check=False)
+        if self._network is not None:  # removes its bridge and firewall rules
+            with contextlib.suppress(Exception):
+                self("network", "rm", "--force", self._network, timeout=60, check=False)
         # The storage is private, so deleting its directory removes every image; that is much faster
         # than `podman system reset` (layer by layer). Unmount anything still mounted under it first.
         storage = str(self.root)
@@ -159,7 +188,10 @@ class Podman:
         for target in sorted(targets, key=len, reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
-        remove_firewall_chains(firewall_chains() - self._firewall_before)
+        created = firewall_chains() - self._firewall_before
+        # Another podman (a second test session) may still have containers behind these chains.
+        if created and netavark_idle():
+            remove_firewall_chains(created)
         if self._created_var_lib:
             shutil.rmtree(VAR_LIB_CONTAINERS, ignore_errors=True)
 
@@ -176,6 +208,18 @@ def firewall_chains() -> set[tuple[str, str]]:
             if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith("NETAVARK"):
                 chains.add((table, parts[1]))
     return chains
+
+
+def netavark_idle() -> bool:
+    """True when netavark's chains hold nothing but their empty scaffolding: no network or published
+    port of any container (ours or anyone's) still depends on them."""
+    if firewall_chains() - NETAVARK_SCAFFOLD:
+        return False  # per-network or per-container chains still exist
+    for table, chain in (("filter", "NETAVARK_FORWARD"), ("nat", "NETAVARK-HOSTPORT-DNAT")):
+        out = subprocess.run(["iptables", "-t", table, "-S", chain], capture_output=True, text=True, timeout=30)
+        if any(line.startswith("-A ") for line in out.stdout.splitlines()):
+            return False
+    return True
 
 
 def remove_firewall_chains(chains: set[tuple[str, str]]) -> None:
@@ -245,8 +289,8 @@ class Container:
     def start(cls, podman: Podman, image: str, name: str, env: dict[str, str] | None = None,
               volumes: Sequence[str] = (), stop_timeout_s: int = 30, extra: Sequence[str] = ()) -> Container:
         port = free_port()
-        args = ["run", "--detach", "--pull=never", "--name", name, "--publish", f"127.0.0.1:{port}:8000",
-                "--stop-timeout", str(stop_timeout_s), *extra]
+        args = ["run", "--detach", "--pull=never", "--name", name, "--network", podman.network(),
+                "--publish", f"127.0.0.1:{port}:8000", "--stop-timeout", str(stop_timeout_s), *extra]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
         for volume in volumes:
