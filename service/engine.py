@@ -134,7 +134,7 @@ class Engine:
         self._allow_spinning = allow_spinning
         self._log_placement = log_placement
         self.gpu_options = gpu_options or GpuOptions()
-        self._trt_input: tuple[str, int, int] | None = None  # (name, channels, size) for TensorRT's profile
+        self._trt_input: tuple[str, tuple[int, ...]] | None = None  # (name, shape after batch) for TensorRT
         self.session = self._create_session(requested)
         self.providers: list[str] = self.session.get_providers()
         self.placement: dict[str, dict[str, int]] = {}
@@ -221,9 +221,9 @@ class Engine:
             if self._trt_input is None:
                 # The profile names the input and its size before the real session exists: ask a CPU one.
                 probe = ort.InferenceSession(str(self.model_path), providers=[CPU]).get_inputs()[0]
-                self._trt_input = (probe.name, int(probe.shape[1]), int(probe.shape[-1]))
-            name, channels, size = self._trt_input
-            return tensorrt_provider_options(self.gpu_options, input_name=name, image_size=size, in_chans=channels)
+                self._trt_input = (probe.name, tuple(int(d) for d in probe.shape[1:]))
+            name, image_shape = self._trt_input
+            return tensorrt_provider_options(self.gpu_options, input_name=name, image_shape=image_shape)
         return {}
 
     def _bucket_runner(self, use_binding: bool) -> BucketRunner:

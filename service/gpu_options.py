@@ -126,14 +126,17 @@ def cuda_provider_options(*, cuda_graph: bool = False, device_id: int = 0) -> di
     return options
 
 
-def tensorrt_provider_options(options: GpuOptions, *, input_name: str, image_size: int, in_chans: int = 3,
+def tensorrt_provider_options(options: GpuOptions, *, input_name: str, image_shape: Sequence[int],
                               device_id: int = 0) -> dict[str, str]:
-    """TensorRT provider options: caches, precision, and one profile spanning the served batch sizes."""
+    """TensorRT provider options: caches, precision, and one profile spanning the served batch sizes.
+
+    ``image_shape`` is one input's shape without the batch axis, in the graph's layout: (3, H, W).
+    """
     max_batch = options.batch_buckets[-1] if options.batch_buckets else DEFAULT_TRT_MAX_BATCH
     opt_batch = min(max_batch, DEFAULT_TRT_OPT_BATCH)
 
     def shape(batch: int) -> str:
-        return f"{input_name}:{batch}x{in_chans}x{image_size}x{image_size}"
+        return f"{input_name}:" + "x".join(str(d) for d in (batch, *image_shape))
 
     trt = {
         "device_id": str(device_id),

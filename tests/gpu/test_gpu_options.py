@@ -64,15 +64,15 @@ def test_cuda_provider_options():
 
 def test_tensorrt_provider_options(tmp_path):
     options = tensorrt_provider_options(GpuOptions(batch_buckets=(1, 8, 32), trt_cache_dir=tmp_path),
-                                        input_name="pixel_values", image_size=224)
+                                        input_name="pixel_values", image_shape=(3, 224, 224))
     assert options["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
     assert options["trt_profile_opt_shapes"] == "pixel_values:32x3x224x224"
     assert options["trt_profile_max_shapes"] == "pixel_values:32x3x224x224"
     assert options["trt_engine_cache_enable"] == options["trt_timing_cache_enable"] == "True"
     assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path)
     assert options["trt_fp16_enable"] == "True"
-    plain = tensorrt_provider_options(GpuOptions(trt_fp16=False), input_name="x", image_size=384)
-    assert plain["trt_profile_max_shapes"] == "x:256x3x384x384" and plain["trt_fp16_enable"] == "False"
+    plain = tensorrt_provider_options(GpuOptions(trt_fp16=False), input_name="x", image_shape=(384, 384, 3))
+    assert plain["trt_profile_max_shapes"] == "x:256x384x384x3" and plain["trt_fp16_enable"] == "False"
     assert "trt_engine_cache_enable" not in plain
 
 
@@ -211,3 +211,16 @@ def test_a_bucket_whose_cuda_graph_fails_runs_without_one(tiny_export, batches, 
     assert "CUDA graph of batch bucket 4 failed" in caplog.text
     assert engine.cuda_graph_buckets == []
     np.testing.assert_allclose(engine.run(batches[1]), plain.run(batches[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_engine_builds_tensorrt_options_from_the_graph(tiny_export, tmp_path):
+    """TensorRT's profile needs the input's name and shape before its session exists (read from a CPU one)."""
+    from service.engine import TENSORRT, Engine
+
+    engine = Engine(tiny_export, providers="cpu", log_placement=False,
+                    gpu_options=GpuOptions(batch_buckets=(1, 8), trt_cache_dir=tmp_path))
+    options = engine._provider_options(TENSORRT)
+    assert options["trt_profile_min_shapes"] == "pixel_values:1x3x32x32"
+    assert options["trt_profile_max_shapes"] == "pixel_values:8x3x32x32"
+    assert options["trt_engine_cache_path"] == str(tmp_path)
