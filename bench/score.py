@@ -82,8 +82,8 @@ def export_random(name: str, workdir: Path) -> Path:
     return path
 
 
-def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[float, float]:
-    """(decode + engine images/s, engine-only images/s) over every image of the folder, serially."""
+def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[float, float, float]:
+    """(decode + engine images/s, engine-only images/s, CPU ms per image) over the folder, serially."""
     from service.engine import Engine
     from service.preprocess import load_pixels
 
@@ -91,7 +91,7 @@ def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[floa
     p = engine.metadata.preprocessing
     files = sorted(folder.iterdir())
     engine.run(np.stack([load_pixels(files[0].read_bytes(), p, max_pixels=10**8)] * batch_size))  # warm the shape
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     engine_s = 0.0
     for start in range(0, len(files), batch_size):
         batch = np.stack([load_pixels(f.read_bytes(), p, max_pixels=10**8) for f in files[start:start + batch_size]])
@@ -99,11 +99,13 @@ def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[floa
         engine.run(batch)
         engine_s += time.perf_counter() - t0
     total_s = time.perf_counter() - started
-    return len(files) / total_s, len(files) / engine_s
+    cpu_ms = 1000.0 * (time.process_time() - cpu_started) / len(files)  # all threads, ORT's included
+    return len(files) / total_s, len(files) / engine_s, cpu_ms
 
 
-def run_score_command(model: Path, folder: Path, out: Path, workers: int, batch_size: int) -> tuple[float, float]:
-    """(images/s the command reports, images/s over its wall clock including start-up)."""
+def run_score_command(model: Path, folder: Path, out: Path, workers: int,
+                      batch_size: int) -> tuple[float, float, float]:
+    """(images/s the command reports, images/s over its wall clock incl. start-up, its CPU ms per image)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "service.cli", "score", str(folder), "-o", str(out), "--model",
                            str(model), "--workers", str(workers), "--batch-size", str(batch_size), "--quiet"],
@@ -112,8 +114,9 @@ def run_score_command(model: Path, folder: Path, out: Path, workers: int, batch_
     if done.returncode != 0:
         raise SystemExit(f"vitserve score failed:\n{done.stderr}")
     rate = float(re.search(r"([0-9.]+) images/s", done.stderr).group(1))
+    cpu_ms = float(re.search(r"([0-9.]+) CPU ms/image", done.stderr).group(1))
     lines = sum(1 for _ in open(out))
-    return rate, lines / wall
+    return rate, lines / wall, cpu_ms
 
 
 def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
@@ -210,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: in-process ceiling, then vitserve score ...", file=sys.stderr,
                   flush=True)
-            ceiling, engine_only = in_process_ceiling(model, folder, args.batch_size)
-            rate, wall_rate = run_score_command(model, folder, workdir / f"out{r}.jsonl", args.workers,
-                                                args.batch_size)
-            rounds.append({"ceiling": ceiling, "engine": engine_only, "rate": rate, "wall": wall_rate})
+            ceiling, engine_only, ceiling_cpu = in_process_ceiling(model, folder, args.batch_size)
+            rate, wall_rate, score_cpu = run_score_command(model, folder, workdir / f"out{r}.jsonl", args.workers,
+                                                           args.batch_size)
+            rounds.append({"ceiling": ceiling, "engine": engine_only, "rate": rate, "wall": wall_rate,
+                           "ceiling_cpu": ceiling_cpu, "score_cpu": score_cpu})
         print("online traffic with and without a job ...", file=sys.stderr, flush=True)
         online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, args.pairs,
                                              workdir / "data")
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| `vitserve score` / ceiling, median of rounds | **{float(np.median(ratios)):.2f}** "
         f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; img/s {per_round}) |",
         f"| `vitserve score` wall clock incl. start-up, median | {median_of(rounds, 'wall'):.1f} img/s |",
+        f"| CPU ms per image: ceiling loop / `vitserve score` (process + decode workers), median | "
+        f"{median_of(rounds, 'ceiling_cpu'):.1f} / {median_of(rounds, 'score_cpu'):.1f} "
+        f"(ratio {median_of(rounds, 'score_cpu') / median_of(rounds, 'ceiling_cpu'):.2f}) |",
         f"| online, no job: p50 / p95 / req/s / errors (median of windows) | {a50:.1f} ms / "
         f"{median_of(alone, 'p95'):.1f} ms / {median_of(alone, 'rps'):.1f} / {sum(w['errors'] for w in alone)} |",
         f"| online, job running: p50 / p95 / req/s / errors (median of windows) | {j50:.1f} ms / "

@@ -355,10 +355,25 @@ class Summary:
     scored: int
     failed: int
     seconds: float
+    cpu_seconds: float = 0.0  # this process and its decode workers while scoring (0: not measured)
 
     @property
     def images_per_second(self) -> float:
         return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """CPU cost per image: unlike images/s, it hardly moves with other load on a shared machine."""
+        done = self.scored + self.failed
+        return 1000.0 * self.cpu_seconds / done if done else 0.0
+
+
+def cpu_seconds_so_far() -> float:
+    """User + system CPU of this process (all threads) and of its children that have exited."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers: int = 0, top_k: int = 5,
@@ -401,6 +416,7 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
             skipped = len(inputs.names) - len(wanted)
             progress = Progress(len(wanted), progress_stream)
             started = time.perf_counter()
+            cpu_started = cpu_seconds_so_far()
             scored = failed = 0
             window = max(4 * batch_size, 4 * max(workers, 1))
             in_flight: deque[Future] = deque()
@@ -446,6 +462,8 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
                 for future in in_flight:
                     future.cancel()
             progress.close()
-            return Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started)
+            summary = Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # worker processes' CPU is counted once they exit
+    summary.cpu_seconds = cpu_seconds_so_far() - cpu_started
+    return summary

@@ -77,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"vitserve score: {exc}", file=sys.stderr)
         return 2
     print(f"vitserve score: {summary.scored} scored, {summary.failed} unreadable (listed with their error), "
-          f"{summary.skipped} already in {args.output}; {summary.images_per_second:.1f} images/s", file=sys.stderr)
+          f"{summary.skipped} already in {args.output}; {summary.images_per_second:.1f} images/s"
+          + (f", {summary.cpu_ms_per_image:.1f} CPU ms/image" if summary.cpu_seconds else ""), file=sys.stderr)
     return 0
