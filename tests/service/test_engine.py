@@ -12,6 +12,8 @@ from PIL import Image
 from service.engine import CPU, Engine, EngineError, parse_providers
 from service.preprocess import load_pixels
 
+pytestmark = pytest.mark.slow  # the session fixture exports a ViT with torch.onnx (~6-12 s on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_onnx) -> Engine:
