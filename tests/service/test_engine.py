@@ -90,3 +90,13 @@ def test_io_binding_path_gives_the_same_logits(tiny_onnx):
         batch = rng.standard_normal((n, *plain.input_shape), dtype=np.float32)
         np.testing.assert_array_equal(bound.run(batch), plain.run(batch))
     assert sorted(bound._device_inputs) == [1, 3]
+
+
+def test_requested_gpu_provider_falls_back_to_cpu_with_a_warning(tiny_onnx, caplog):
+    # This host has the GPU wheel but no GPU: CUDA fails to initialise and the session must still
+    # come up on the CPU, saying so loudly rather than failing or pretending.
+    with caplog.at_level("WARNING", logger="vitserve.engine"):
+        engine = Engine(tiny_onnx, providers="cuda,cpu", log_placement=False)
+    assert engine.providers == [CPU] and not engine.on_gpu
+    assert any("requested but the session runs on" in r.getMessage() for r in caplog.records)
+    assert engine.run(np.zeros((1, *engine.input_shape), np.float32)).shape == (1, 10)
