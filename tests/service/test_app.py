@@ -170,3 +170,18 @@ def test_gpu_hosts_get_a_bigger_default_batch_unless_one_is_set(make_fake_engine
     with TestClient(create_app(Settings(), engine=cpu)) as client:
         _wait_ready(client)
         assert client.get("/v1/models").json()["batching"]["max_batch_size"] == 8
+
+
+def test_batch_json_accepts_wrapped_base64_and_data_urls(make_fake_engine, encode_photo):
+    import base64
+    import textwrap
+
+    encoded = base64.b64encode(encode_photo("coffee")).decode()
+    images = [{"id": "wrapped", "data": "\n".join(textwrap.wrap(encoded, 76))},
+              {"id": "url", "data": "data:image/jpeg;base64," + encoded},
+              {"id": "bad", "data": encoded[:100] + "*" + encoded[100:]}]
+    with TestClient(create_app(Settings(), engine=make_fake_engine())) as client:
+        _wait_ready(client)
+        results = client.post("/v1/classify/batch", json={"images": images}).json()["results"]
+    assert "predictions" in results[0] and "predictions" in results[1]
+    assert results[2]["error"]["code"] == "bad_request" and "base64" in results[2]["error"]["message"]
