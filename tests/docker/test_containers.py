@@ -8,6 +8,7 @@ non-root, and SIGTERM with a request in flight.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -97,6 +98,7 @@ def test_compose_picks_the_gpu_from_the_environment():
 # Slow: the images, built and run
 
 
+@functools.cache
 def photo_jpeg(name: str) -> bytes:
     import skimage.data
 
@@ -105,7 +107,8 @@ def photo_jpeg(name: str) -> bytes:
     return buf.getvalue()
 
 
-def rendered_digits() -> list[tuple[int, bytes]]:
+@functools.cache
+def rendered_digits() -> tuple[tuple[int, bytes], ...]:
     """One held-out digit per class (never trained on), rendered as the demo model's data, as PNG."""
     from model.datasets import digits_split, render_digit
 
@@ -116,7 +119,7 @@ def rendered_digits() -> list[tuple[int, bytes]]:
         buf = io.BytesIO()
         render_digit(images[index]).save(buf, "PNG")
         samples.append((label, buf.getvalue()))
-    return samples
+    return tuple(samples)
 
 
 def host_reference(model: Path, data: bytes, k: int) -> list[dict]:
@@ -217,6 +220,7 @@ def test_container_is_healthy_and_classifies_from_the_host(podman: Podman, image
         container.remove()
 
 
+@functools.cache
 def huge_digit_png(side: int = 6000) -> bytes:
     """A digit drawn side x side pixels: a small upload (flat blocks compress to ~120 KB) whose decoding
     and resizing keep a pre-processing thread busy for about a second."""
