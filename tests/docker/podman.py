@@ -41,7 +41,8 @@ NETAVARK_TABLES = ("nat", "filter")
 # The chains netavark creates once and keeps after its last container is gone.
 NETAVARK_SCAFFOLD = {("nat", "NETAVARK-HOSTPORT-DNAT"), ("nat", "NETAVARK-HOSTPORT-MASQ"),
                      ("nat", "NETAVARK-HOSTPORT-SETMARK"), ("filter", "NETAVARK_FORWARD")}
-APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "fuse-overlayfs", "uidmap")
+# iptables: netavark only suggests it, but publishing a port needs it.
+APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "iptables")
 
 
 class PodmanError(RuntimeError):
@@ -49,7 +50,7 @@ class PodmanError(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    return [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
+    return [tool for tool in ("podman", "runc", "debootstrap", "iptables") if shutil.which(tool) is None]
 
 
 def install_tools() -> None:
