@@ -106,10 +106,11 @@ class JobRunner:
 
     def cancel(self, job_id: str) -> None:
         """Stop scoring ``job_id`` (the store already says cancelled); in-flight images are dropped."""
-        if job_id in self._rate_start:
-            self._cancelled.add(job_id)  # running now: the job loop stops, drops in-flight images, cleans up
-        else:
-            self._cleanup(job_id)  # queued: the loop will see its state and skip it
+        # Always flagged: the job may be between its last state check and its first image right now.
+        # The job loop stops, drops in-flight images and cleans up; a queued job is skipped when reached.
+        self._cancelled.add(job_id)
+        if job_id not in self._rate_start:
+            shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)  # not running: files go now
 
     def images_per_second(self, job: JobRecord) -> float | None:
         """Throughput of the job since this process started it (None before it started)."""
