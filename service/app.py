@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +79,8 @@ class ServiceMiddleware:
             await send(message)
 
         rejection = self._reject(scope, settings, state) if guarded else None
+        if rejection is not None and path.startswith("/v2/"):
+            rejection = _as_v2_error(rejection)
         if guarded:
             state.in_flight_requests += 1
             state.metrics.in_flight_requests.inc()
@@ -130,6 +134,13 @@ class ServiceMiddleware:
             if regex.match(scope["path"]):
                 return template
         return "unmatched"
+
+
+def _as_v2_error(response: JSONResponse) -> JSONResponse:
+    """The Open Inference Protocol wants ``{"error": "<message>"}``: re-shape an early refusal for /v2 clients."""
+    message = json.loads(response.body)["error"]["message"]
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
 
 
 def _body_limit(settings: Settings, path: str) -> int:

@@ -109,3 +109,19 @@ def test_too_many_images_and_unknown_version(client):
 def test_wrong_method_and_unknown_path_keep_answering_json(client):
     assert client.get("/v2/models/fake_vit/infer").status_code == 405
     assert client.get("/v2/nothing-here").status_code == 404
+
+
+def test_early_refusals_use_the_v2_error_shape(make_fake_engine, tmp_path):
+    # The middleware refuses before any route runs (key, body size, draining): /v2 clients still get
+    # the protocol's {"error": "<message>"}, while /v1 keeps the service-wide shape.
+    engine = make_fake_engine(num_classes=10, image_size=32)
+    settings = Settings(model=tmp_path / "unused.onnx", max_upload_bytes=LIMIT, preprocess_threads=1,
+                        warmup_batch_sizes="1", api_key="secret")
+    with TestClient(create_app(settings, engine=engine)) as client:
+        refused = infer(client, pixel_request())
+        assert refused.status_code == 401
+        assert isinstance(refused.json()["error"], str) and "Bearer" in refused.json()["error"]
+        too_big = infer(client, b"x" * (LIMIT + 1), Authorization="Bearer secret")
+        assert too_big.status_code == 413 and isinstance(too_big.json()["error"], str)
+        v1 = client.post("/v1/classify", content=b"x", headers={"Content-Type": "image/png"})
+        assert v1.status_code == 401 and v1.json()["error"]["code"] == "unauthorized"
