@@ -112,6 +112,14 @@ class LiveServer:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def settled_fds(self, target: int, timeout_s: float = 3.0) -> int:
+        """Open fds once closed client connections are closed on the server side too: waits (up to
+        ``timeout_s``) for the count to come down to ``target``, then returns it."""
+        deadline = time.monotonic() + timeout_s
+        while (fds := self.open_fds()) > target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return fds
+
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 

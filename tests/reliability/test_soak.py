@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import itertools
-import time
 
 import httpx
 import pytest
@@ -63,14 +62,6 @@ def mixed_requests(model: str) -> list[tuple[dict, int]]:
     ]
 
 
-def settled_fds(server, target: int | None) -> int:
-    """Open fds once the round's client connections are closed on the server side too (up to 3 s)."""
-    deadline = time.monotonic() + 3.0
-    while (fds := server.open_fds()) > (target or 0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return fds
-
-
 def test_mixed_requests_soak_without_leaks(start_server, tmp_path):
     job_root = tmp_path / "root"
     job_root.mkdir()
@@ -97,7 +88,7 @@ def test_mixed_requests_soak_without_leaks(start_server, tmp_path):
         wanted = sorted(expected[n] for n in range(first, sent))
         if statuses != wanted:
             mismatches.append((statuses, wanted))
-        samples.append((sent, server.rss_kib() / 1024, settled_fds(server, samples[0][2] if samples else None),
+        samples.append((sent, server.rss_kib() / 1024, server.settled_fds(samples[0][2] if samples else 0),
                         server.threads()))
     jobs = httpx.get(f"{server.url}/metrics", timeout=10).text
     print(f"\nsoak: {sent} requests ({len(kinds)} kinds, {CLIENTS} clients); (sent, RSS MiB, fds, threads) per round:")
