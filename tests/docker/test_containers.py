@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import subprocess
 import threading
@@ -86,8 +87,6 @@ def test_compose_files_validate_and_reserve_a_gpu_only_in_the_main_file():
 
 
 def test_compose_picks_the_gpu_from_the_environment():
-    import os
-
     env = {**os.environ, "VITSERVE_GPU": "3", "VITSERVE_PUBLISH": "127.0.0.1:8003"}
     gpu = json.loads(compose_config(COMPOSE_GPU, "--format", "json", env=env).stdout)["services"]["vitserve"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"]
