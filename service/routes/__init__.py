@@ -25,9 +25,13 @@ def app_of(request_or_app: Request | FastAPI) -> FastAPI:
 
 
 def require_ready(request_or_app: Request | FastAPI) -> Any:
-    """The app state, or NotReady (503 + Retry-After) while warming up or draining."""
+    """The app state, or NotReady (503 + Retry-After) while warming up.
+
+    Draining is not checked here: the middleware refuses new requests once draining starts, and a
+    request it admitted before that must be finished even if its body arrives after SIGTERM.
+    """
     state = app_of(request_or_app).state
-    if not getattr(state, "ready", False) or getattr(state, "draining", False):
+    if not getattr(state, "ready", False):
         raise NotReady("model is not ready (warming up or shutting down)", retry_after_s=1)
     return state
 

@@ -182,3 +182,25 @@ def test_requests_of_clients_that_left_are_not_run(tmp_path):
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, "vitserve_batch_size_sum") == 1  # only the client that stayed was run
         assert 'status="499"' in text
+
+
+def test_sigterm_finishes_a_request_whose_body_is_still_uploading(tmp_path):
+    # Admitted before SIGTERM, body completed after it: the request is accepted work and gets 200,
+    # not the 503 that only requests arriving after the signal get.
+    body = grey_png(75)
+    with slow_server(tmp_path, 0.1) as (base, process, log_path):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"POST /v1/classify?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10])
+            while metric(httpx.get(f"{base}/metrics").text, "vitserve_requests_in_flight") < 1:
+                time.sleep(0.01)  # the server has admitted the request and waits for its body
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            conn.sendall(body[10:])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+        assert response.startswith(b"HTTP/1.1 200"), response[:300]
+        assert b'"index":3' in response.replace(b" ", b"")
+        assert process.wait(timeout=20) == 0, log_path.read_text()
