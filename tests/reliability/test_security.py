@@ -8,8 +8,10 @@ fetches a URL a client gives; error bodies carry no stack trace and no server pa
 from __future__ import annotations
 
 import ast
+import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -148,3 +150,31 @@ def test_no_route_fetches_a_client_given_url(guarded):
         thread.join(timeout=5)
         listener.close()
     assert connections == [], "the server connected to a client-given URL"
+
+
+def test_a_symlink_swapped_in_after_submission_is_still_refused(start_server, tmp_path):
+    """The manifest is checked at submission AND when each file is read: a file replaced by a symlink
+    out of the root while the job waits gets a 'forbidden' row, never the outside file's scores."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "a.jpg").write_bytes(photo_bytes("astronaut"))
+    (root / "swap.jpg").write_bytes(photo_bytes("coffee"))
+    (outside / "secret.jpg").write_bytes(photo_bytes("chelsea"))
+    server = start_server(VITSERVE_JOB_ROOT=str(root), VITSERVE_MAX_BATCH_SIZE=4, RELIABILITY_ENGINE_DELAY_S=0.05)
+    paths = ["a.jpg"] * 120 + ["swap.jpg"]  # ~1.5 s of scoring before swap.jpg is read
+    created = httpx.post(f"{server.url}/v1/jobs", json={"paths": paths}, timeout=30)
+    assert created.status_code == 202, created.text  # swap.jpg is a plain file under the root now
+    (root / "swap.jpg").unlink()
+    (root / "swap.jpg").symlink_to(outside / "secret.jpg")
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    while (job := httpx.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json())["state"] != "done":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    results = httpx.get(f"{server.url}/v1/jobs/{job_id}/results", timeout=30)
+    rows = [json.loads(line) for line in results.text.splitlines()]
+    assert job["scored"] == 120 and job["failed"] == 1, job  # it really was read after the swap
+    last = rows[-1]
+    assert last["path"] == "swap.jpg" and last["error"]["code"] == "forbidden", last
+    assert str(outside) not in json.dumps(rows)
