@@ -49,8 +49,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def ort_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def ort_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(["logits"], {"pixel_values": x})[0]
 
 
@@ -62,7 +65,7 @@ def torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def build_variants(model_name: str, workdir: Path) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+def build_variants(model_name: str, workdir: Path, threads: int | None) -> dict[str, Callable]:
     loaded = import_checkpoint(f"random:{model_name}")
     model, config = loaded.model.eval(), loaded.config
     common = dict(labels=loaded.labels, preprocessing=loaded.preprocessing, source=loaded.source,
@@ -83,24 +86,27 @@ def build_variants(model_name: str, workdir: Path) -> dict[str, Callable[[np.nda
               file=sys.stderr)
     return {
         "PyTorch eager": torch_runner(model),
-        "ONNX unfused": ort_runner(workdir / "unfused.onnx"),
-        "ONNX fused fp32": ort_runner(fused.path),
-        "ONNX int8": ort_runner(int8.path),
+        "ONNX unfused": ort_runner(workdir / "unfused.onnx", threads),
+        "ONNX fused fp32": ort_runner(fused.path, threads),
+        "ONNX int8": ort_runner(int8.path, threads),
     }
 
 
 def measure(runners: dict[str, Callable], batch: int, image_size: int, passes: int, seconds_per_block: float,
-            min_calls: int) -> dict[str, float]:
-    """Median images/s of each runner at one batch size.
+            min_calls: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median images/s and median CPU milliseconds per image of each runner at one batch size.
 
     Each pass runs every variant as one block of timed calls (``min_calls`` at least, more until
     ``seconds_per_block``); the first pass starts each block with an untimed warm-up call
     (allocations, kernel selection, thread pool start). Blocks, not alternating single calls:
     ONNX Runtime's worker threads spin for a while after each run and would steal the cores from
     whatever runs next. Several passes spread the noise of a shared machine over all variants.
+    CPU time (this process, all its threads) is far less sensitive to other processes than wall
+    time; it includes the runtimes' spin-waiting, so it overstates the work a little.
     """
     x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runners}
     for pass_index in range(passes):
         for name, run in runners.items():
             if pass_index == 0:
@@ -108,11 +114,14 @@ def measure(runners: dict[str, Callable], batch: int, image_size: int, passes: i
             block_start = time.perf_counter()
             calls = 0
             while calls < min_calls or time.perf_counter() - block_start < seconds_per_block:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 run(x)
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
                 calls += 1
-    return {name: batch / statistics.median(t) for name, t in times.items()}
+    rates = {name: batch / statistics.median(t) for name, t in times.items()}
+    cpu_ms = {name: 1000 * statistics.median(t) / batch for name, t in cpu_times.items()}
+    return rates, cpu_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,32 +131,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=2, help="blocks per variant and batch size")
     parser.add_argument("--seconds-per-block", type=float, default=2.0)
     parser.add_argument("--min-calls", type=int, default=2, help="timed calls per block at least")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for PyTorch and ONNX Runtime alike (default: their own, one per core). "
+                             "1 on a shared machine: PyTorch's OpenMP threads wait at barriers for a descheduled "
+                             "sibling, which made eager 3-30x slower here under load while ONNX Runtime's pool coped")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="vitserve-bench-") as tmp:
-        runners = build_variants(args.model, Path(tmp))
+        runners = build_variants(args.model, Path(tmp), args.threads)
         image_size = int(args.model.rsplit("_", 1)[1])
-        results = {}
+        results, cpu_ms = {}, {}
+        load_before = os.getloadavg()[0]
         for batch in args.batch_sizes:
             print(f"measuring batch {batch} ...", file=sys.stderr)
-            results[batch] = measure(runners, batch, image_size, args.passes, args.seconds_per_block, args.min_calls)
+            results[batch], cpu_ms[batch] = measure(runners, batch, image_size, args.passes,
+                                                    args.seconds_per_block, args.min_calls)
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{args.model}, images/s (median over {args.passes} passes of timed blocks), {when}")
     print(f"{cpu_name()}, {os.cpu_count()} logical cores; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"onnxruntime {ort.__version__} CPUExecutionProvider\n")
+          f"onnxruntime threads: {args.threads or 'default'}, "
+          f"onnxruntime {ort.__version__} CPUExecutionProvider; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     header = "| variant | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |"
     print(header)
     print("|" + "---|" * (len(args.batch_sizes) + 1))
     for name in VARIANTS:
         print(f"| {name} | " + " | ".join(f"{results[b][name]:.1f}" for b in args.batch_sizes) + " |")
+    print("\nCPU milliseconds per image (all threads of this process; lower is better):\n")
+    print(header)
+    print("|" + "---|" * (len(args.batch_sizes) + 1))
+    for name in VARIANTS:
+        print(f"| {name} | " + " | ".join(f"{cpu_ms[b][name]:.0f}" for b in args.batch_sizes) + " |")
     print()
     for b in args.batch_sizes:
         r = results[b]
         print(f"batch {b}: fused fp32 / eager = {r['ONNX fused fp32'] / r['PyTorch eager']:.2f}x, "
               f"fused / unfused = {r['ONNX fused fp32'] / r['ONNX unfused']:.2f}x, "
-              f"int8 / fused fp32 = {r['ONNX int8'] / r['ONNX fused fp32']:.2f}x")
+              f"int8 / fused fp32 = {r['ONNX int8'] / r['ONNX fused fp32']:.2f}x; by CPU time: "
+              f"{cpu_ms[b]['PyTorch eager'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
+              f"{cpu_ms[b]['ONNX unfused'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
+              f"{cpu_ms[b]['ONNX fused fp32'] / cpu_ms[b]['ONNX int8']:.2f}x")
     if 8 in results:
         r = results[8]
         ok_fused = r["ONNX fused fp32"] / r["PyTorch eager"] >= 1.3
