@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from service.engine import Engine
+from service.app import _build_engine as build_engine
 from service.server import serve
 from service.settings import Settings
 
@@ -59,8 +59,7 @@ class FaultInjectingEngine:
 
 def main() -> int:
     settings = Settings()
-    engine = Engine(settings.model, providers=settings.providers or None,
-                    intra_op_threads=settings.intra_op_threads, allow_spinning=settings.ort_allow_spinning)
+    engine = build_engine(settings)  # exactly as production builds it from the same settings
     fail = frozenset(int(v) for v in os.environ.get("RELIABILITY_FAIL_BATCHES", "").split(",") if v.strip())
     delay_s = float(os.environ.get("RELIABILITY_ENGINE_DELAY_S", "0") or 0)
     import logging
