@@ -29,6 +29,11 @@ _FLAGS = (
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads (0 = one per core)"),
     ("--providers", "providers", str, "provider order, e.g. cuda,cpu (default: automatic)"),
     ("--log-level", "log_level", str, "debug, info, warning, error"),
+    # GPU engine options (off until a GPU benchmark shows they pay; bench/README.md)
+    ("--batch-buckets", "batch_buckets", str, "batch sizes every run is padded to and warmed at, e.g. 1,8,32"),
+    ("--cuda-graphs", "cuda_graphs", str, "true/false: one CUDA graph per batch bucket (needs --batch-buckets)"),
+    ("--pinned-host-memory", "pinned_host_memory", str, "true/false: stage uploads in page-locked memory (CUDA)"),
+    ("--trt-cache-dir", "trt_cache_dir", str, "TensorRT engine and timing cache directory"),
 )
 
 

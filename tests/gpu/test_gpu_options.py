@@ -224,3 +224,14 @@ def test_engine_builds_tensorrt_options_from_the_graph(tiny_export, tmp_path):
     assert options["trt_profile_min_shapes"] == "pixel_values:1x3x32x32"
     assert options["trt_profile_max_shapes"] == "pixel_values:8x3x32x32"
     assert options["trt_engine_cache_path"] == str(tmp_path)
+
+
+def test_serve_flags_reach_the_gpu_settings():
+    from service.cli import build_parser
+    from service.commands.serve import build_settings
+
+    args = build_parser().parse_args(["serve", "--batch-buckets", "1,8", "--cuda-graphs", "true",
+                                      "--pinned-host-memory", "true", "--trt-cache-dir", "/tmp/trt"])
+    settings = build_settings(args)
+    assert (settings.batch_buckets, settings.cuda_graphs, settings.pinned_host_memory) == ("1,8", True, True)
+    assert str(settings.trt_cache_dir) == "/tmp/trt"
