@@ -163,27 +163,35 @@ def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, _Opener | None]
                 raise UnsafeArchive(f"archive entry {member.name!r} is a device, FIFO or other special file")
 
 
+def _image_members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str, _Opener]]:
+    """(checked name, opener) of every image entry, in archive order, before anything is read.
+
+    Names are checked even for skipped entries (one bad name refuses the whole archive); a name seen
+    twice is refused; every image counts against the member budget.
+    """
+    seen: set[str] = set()
+    for raw_name, is_dir, stream in _members(path, kind):
+        name = safe_member_name(raw_name)
+        if is_dir or not is_image_name(name):
+            continue
+        if name in seen:
+            raise UnsafeArchive(f"archive entry {name!r} appears twice")
+        seen.add(name)
+        budget.admit_member(name)
+        assert stream is not None
+        yield name, stream
+
+
 def list_archive(path: Path, limits: ArchiveLimits) -> list[str]:
     """The image names of a zip or tar, in archive order, every name check applied, no image read."""
     kind = archive_kind(path)
     if kind is None:
         raise BadRequest(f"{path.name}: not a zip or tar archive")
     budget = _Budget(limits, path.stat().st_size)
-    names: list[str] = []
-    seen: set[str] = set()
     try:
-        for raw_name, is_dir, _ in _members(path, kind):
-            name = safe_member_name(raw_name)
-            if is_dir or not is_image_name(name):
-                continue
-            if name in seen:
-                raise UnsafeArchive(f"archive entry {name!r} appears twice")
-            seen.add(name)
-            budget.admit_member(name)
-            names.append(name)
+        return [name for name, _ in _image_members(path, kind, budget)]
     except _CORRUPT_ARCHIVE as exc:
         raise BadRequest(f"{path.name}: corrupt archive: {exc}") from None
-    return names
 
 
 def iter_archive(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, bytes]]:
@@ -192,17 +200,8 @@ def iter_archive(path: Path, limits: ArchiveLimits) -> Iterator[tuple[str, bytes
     if kind is None:
         raise BadRequest(f"{path.name}: not a zip or tar archive")
     budget = _Budget(limits, path.stat().st_size)
-    seen: set[str] = set()
     try:
-        for raw_name, is_dir, stream in _members(path, kind):
-            name = safe_member_name(raw_name)
-            if is_dir or not is_image_name(name):
-                continue
-            if name in seen:
-                raise UnsafeArchive(f"archive entry {name!r} appears twice")
-            seen.add(name)
-            budget.admit_member(name)
-            assert stream is not None
+        for name, stream in _image_members(path, kind, budget):
             with stream() as opened:
                 data = opened.read(limits.max_member_bytes + 1)
             budget.count(name, len(data), len(data))
@@ -224,19 +223,14 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
     budget = _Budget(limits, path.stat().st_size)
     names: list[str] = []
     try:
-        for raw_name, is_dir, stream in _members(path, kind):
-            name = safe_member_name(raw_name)  # checked even for skipped entries: refuse the whole archive
-            if is_dir or not is_image_name(name):
-                continue
-            budget.admit_member(name)
+        for name, stream in _image_members(path, kind, budget):
             target = dest.joinpath(*PurePosixPath(name).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            try:  # O_EXCL | O_NOFOLLOW: never overwrite, never write through a link, whatever the checks missed
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             except FileExistsError:
                 raise UnsafeArchive(f"archive entry {name!r} appears twice") from None
             written = 0
-            assert stream is not None
             with os.fdopen(fd, "wb") as out, stream() as opened:
                 while chunk := opened.read(_COPY_CHUNK):
                     written += len(chunk)
