@@ -12,15 +12,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from live_server import free_port, wait_ready
 from PIL import Image
 
 from service.cli import main as cli_main
@@ -79,17 +78,11 @@ def hf_vit(tmp_path_factory):
     return path, folder / "config.json", photos, reference
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``vitserve serve --model MODEL [flags]`` on 127.0.0.1 in a subprocess, stopped with SIGTERM."""
 
     def __init__(self, model: Path, extra: list[str], log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -98,18 +91,11 @@ class Server:
              "--preprocess-threads", "2", "--log-level", "info", *extra],
             cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")},
             stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not ready after 60 s: {log_path.read_text()}")
+        try:
+            wait_ready(self.url, self.process, log_path)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def classify(self, data: bytes) -> list[dict]:
         response = httpx.post(f"{self.url}/v1/classify", params={"top_k": 5}, content=data,

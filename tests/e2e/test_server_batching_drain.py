@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import free_port, wait_ready
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -45,15 +46,9 @@ SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def slow_server(tmp_path: Path, delay_s: float, **settings):
-    port = _free_port()
+    port = free_port()
     script = tmp_path / "slow_server.py"
     script.write_text(SERVER_SCRIPT)
     log_path = tmp_path / f"server-{port}.log"
@@ -65,16 +60,7 @@ def slow_server(tmp_path: Path, delay_s: float, **settings):
                                    stderr=subprocess.STDOUT, env=env, cwd=repo_root)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
+        wait_ready(base, process, log_path)
         yield base, process, log_path
     finally:
         if process.poll() is None:

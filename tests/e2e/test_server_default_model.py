@@ -5,15 +5,14 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from live_server import free_port, wait_ready
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -25,9 +24,7 @@ def test_default_settings_serve_the_bundled_digits_model(tmp_path):
     from sklearn.datasets import load_digits
 
     assert (REPO / "models" / "digits" / "model.onnx").is_file()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}  # defaults only
     env["VITSERVE_PORT"] = str(port)
     log_path = tmp_path / "serve.log"
@@ -36,16 +33,7 @@ def test_default_settings_serve_the_bundled_digits_model(tmp_path):
                                    stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        started = time.monotonic()
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - started < 60, "not ready within a minute:\n" + log_path.read_text()
-            time.sleep(0.1)
+        wait_ready(base, process, log_path)  # within a minute, as `make run` promises
         digits = load_digits()
         correct = 0
         for image, target in zip(digits.images[:20], digits.target[:20]):

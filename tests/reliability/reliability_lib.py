@@ -15,7 +15,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from live_server import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 FAULT_SERVER = Path(__file__).resolve().parent / "fault_server.py"
@@ -47,12 +47,6 @@ photo_bytes = SERVICE_FIXTURES.photo_bytes
 PHOTOS = SERVICE_FIXTURES.PHOTOS
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _kib_field(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -70,7 +64,7 @@ class LiveServer:
     """
 
     def __init__(self, model: Path, workdir: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"
         settings = {"VITSERVE_MODEL": str(model), "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(self.port),
@@ -90,17 +84,8 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = 90.0) -> LiveServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log()}")
+        wait_ready(self.url, self.process, self.log_path, timeout_s)
+        return self
 
     # -- what the kernel says about the process --------------------------------------------
     def rss_kib(self) -> int:

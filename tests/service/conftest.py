@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -67,12 +66,6 @@ def photo_bytes(name: str, fmt: str = "JPEG", **save_kwargs) -> bytes:
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     return {name: photo_bytes(name) for name in PHOTOS}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeEngine:

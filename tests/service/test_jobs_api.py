@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from live_server import free_port, wait_ready
 from PIL import Image
 
 from service.jobs.rows import row_from_csv
@@ -35,12 +35,6 @@ def thumbnail(name: str, width: int = 96) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -65,18 +59,11 @@ class ServerProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.url, self.process, self.log, timeout_s)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def kill(self) -> None:
         assert self.process is not None

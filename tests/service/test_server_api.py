@@ -18,6 +18,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from live_server import free_port, wait_ready
 from PIL import Image
 
 MAX_UPLOAD_BYTES = 3 * 1024 * 1024
@@ -27,15 +28,9 @@ MAX_BATCH_IMAGES = 6
 pytestmark = pytest.mark.slow  # a real server process: ~5 s of start-up on 2 cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_onnx, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VITSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
                VITSERVE_MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS), VITSERVE_MAX_BATCH_IMAGES=str(MAX_BATCH_IMAGES),
@@ -46,16 +41,7 @@ def server(tiny_onnx, tmp_path_factory):
              "--max-batch-size", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in 60 s:\n" + log_path.read_text()
-            time.sleep(0.1)
+        wait_ready(base, process, log_path)
         yield base, process, log_path
     finally:
         if process.poll() is None:
