@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from model.config import ViTConfig, config_from_name
+from model.config import ViTConfig
 from model.labels import check_labels, default_labels
 from model.pos_embed import resample_pos_embed
 from model.vit import VisionTransformer
