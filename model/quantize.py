@@ -2,7 +2,8 @@
 
 Dynamic quantization stores the weights of every MatMul/Gemm as int8 and quantizes the
 activations per batch at run time (DynamicQuantizeLinear -> MatMulInteger), so it needs no
-calibration images. On this CPU (AVX512-VNNI) it runs about 2x the fused fp32 graph.
+calibration images. On this CPU (AVX512-VNNI) ViT-B/16 runs 2.5-2.9x the fused fp32 graph at
+batch 1-8 (bench/RESULTS.md).
 
 Two things ONNX Runtime's quantizer gets wrong on an opset-23 torch.export graph, both
 measured with onnxruntime 1.31:
