@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # FAST=1 skips the slow tests (image builds, browser, load); CI always runs everything.
 PYTEST_FLAGS := $(if $(FAST),-m "not slow",)
 
-.PHONY: run test lint clean-venv
+.PHONY: run test clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
