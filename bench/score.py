@@ -120,20 +120,7 @@ def run_score_command(model: Path, folder: Path, out: Path, workers: int,
 
 
 def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(port),
-           "--log-level", "warning"]
-    process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("server not ready within 120 s")
+    return _bench_serve().launch_server(model, port, [], env)
 
 
 def http_json(port: int, method: str, path: str, body: bytes | None = None, content_type: str = "") -> dict:

@@ -159,17 +159,14 @@ def scrape(port: int, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def start_server(args, port: int) -> subprocess.Popen:
+def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`vitserve serve --model MODEL --port PORT FLAGS` with ``env`` added; returns once /readyz is 200."""
     import urllib.error
     import urllib.request
 
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(args.model), "--port", str(port),
-           "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
-           "--log-level", "warning"]
-    if args.intra_op_threads:
-        cmd += ["--intra-op-threads", str(args.intra_op_threads)]
-    env = dict(os.environ, VITSERVE_MAX_QUEUE_SIZE="1024", VITSERVE_API_KEY="")
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(port),
+           "--log-level", "warning", *flags]
+    process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -181,6 +178,13 @@ def start_server(args, port: int) -> subprocess.Popen:
             time.sleep(0.2)
     process.kill()
     raise SystemExit("server not ready within 120 s")
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    flags = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    if args.intra_op_threads:
+        flags += ["--intra-op-threads", str(args.intra_op_threads)]
+    return launch_server(args.model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
 
 
 def main() -> int:
