@@ -256,6 +256,24 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     return digits.images, digits.target, train, held
 
 
+def heldout_digit_pixels(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, H, W) held-out digits as PNG bytes through the service's own pre-processing, and their targets.
+
+    What the demo model's accuracy is measured on: the exact pixels a client's PNG would become.
+    """
+    import io
+
+    from service.preprocess import load_pixels
+
+    images, targets, _, held = digits_split()
+    pixels = []
+    for i in held:
+        buffer = io.BytesIO()
+        render_digit(images[i]).save(buffer, "PNG")
+        pixels.append(load_pixels(buffer.getvalue(), preprocessing, max_pixels=1 << 20))
+    return np.stack(pixels), targets[held]
+
+
 def write_digits_folder(root: str | Path, indices: Sequence[int], size: int = DIGITS_SIZE) -> LabeledFiles:
     """Render the chosen digits samples as PNG files in ImageFolder layout: root/<digit>/<index>.png."""
     images, targets, _, _ = digits_split()

@@ -16,7 +16,6 @@ last bits of the weights and hence a held-out image or two.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ from model.datasets import (
     DIGITS_SIZE,
     DIGITS_SPLIT_SEED,
     digits_split,
-    render_digit,
+    heldout_digit_pixels,
     write_digits_folder,
 )
 from model.finetune import FinetuneOptions, finetune
@@ -72,21 +71,15 @@ def heldout_accuracy(onnx_path: Path) -> tuple[float, int]:
     import onnxruntime as ort
 
     from service.metadata import ModelMetadata
-    from service.preprocess import load_pixels
 
     model = onnx.load(str(onnx_path))
     metadata = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
-    images, targets, _, held = digits_split()
-    pixels = []
-    for i in held:
-        buffer = io.BytesIO()
-        render_digit(images[i]).save(buffer, "PNG")
-        pixels.append(load_pixels(buffer.getvalue(), metadata.preprocessing, max_pixels=1 << 20))
+    pixels, targets = heldout_digit_pixels(metadata.preprocessing)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {session.get_inputs()[0].name: np.stack(pixels)})[0]
+    logits = session.run(None, {session.get_inputs()[0].name: pixels})[0]
     predicted = [int(metadata.labels[k]) for k in logits.argmax(axis=1)]
-    correct = int(np.sum(np.asarray(predicted) == targets[held]))
-    return correct / len(held), len(held)
+    correct = int(np.sum(np.asarray(predicted) == targets))
+    return correct / len(targets), len(targets)
 
 
 def file_sha256(path: Path) -> str:

@@ -33,3 +33,14 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: f
             pass
         time.sleep(0.1)
     raise TimeoutError(f"server not ready within {timeout_s} s:\n{Path(log_path).read_text()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (the server's graceful drain), then SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

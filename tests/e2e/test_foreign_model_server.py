@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from live_server import free_port, wait_ready
+from live_server import free_port, stop_server, wait_ready
 from PIL import Image
 
 from service.cli import main as cli_main
@@ -104,13 +103,7 @@ class Server:
         return response.json()["predictions"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_server(self.process)
         self._log.close()
 
 

@@ -7,7 +7,6 @@ training images, then go through the service's own preprocessing and ONNX Runtim
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.datasets import digits_split, render_digit
+from model.datasets import digits_split, heldout_digit_pixels
 from service.metadata import ModelMetadata
-from service.preprocess import load_pixels
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = Path("models/digits")  # relative: it is the source recorded in the committed ONNX metadata
@@ -39,13 +37,7 @@ def run_onnx(path: Path, pixels: np.ndarray) -> np.ndarray:
 def heldout() -> tuple[np.ndarray, np.ndarray]:
     """(N, 3, 32, 32) service-preprocessed held-out digits and their labels."""
     metadata = read_metadata(REPO / DEMO_DIR / "model.onnx")
-    images, targets, _, held = digits_split()
-    pixels = []
-    for i in held:
-        buffer = io.BytesIO()
-        render_digit(images[i]).save(buffer, "PNG")
-        pixels.append(load_pixels(buffer.getvalue(), metadata.preprocessing, max_pixels=1 << 20))
-    return np.stack(pixels), targets[held]
+    return heldout_digit_pixels(metadata.preprocessing)
 
 
 def test_demo_files_are_small_and_carry_labels_and_preprocessing():

@@ -18,7 +18,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from live_server import free_port, wait_ready
+from live_server import free_port, stop_server, wait_ready
 from PIL import Image
 
 MAX_UPLOAD_BYTES = 3 * 1024 * 1024
@@ -44,13 +44,7 @@ def server(tiny_onnx, tmp_path_factory):
         wait_ready(base, process, log_path)
         yield base, process, log_path
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")
