@@ -3,7 +3,7 @@
     .venv/bin/python bench/engine.py --export vit_tiny_patch16_224 --precisions fp32,int8     # here (CPU)
     python3 bench/engine.py --model vit_b16_fp16.onnx --model vit_b16_fp32.onnx              # GPU (bench/gpu.sh)
 
-Every number comes from ``service.engine.Engine``, exactly as the service runs it. One timed
+Every number comes from ``service.runtime.engine.Engine``, exactly as the service runs it. One timed
 call = stack n single images into a batch (as the batcher does) + ``engine.run`` (upload,
 compute, logits back to the host, synchronised). Per batch size: a warm-up, then calls for
 ``--seconds`` (3 at least, best of ``--passes`` blocks); images/s = n / median call.
@@ -19,7 +19,7 @@ Engine option sets ("configs"; by default all on CUDA, ``default`` alone on the 
   X/buffer          X, the batch stacked straight into the engine's (pinned) buffer: what the batcher
                     could do with engine.input_buffer(n), saving one host copy per batch
 Also measured: host->device copy of one batch from pageable and from pinned memory, and JPEG
-decode + resize + normalise per image on one core (service.preprocess), so the service's ceiling
+decode + resize + normalise per image on one core (service.runtime.preprocess), so the service's ceiling
 can be split into decode, transfer and compute.
 
 Prints markdown tables (device, versions, date on top); ``--markdown``/``--json`` write them to files.
@@ -45,8 +45,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.engine import CPU, CUDA, GPU_PROVIDERS, TENSORRT, Engine, automatic_providers  # noqa: E402
-from service.gpu_options import GpuOptions, pinned_array  # noqa: E402
+from service.runtime.engine import CPU, CUDA, GPU_PROVIDERS, TENSORRT, Engine, automatic_providers  # noqa: E402
+from service.runtime.gpu_options import GpuOptions, pinned_array  # noqa: E402
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GPU_CONFIGS = ("default", "plain", "buckets", "static", "pinned", "cudagraph", "cudagraph+pinned", "pinned/buffer",
@@ -183,8 +183,8 @@ def time_decode(image_size: int, seconds: float = 2.0) -> dict:
     import skimage.data
     from PIL import Image
 
-    from service.metadata import Preprocessing
-    from service.preprocess import load_pixels
+    from service.core.metadata import Preprocessing
+    from service.runtime.preprocess import load_pixels
 
     jpegs = []
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
@@ -253,7 +253,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {n} | {cell('pageable')} | {cell('pinned')} |")
     if report.get("decode"):
         d = report["decode"]
-        lines += ["", f"JPEG decode + resize + normalise (service.preprocess, skimage photos): "
+        lines += ["", f"JPEG decode + resize + normalise (service.runtime.preprocess, skimage photos): "
                       f"{d['ms_per_image']:.2f} ms per image per core = {d['images_per_s_per_core']:.0f} img/s per core, "
                       f"{d['images_per_s_per_core'] * d['cores']:.0f} img/s on {d['cores']} cores at best"]
     lines += ["", *report.get("verdicts", [])]

@@ -110,7 +110,7 @@ probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir
 session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 print("a CUDA session gets:", session.get_providers())
 print("LD_LIBRARY_PATH:", os.environ.get("LD_LIBRARY_PATH", ""))
-import fastapi, pydantic, uvicorn, service.app  # the service's stack imports
+import fastapi, pydantic, uvicorn, service.http.app  # the service's stack imports
 print(f"fastapi {fastapi.__version__}, pydantic {pydantic.__version__}, uvicorn {uvicorn.__version__}")
 EOF
   } > "$OUT/env.txt" 2>&1

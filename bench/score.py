@@ -5,8 +5,8 @@
 
 1. Writes --images JPEG photographs (skimage.data astronaut, coffee, chelsea, rocket at their
    own sizes, 90 % quality) into a temporary folder.
-2. In-process ceiling (this process): for each image decode + pre-process (service.preprocess,
-   one thread) then run the engine (service.engine, all cores) batch by batch, no result file,
+2. In-process ceiling (this process): for each image decode + pre-process (service.runtime.preprocess,
+   one thread) then run the engine (service.runtime.engine, all cores) batch by batch, no result file,
    no parallel decoding: the same definition as bench/serve.py's ceiling. The engine alone on
    pre-decoded pixels is printed too (the hard upper bound).
 3. `vitserve score FOLDER -o out.jsonl` as a subprocess (the real command): its images/s from its
@@ -84,8 +84,8 @@ def export_random(name: str, workdir: Path) -> Path:
 
 def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[float, float, float]:
     """(decode + engine images/s, engine-only images/s, CPU ms per image) over the folder, serially."""
-    from service.engine import Engine
-    from service.preprocess import load_pixels
+    from service.runtime.engine import Engine
+    from service.runtime.preprocess import load_pixels
 
     engine = Engine(model, log_placement=False)
     p = engine.metadata.preprocessing

@@ -3,8 +3,8 @@
     .venv/bin/python bench/serve.py --model vit_tiny.onnx [--concurrency 1,8,32,64] [--duration-s 15]
 
 What it does, all bounded in time:
-1. In-process ceiling, in this process: pre-process the photos (service.preprocess, one
-   thread) and run the ONNX Runtime session (service.engine, the same intra-op threads as the
+1. In-process ceiling, in this process: pre-process the photos (service.runtime.preprocess, one
+   thread) and run the ONNX Runtime session (service.runtime.engine, the same intra-op threads as the
    server) for batch sizes 1..16 back to back; the best batch size's images/s is the ceiling,
    re-measured right before every concurrency level (the server idle meanwhile) so that a
    drifting machine load hits both sides alike. Also the single-image latency, median.
@@ -60,14 +60,14 @@ class InProcess:
     """The reference the server is compared with: pre-process + session.run in one loop, no HTTP."""
 
     def __init__(self, model: Path, images: list[bytes], intra_op_threads: int, jpeg_draft: bool) -> None:
-        from service.engine import Engine
+        from service.runtime.engine import Engine
 
         self.engine = Engine(model, intra_op_threads=intra_op_threads, log_placement=False)
         self.images = images
         self.jpeg_draft = jpeg_draft
 
     def _pixels(self, i: int) -> np.ndarray:
-        from service.preprocess import load_pixels
+        from service.runtime.preprocess import load_pixels
 
         return load_pixels(self.images[i % len(self.images)], self.engine.metadata.preprocessing, max_pixels=10**8,
                            jpeg_draft=self.jpeg_draft)

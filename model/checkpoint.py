@@ -34,7 +34,7 @@ from model.config import ViTConfig
 from model.labels import check_labels, default_labels
 from model.pos_embed import resample_pos_embed
 from model.vit import VisionTransformer
-from service.metadata import MetadataError, Preprocessing
+from service.core.metadata import MetadataError, Preprocessing
 
 StateDict = dict[str, torch.Tensor]
 

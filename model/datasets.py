@@ -2,7 +2,7 @@
 
 A dataset is first *scanned* (file names and labels only, cheap, with errors that name the
 problem: empty class folders, a single class, malformed CSV rows) and then *decoded* with the
-service's own preprocessing (``service.preprocess.load_pixels``), so a model trains on exactly
+service's own preprocessing (``service.runtime.preprocess.load_pixels``), so a model trains on exactly
 the pixels it will be served. Images that cannot be decoded are skipped, counted and listed,
 never dropped silently.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 # The extensions torchvision's ImageFolder accepts; other files in a class folder are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -130,7 +130,7 @@ def scan_dataset(source: str | Path) -> LabeledFiles:
 
 def decode_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
     """One file -> normalised (3, H, W) float32, with the service's own preprocessing."""
-    from service.preprocess import load_pixels
+    from service.runtime.preprocess import load_pixels
 
     return load_pixels(path.read_bytes(), preprocessing, max_pixels=MAX_PIXELS)
 
@@ -179,7 +179,7 @@ def load_images(files: LabeledFiles, preprocessing: Preprocessing, *,
     is decoded again per item, and this pass only proves that every kept file decodes, so an
     epoch never dies half-way on a corrupt file.
     """
-    from service.errors import InvalidImage
+    from service.core.errors import InvalidImage
 
     report = DecodeReport()
     p = preprocessing
@@ -263,7 +263,7 @@ def heldout_digit_pixels(preprocessing: Preprocessing) -> tuple[np.ndarray, np.n
     """
     import io
 
-    from service.preprocess import load_pixels
+    from service.runtime.preprocess import load_pixels
 
     images, targets, _, held = digits_split()
     pixels = []

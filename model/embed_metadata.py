@@ -1,7 +1,7 @@
 """`vitserve export --from-onnx`: copy an ONNX file from elsewhere with our metadata embedded.
 
 The model description is resolved exactly as `vitserve serve` would (flags > the file's own
-vitserve metadata > its ``<file>.json`` sidecar > the graph > defaults, service/model_spec.py),
+vitserve metadata > its ``<file>.json`` sidecar > the graph > defaults, service/core/model_spec.py),
 then written into the copy's metadata_props, so the copy is served with no flags at all. The
 graph and its weights are copied unchanged; metadata keys from other tools are kept.
 
@@ -15,8 +15,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from service.metadata import PREFIX
-from service.model_spec import IO_METADATA_KEYS, ModelSpec, SpecOptions, graph_io_from_onnx, resolve_spec
+from service.core.metadata import PREFIX
+from service.core.model_spec import IO_METADATA_KEYS, ModelSpec, SpecOptions, graph_io_from_onnx, resolve_spec
 
 # protobuf cannot serialise a message over 2 GiB: bigger models keep their weights in <output>.data.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1800 * 1024**2
@@ -43,7 +43,7 @@ def embed_metadata(source: str | os.PathLike, output: str | os.PathLike, options
     """
     import onnx
 
-    from service.onnx_summary import initializer_elements, precision_from_elements
+    from service.core.onnx_summary import initializer_elements, precision_from_elements
 
     source, output = Path(source), Path(output)
     if source.resolve() == output.resolve():
@@ -66,7 +66,7 @@ def embed_metadata(source: str | os.PathLike, output: str | os.PathLike, options
     onnx.helper.set_model_props(model, {**dict(others), **metadata.to_props()})
     _save(model, output)
     if verify:
-        from service.engine import Engine
+        from service.runtime.engine import Engine
 
         # No options: the copy alone must be enough. A sidecar next to the copy would hide a gap.
         Engine(output, providers="cpu", intra_op_threads=1, log_placement=False)
@@ -89,7 +89,7 @@ def _save(model, output: Path) -> None:
 
 def check_export_mode(args) -> str | None:
     """`vitserve export` takes SOURCE or --from-onnx; the description flags belong to --from-onnx only."""
-    from service.model_spec import SPEC_FLAGS
+    from service.core.model_spec import SPEC_FLAGS
 
     if args.source and args.from_onnx:
         return "give either SOURCE (a checkpoint) or --from-onnx (an ONNX file), not both"
@@ -107,8 +107,8 @@ def run_from_onnx(args) -> int:
     """The `vitserve export --from-onnx SOURCE -o OUTPUT [flags]` handler."""
     import sys
 
-    from service.engine import EngineError
-    from service.model_spec import ModelSpecError, options_from_args
+    from service.runtime.engine import EngineError
+    from service.core.model_spec import ModelSpecError, options_from_args
 
     try:
         spec = embed_metadata(args.from_onnx, args.output, options_from_args(args), verify=args.verify)

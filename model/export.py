@@ -42,7 +42,7 @@ import onnx
 import torch
 
 from model.config import ViTConfig
-from service.metadata import ModelMetadata, Preprocessing
+from service.core.metadata import ModelMetadata, Preprocessing
 
 if TYPE_CHECKING:
     from model.verify import VerifyReport

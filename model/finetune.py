@@ -35,7 +35,7 @@ from model.datasets import DatasetError, LabeledFiles, load_images, scan_dataset
 from model.native import save_native
 from model.probe import extract_features, fit_ridge, install_head
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 Mode = Literal["linear", "head", "full"]
 MODES: tuple[str, ...] = ("linear", "head", "full")

@@ -30,7 +30,7 @@ from model.checkpoint import (
 )
 from model.config import ViTConfig
 from model.labels import check_labels
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 FORMAT = "vitserve-checkpoint"
 VERSION = 1

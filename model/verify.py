@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.metadata import MetadataError, ModelMetadata, Preprocessing
+from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
 
 # (domain, op_type) of the nodes that compute a whole attention; "" and "ai.onnx" are the standard domain.
 FUSED_ATTENTION_OPS = frozenset({
@@ -249,7 +249,7 @@ def photo_inputs(preprocessing: Preprocessing, names: Iterable[str] = PHOTOS) ->
     import skimage.data
     from PIL import Image
 
-    from service.preprocess import preprocess
+    from service.runtime.preprocess import preprocess
 
     return np.stack([preprocess(Image.fromarray(getattr(skimage.data, name)()), preprocessing) for name in names])
 

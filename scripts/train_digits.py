@@ -38,7 +38,7 @@ from model.datasets import (
 )
 from model.finetune import FinetuneOptions, finetune
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = Path("models/digits")  # relative to the repository: it is the `source` recorded in the ONNX metadata
@@ -70,7 +70,7 @@ def heldout_accuracy(onnx_path: Path) -> tuple[float, int]:
     import onnx
     import onnxruntime as ort
 
-    from service.metadata import ModelMetadata
+    from service.core.metadata import ModelMetadata
 
     model = onnx.load(str(onnx_path))
     metadata = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})

@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--external-data-threshold-mb", type=float, default=2000.0,
                         help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)")
     _add_checkpoint_options(export)
-    from service.model_spec import add_spec_arguments
+    from service.core.model_spec import add_spec_arguments
 
     add_spec_arguments(export, skip=("--image-size",))  # --from-onnx: --mean, --labels ... as for `serve`
     export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -35,7 +35,7 @@ from model.checkpoint import (
     read_state_dict_file,
 )
 from model.config import SIZES, ViTConfig
-from service.metadata import INTERPOLATIONS, Preprocessing
+from service.core.metadata import INTERPOLATIONS, Preprocessing
 
 # What `hf:<repo>` downloads.
 HUB_FILES = {

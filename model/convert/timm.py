@@ -23,7 +23,7 @@ from model.checkpoint import (
     read_state_dict_file,
 )
 from model.config import ViTConfig, config_from_name
-from service.metadata import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from service.core.metadata import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 
 # What `timm:<name>` downloads from the hub repo timm/<name>.
 HUB_FILES = {"required": ("config.json",), "weights": ("model.safetensors", "pytorch_model.bin")}

@@ -125,10 +125,10 @@ def host_reference(model: Path, data: bytes, k: int) -> list[dict]:
     """What the service computes for these bytes, computed here with ONNX Runtime on the host."""
     import onnxruntime as ort
 
-    from service.metadata import ModelMetadata
-    from service.postprocess import top_k
-    from service.preprocess import load_pixels
-    from service.settings import Settings
+    from service.core.metadata import ModelMetadata
+    from service.runtime.postprocess import top_k
+    from service.runtime.preprocess import load_pixels
+    from service.core.settings import Settings
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)

@@ -12,8 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.errors import install_error_handlers
-from service.routes import page
+from service.http.errors import install_error_handlers
+from service.http import page
 
 
 @pytest.fixture(scope="module")

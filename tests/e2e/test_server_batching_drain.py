@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 SERVER_SCRIPT = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from service.metadata import ModelMetadata, Preprocessing
-    from service.server import serve
-    from service.settings import Settings
+    from service.core.metadata import ModelMetadata, Preprocessing
+    from service.http.server import serve
+    from service.core.settings import Settings
 
     class SlowEngine:
         def __init__(self, delay_s):

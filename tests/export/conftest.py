@@ -11,7 +11,7 @@ from export_testlib import export, make_model
 from model.export import torch_to_onnx
 from model.verify import photo_inputs, random_inputs
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 
 @pytest.fixture(scope="session")

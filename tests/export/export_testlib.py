@@ -11,7 +11,7 @@ import torch
 from model.config import config_from_name
 from model.export import export_model
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 DEPTH = 3
 NUM_CLASSES = 10

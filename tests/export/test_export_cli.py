@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from service.cli import main
-from service.metadata import ModelMetadata
+from service.core.metadata import ModelMetadata
 
 REPO = Path(__file__).resolve().parents[2]
 

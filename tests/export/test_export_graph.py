@@ -9,7 +9,7 @@ import pytest
 
 from model.export import ExportError, export_model, resolve_precision, save_model, torch_to_onnx
 from model.verify import ExportFileError, graph_stats, inspect_export
-from service.metadata import ModelMetadata, Preprocessing
+from service.core.metadata import ModelMetadata, Preprocessing
 
 from export_testlib import DEPTH, LABELS, SHA, SOURCE, export, make_model
 

@@ -70,7 +70,7 @@ def photo_batch(preprocessing) -> np.ndarray:
     import skimage.data
     from PIL import Image
 
-    from service.preprocess import preprocess
+    from service.runtime.preprocess import preprocess
 
     def rgb(name: str) -> Image.Image:
         return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")

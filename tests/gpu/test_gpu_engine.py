@@ -1,4 +1,4 @@
-"""ViT-B/16 on ONNX Runtime's CUDA provider through service.engine.Engine, as the service runs it.
+"""ViT-B/16 on ONNX Runtime's CUDA provider through service.runtime.engine.Engine, as the service runs it.
 
 - fp16 agrees with fp32 on real photographs (top-1 identical, logits within 1e-2);
 - every attention node runs on the CUDA provider, and as a fused kernel (flash or
@@ -38,7 +38,7 @@ def models(tmp_path_factory) -> dict[str, object]:
 
 
 def cuda_engine(path, **kwargs):
-    from service.engine import CUDA, Engine
+    from service.runtime.engine import CUDA, Engine
 
     engine = Engine(path, providers="cuda,cpu", **kwargs)
     assert engine.providers[0] == CUDA, engine.providers
@@ -102,7 +102,7 @@ def test_attention_runs_as_fused_kernels(fp16_engine, photos):
 
 
 def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_engine, photos):
-    from service.gpu_options import GpuOptions, is_pinned
+    from service.runtime.gpu_options import GpuOptions, is_pinned
 
     engine = cuda_engine(models["fp16"], log_placement=False,
                          gpu_options=GpuOptions(batch_buckets=(1, 8, 32), cuda_graphs=True, pinned_host_memory=True))
@@ -129,7 +129,7 @@ def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_en
 def test_device_memory_is_flat_over_varying_batches(models, buckets):
     import torch
 
-    from service.gpu_options import GpuOptions
+    from service.runtime.gpu_options import GpuOptions
 
     engine = cuda_engine(models["fp16"], log_placement=False, gpu_options=GpuOptions(batch_buckets=buckets))
     rng = np.random.default_rng(0)

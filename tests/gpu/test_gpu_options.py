@@ -1,4 +1,4 @@
-"""The CPU-testable logic of the GPU engine options (service/gpu_options.py, service/buckets.py):
+"""The CPU-testable logic of the GPU engine options (service/runtime/gpu_options.py, service/runtime/buckets.py):
 bucket planning, padded runs equal to unpadded ones on a real ViT export, provider options,
 settings validation. Runs everywhere; the GPU side is test_gpu_engine.py."""
 
@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpu_testlib import cuda_unavailable_reason
-from service.gpu_options import (GpuOptions, GpuOptionsError, cuda_provider_options, parse_buckets, pinned_array,
+from service.runtime.gpu_options import (GpuOptions, GpuOptionsError, cuda_provider_options, parse_buckets, pinned_array,
                                  plan_chunks, tensorrt_provider_options)
-from service.settings import Settings
+from service.core.settings import Settings
 
 bucket_sets = st.lists(st.integers(1, 300), min_size=1, max_size=6, unique=True).map(lambda b: tuple(sorted(b)))
 
@@ -95,7 +95,7 @@ def test_settings_reject_bad_gpu_options(monkeypatch, bad):
 
 
 def test_pinned_memory_is_pinned_or_refused():
-    from service.gpu_options import is_pinned
+    from service.runtime.gpu_options import is_pinned
 
     if cuda_unavailable_reason() is None:
         array, source = pinned_array((2, 3, 8, 8), np.float32)
@@ -115,7 +115,7 @@ def tiny_export(tmp_path_factory) -> Path:
     from model.config import ViTConfig
     from model.export import export_model
     from model.vit import build_vit
-    from service.metadata import Preprocessing
+    from service.core.metadata import Preprocessing
 
     config = ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10,
                        name="vit_test_patch8_32")
@@ -139,7 +139,7 @@ def batches() -> list[np.ndarray]:
 @pytest.mark.parametrize("io_binding", [False, True], ids=["host-feed", "io-binding"])
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["shared-session", "session-per-bucket"])
 def test_bucketed_runs_equal_unpadded_runs(tiny_export, batches, io_binding, static_shapes):
-    from service.engine import Engine
+    from service.runtime.engine import Engine
 
     plain = Engine(tiny_export, providers="cpu", log_placement=False)
     bucketed = Engine(tiny_export, providers="cpu", io_binding=io_binding,
@@ -160,7 +160,7 @@ def test_bucketed_runs_equal_unpadded_runs(tiny_export, batches, io_binding, sta
 
 @pytest.mark.slow
 def test_device_input_cache_is_bounded(tiny_export, batches):
-    from service.engine import _MAX_CACHED_DEVICE_INPUTS, Engine
+    from service.runtime.engine import _MAX_CACHED_DEVICE_INPUTS, Engine
 
     plain = Engine(tiny_export, providers="cpu", log_placement=False)
     bound = Engine(tiny_export, providers="cpu", io_binding=True, log_placement=False)
@@ -176,8 +176,8 @@ def test_buckets_refuse_a_fixed_batch_graph(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from service.engine import Engine, EngineError
-    from service.metadata import ModelMetadata, Preprocessing
+    from service.runtime.engine import Engine, EngineError
+    from service.core.metadata import ModelMetadata, Preprocessing
 
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["pixel_values"], ["pooled"], axes=[2, 3], keepdims=0),
@@ -196,7 +196,7 @@ def test_buckets_refuse_a_fixed_batch_graph(tmp_path):
 @pytest.mark.slow
 def test_a_bucket_whose_cuda_graph_fails_runs_without_one(tiny_export, batches, caplog):
     """Graph capture happens on an early run; a failure there must cost the bucket its graph only."""
-    from service.engine import Engine
+    from service.runtime.engine import Engine
 
     class CaptureFails:
         def run(self, *args, **kwargs):
@@ -216,7 +216,7 @@ def test_a_bucket_whose_cuda_graph_fails_runs_without_one(tiny_export, batches, 
 @pytest.mark.slow
 def test_engine_builds_tensorrt_options_from_the_graph(tiny_export, tmp_path):
     """TensorRT's profile needs the input's name and shape before its session exists (read from a CPU one)."""
-    from service.engine import TENSORRT, Engine
+    from service.runtime.engine import TENSORRT, Engine
 
     engine = Engine(tiny_export, providers="cpu", log_placement=False,
                     gpu_options=GpuOptions(batch_buckets=(1, 8), trt_cache_dir=tmp_path))
@@ -228,7 +228,7 @@ def test_engine_builds_tensorrt_options_from_the_graph(tiny_export, tmp_path):
 
 def test_serve_flags_reach_the_gpu_settings():
     from service.cli import build_parser
-    from service.commands.serve import build_settings
+    from service.cli.serve import build_settings
 
     args = build_parser().parse_args(["serve", "--batch-buckets", "1,8", "--cuda-graphs", "true",
                                       "--pinned-host-memory", "true", "--trt-cache-dir", "/tmp/trt"])

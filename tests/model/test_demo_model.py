@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from model.datasets import digits_split, heldout_digit_pixels
-from service.metadata import ModelMetadata
+from service.core.metadata import ModelMetadata
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = Path("models/digits")  # relative: it is the source recorded in the committed ONNX metadata

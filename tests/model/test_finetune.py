@@ -21,7 +21,7 @@ from model.finetune import STATE_NAME, FinetuneError, FinetuneOptions, finetune
 from model.native import load_native, save_native
 from model.probe import fit_ridge
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 from checkpoint_testlib import randomize
 

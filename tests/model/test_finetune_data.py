@@ -24,7 +24,7 @@ from model.datasets import (
 from model.finetune import FinetuneOptions, finetune
 from model.native import save_native
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 P32 = Preprocessing(32, 32, "shortest", "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -154,7 +154,7 @@ def test_digits_are_dark_ink_on_white_and_the_split_holds_out_a_fifth():
 
 def test_decode_uses_the_service_preprocessing(tmp_path):
     """Training pixels are exactly the service's: same bytes in, same array out."""
-    from service.preprocess import load_pixels
+    from service.runtime.preprocess import load_pixels
 
     path = write_image(tmp_path / "a.png", size=(64, 48))
     expected = load_pixels(path.read_bytes(), P32, max_pixels=10_000)

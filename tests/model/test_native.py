@@ -12,7 +12,7 @@ from model.checkpoint import CheckpointError, import_checkpoint, state_dict_sha2
 from model.config import config_from_name
 from model.native import load_native, save_native
 from model.vit import VisionTransformer
-from service.metadata import Preprocessing
+from service.core.metadata import Preprocessing
 
 LABELS = ("cat", "dog", "fish")
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from reliability_lib import scale
-from service.errors import InvalidImage
-from service.metadata import Preprocessing
-from service.preprocess import load_pixels
+from service.core.errors import InvalidImage
+from service.core.metadata import Preprocessing
+from service.runtime.preprocess import load_pixels
 
 EXAMPLES = scale("RELIABILITY_PROPERTY_EXAMPLES", 150)
 # Pillow warns on odd but readable TIFF tags; that is not an error of ours.

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from reliability_lib import REPO, SERVICE_FIXTURES, assert_clean_error, photo_bytes
-from service import app as service_app
+from service.http import app as service_app
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_compare_digest_is_what_runs(monkeypatch):
     """At run time every key check goes through hmac.compare_digest (in-process app, fake engine)."""
     from fastapi.testclient import TestClient
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     calls = []
     real = service_app.hmac.compare_digest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.metadata import ModelMetadata, Preprocessing
+from service.core.metadata import ModelMetadata, Preprocessing
 
 TINY_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -69,7 +69,7 @@ def photos() -> dict[str, bytes]:
 
 
 class FakeEngine:
-    """Stands in for service.engine.Engine: deterministic logits, records every batch size.
+    """Stands in for service.runtime.engine.Engine: deterministic logits, records every batch size.
 
     Args:
         num_classes: K.

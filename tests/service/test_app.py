@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.http.app import create_app
+from service.core.settings import Settings
 
 
 def _wait_ready(client: TestClient, timeout_s: float = 5.0) -> None:
@@ -157,7 +157,7 @@ def test_metrics_count_images_batches_and_rate(make_fake_engine, encode_photo):
 
 
 def test_gpu_hosts_get_a_bigger_default_batch_unless_one_is_set(make_fake_engine):
-    from service.app import GPU_DEFAULT_MAX_BATCH_SIZE
+    from service.http.app import GPU_DEFAULT_MAX_BATCH_SIZE
 
     for settings, expected in ((Settings(), GPU_DEFAULT_MAX_BATCH_SIZE), (Settings(max_batch_size=8), 8)):
         engine = make_fake_engine()

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from service.engine import CPU, Engine, EngineError, parse_providers
-from service.preprocess import load_pixels
+from service.runtime.engine import CPU, Engine, EngineError, parse_providers
+from service.runtime.preprocess import load_pixels
 
 pytestmark = pytest.mark.slow  # the session fixture exports a ViT with torch.onnx (~6-12 s on 2 cores)
 

@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from service.cli import main as cli_main
-from service.engine import Engine, EngineError
-from service.metadata import ModelMetadata, Preprocessing
-from service.model_spec import (
+from service.runtime.engine import Engine, EngineError
+from service.core.metadata import ModelMetadata, Preprocessing
+from service.core.model_spec import (
     ModelSpecError,
     SpecOptions,
     graph_io_from_onnx,
@@ -30,8 +30,8 @@ from service.model_spec import (
     resolve_spec,
     sidecar_path,
 )
-from service.preprocess import load_pixels
-from service.settings import Settings
+from service.runtime.preprocess import load_pixels
+from service.core.settings import Settings
 
 SIZE = 8
 K = 5
@@ -301,7 +301,7 @@ def test_fixed_batch_of_one_is_served_with_batching_off(tmp_path, labels_txt, en
                         intra_op_threads=1, preprocess_threads=2)
     images = [("files", (f"{name}.png", encode_photo(name, "PNG"), "image/png")) for name in ("coffee", "chelsea",
                                                                                                "rocket")]
-    from service.app import create_app
+    from service.http.app import create_app
 
     with caplog.at_level(logging.WARNING), TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 30

@@ -9,8 +9,8 @@ import sys
 def test_importing_the_service_does_not_import_torch():
     code = (
         "import sys\n"
-        "import service.app, service.engine, service.server, service.cli\n"
-        "service.app.create_app()\n"
+        "import service.http.app, service.runtime.engine, service.http.server, service.cli\n"
+        "service.http.app.create_app()\n"
         "service.cli.build_parser()\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'transformers') if m in sys.modules)\n"
         "print(','.join(heavy))\n"

@@ -20,7 +20,7 @@ import pytest
 from live_server import free_port, wait_ready
 from PIL import Image
 
-from service.jobs.rows import row_from_csv
+from service.scoring.rows import row_from_csv
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 BROKEN = b"\xff\xd8\xff\xe0 this is not really a JPEG"

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
-from service.errors import NotReady
+from service.runtime.batcher import Batcher
+from service.core.errors import NotReady
 
 ONLINE, LOW = 1.0, -1.0
 

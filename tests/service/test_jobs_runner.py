@@ -9,9 +9,9 @@ import time
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.jobs.store import JobStore
-from service.settings import Settings
+from service.http.app import create_app
+from service.scoring.job_store import JobStore
+from service.core.settings import Settings
 
 
 def png(color: tuple[int, int, int]) -> bytes:

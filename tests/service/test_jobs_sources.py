@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import BadRequest, PayloadTooLarge
-from service.jobs.sources import (ArchiveLimits, Forbidden, UnsafeArchive, extract_archive, iter_archive,
+from service.core.errors import BadRequest, PayloadTooLarge
+from service.scoring.sources import (ArchiveLimits, Forbidden, UnsafeArchive, extract_archive, iter_archive,
                                   manifest_paths, resolve_under_root)
 
 JPEG = b"\xff\xd8\xff\xe0 not decoded here"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 
-from service.jobs.store import CANCELLED, DONE, QUEUED, RUNNING, JobStore
+from service.scoring.job_store import CANCELLED, DONE, QUEUED, RUNNING, JobStore
 
 
 def items(n: int) -> list[tuple[str, str]]:

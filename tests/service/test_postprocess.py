@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.postprocess import softmax, top_k
+from service.runtime.postprocess import softmax, top_k
 
 
 def test_softmax_and_top_k_match_torch():

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import InvalidImage
-from service.metadata import Preprocessing
-from service.preprocess import decode_image, load_pixels, preprocess, resize_and_crop
+from service.core.errors import InvalidImage
+from service.core.metadata import Preprocessing
+from service.runtime.preprocess import decode_image, load_pixels, preprocess, resize_and_crop
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 BIG = 10**8

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.scoring import read_results, score
+from service.scoring.offline import read_results, score
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 TOP_K = 3
@@ -56,8 +56,8 @@ def classify(tiny_onnx, tmp_path_factory):
     """bytes -> the service's /v1/classify predictions (the in-process app, same model file)."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.settings import Settings
+    from service.http.app import create_app
+    from service.core.settings import Settings
 
     settings = Settings(model=tiny_onnx, data_dir=tmp_path_factory.mktemp("score-data"))
     with TestClient(create_app(settings)) as client:

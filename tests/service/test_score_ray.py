@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from service.scoring import read_results, score
+from service.scoring.offline import read_results, score
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def dataset(tmp_path_factory):
 def test_ray_results_equal_local_results_for_a_folder_an_archive_and_a_manifest(ray_local, tiny_onnx, dataset,
                                                                                  tmp_path):
     from service.cli import main
-    from service.ray_scoring import score_with_ray
+    from service.scoring.ray_scoring import score_with_ray
 
     with tarfile.open(tmp_path / "images.tar", "w") as archive:
         archive.add(dataset, arcname="images")

@@ -21,9 +21,9 @@ from PIL import Image
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from service import v2_codec
-from service.metadata import ModelMetadata, Preprocessing
-from service.v2_codec import V2ProtocolError
+from service.http.v2 import codec as v2_codec
+from service.core.metadata import ModelMetadata, Preprocessing
+from service.http.v2.codec import V2ProtocolError
 
 IMAGE_SIZE = 32
 LABELS = ("tench", "goldfish", "great white shark", "tiger shark", "hammerhead")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.http.app import create_app
+from service.core.settings import Settings
 
 LIMIT = 512 * 1024  # JSON pixels: ~63 KB per 32x32 image
 

@@ -20,11 +20,11 @@ import tritonclient.http as triton
 import uvicorn
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
-from service.metadata import ModelMetadata
-from service.postprocess import softmax
-from service.preprocess import load_pixels
-from service.settings import Settings
+from service.http.app import create_app
+from service.core.metadata import ModelMetadata
+from service.runtime.postprocess import softmax
+from service.runtime.preprocess import load_pixels
+from service.core.settings import Settings
 
 pytestmark = pytest.mark.slow  # real uvicorn servers and a real ONNX model: ~5 s beyond the shared export
 

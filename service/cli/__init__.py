@@ -1,0 +1,56 @@
+"""The `vitserve` command: one CLI, one subcommand per module.
+
+Each module listed in COMMAND_MODULES exposes ``add_parser(subparsers)``, which registers its
+subcommand and sets ``func`` (taking the parsed args, returning an exit code). Modules must be
+cheap to import: heavy imports (torch, onnxruntime) happen inside ``func``, so `vitserve serve`
+works in an image without torch and `vitserve --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Service-side commands first; model-side ones (they need the `model` extra: torch) after.
+COMMAND_MODULES: tuple[str, ...] = (
+    "service.cli.serve",
+    "service.cli.score",
+    "service.cli.inspect",
+    "model.commands.export",
+    "model.commands.finetune",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitserve", description="Serve Vision Transformer image classifiers with ONNX Runtime."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that command is not part of this installation
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "torchvision", "onnx", "onnxscript", "safetensors", "timm", "transformers"):
+            print(f"vitserve {args.command}: needs {exc.name}; install the model extra: pip install 'vitserve[model]'",
+                  file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

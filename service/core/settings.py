@@ -1,0 +1,191 @@
+"""All service configuration in one place: environment variables VITSERVE_*, validated at start-up.
+
+Every field's unit is in its name. ``get_settings()`` is cached so the app, the CLI and tests
+share one object; tests build their own ``Settings(...)`` and hand it to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The bundled demo model (trained and exported by model/; lives in the repository).
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
+
+
+class Settings(BaseSettings):
+    """Service settings; each can be set as VITSERVE_<NAME> (e.g. VITSERVE_MAX_BATCH_SIZE=16)."""
+
+    model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=None, extra="ignore",
+                                      validate_default=True, protected_namespaces=())
+
+    model: Path = Field(DEFAULT_MODEL_PATH, description="path of the exported .onnx model to serve")
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+
+    # Batching: CPU inference is compute-bound (batches beyond ~8 add latency, not throughput);
+    # GPU hosts want larger batches: left unset, the app uses 32 there (service.http.app.GPU_DEFAULT_MAX_BATCH_SIZE).
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most images per engine run")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="longest a request waits for a batch to fill")
+    max_queue_size: int = Field(256, ge=1, le=1_000_000, description="queued images before answering 429")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline per request, queue + inference")
+
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body, bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height pixels")
+    max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
+
+    jpeg_draft: bool = Field(True, description="decode large JPEGs (short side >= 4x the model's resize size) "
+                                               "in DCT draft mode; false = exact parity with timm for every size")
+    preprocess_threads: int = Field(0, ge=0, le=256, description="decode/resize threads; 0 = one per core")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads per operator; 0 = one per core")
+    ort_allow_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (GPU/large hosts)")
+    providers: str = Field("", description="comma list overriding provider order, e.g. 'cuda,cpu'; empty = automatic")
+    warmup_batch_sizes: str = Field("", description="comma list of batch sizes to warm up; empty = 1 and max_batch_size")
+
+    # GPU engine options (service/runtime/gpu_options.py). All off: each stays off until bench/engine.py on
+    # a GPU shows it pays (bench/README.md). batch_buckets works on any provider, the rest on CUDA/TensorRT.
+    batch_buckets: str = Field("", description="comma list of batch sizes every run is padded to and warmed at, "
+                                               "e.g. 1,4,16,64; empty = each batch runs at its own size")
+    cuda_graphs: bool = Field(False, description="capture one CUDA graph per batch bucket (needs batch_buckets; CUDA)")
+    pinned_host_memory: bool = Field(False, description="stage uploads in page-locked host memory (CUDA)")
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
+    trt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels (matters for fp32 exports)")
+
+    api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
+
+    # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
+    data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")
+    job_root: Path | None = Field(None, description="manifest jobs may only name files under this directory; "
+                                                    "unset = manifest jobs refused (403)")
+    max_job_upload_bytes: int = Field(4 * 1024**3, ge=1024, description="largest archive upload to /v1/jobs, bytes")
+    max_job_images: int = Field(1_000_000, ge=1, description="most images in one job")
+    max_archive_bytes: int = Field(16 * 1024**3, ge=1024, description="most bytes one archive may extract to")
+    max_archive_ratio: float = Field(100.0, ge=1, description="most uncompressed bytes per archive byte (zip bombs)")
+    max_image_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest single image file in a job")
+    job_decode_threads: int = Field(0, ge=0, le=256, description="job decode threads; 0 = half the cores (min 1)")
+    job_max_in_flight: int = Field(0, ge=0, le=100_000, description="job images decoded or queued at once; "
+                                                                      "0 = 2 x max_batch_size")
+    job_batch_size: int = Field(0, ge=0, le=1024, description="most images in one job batch (an online request "
+                                                              "may wait behind one); 0 = max_batch_size / 4")
+    low_priority_idle_ms: float = Field(20.0, ge=0, le=10_000, description="online lane quiet time before a job "
+                                                                            "batch may run")
+
+    # Model description for ONNX files without vitserve metadata (service/core/model_spec.py): each
+    # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
+    image_size: int | None = Field(None, ge=1, description="side of the square model input, pixels")
+    resize: int | None = Field(None, ge=1, description="resize target, pixels, before the centre crop")
+    resize_mode: str | None = Field(None, description="shortest (resize the short side, crop) or squash")
+    crop: float | None = Field(None, gt=0, le=1, description="centre-crop fraction (timm crop_pct), instead of resize")
+    interpolation: str | None = Field(None, description="nearest, bilinear, bicubic or lanczos")
+    mean: str | None = Field(None, description="per-channel mean, e.g. 0.5,0.5,0.5 or imagenet")
+    std: str | None = Field(None, description="per-channel std, e.g. 0.5,0.5,0.5 or imagenet")
+    labels: Path | None = Field(None, description="class names file: .txt (one per line) or .json")
+    input_name: str | None = Field(None, description="graph input that gets the pixels (several inputs)")
+    output_name: str | None = Field(None, description="graph output with the logits (several outputs)")
+    input_layout: str | None = Field(None, description="nchw or nhwc, when the graph does not tell")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("job_root", mode="before")
+    @classmethod
+    def _empty_root_is_none(cls, value):
+        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("image_size", "resize", "resize_mode", "crop", "interpolation", "mean", "std", "labels",
+                     "input_name", "output_name", "input_layout", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trt_cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _expand_model(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _check_providers(cls, value: str) -> str:
+        allowed = {"tensorrt", "trt", "cuda", "cpu", "tensorrtexecutionprovider", "cudaexecutionprovider",
+                   "cpuexecutionprovider"}
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [n for n in names if n.lower() not in allowed]
+        if bad:
+            raise ValueError(f"unknown provider(s) {bad}; use a comma list of tensorrt, cuda, cpu")
+        return ",".join(names)
+
+    @field_validator("warmup_batch_sizes", mode="after")
+    @classmethod
+    def _check_warmup(cls, value: str) -> str:
+        for part in filter(None, (v.strip() for v in value.split(","))):
+            if not part.isdigit() or int(part) < 1:
+                raise ValueError(f"warmup_batch_sizes must be a comma list of positive integers, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})")
+        from service.core.model_spec import ModelSpecError
+
+        try:
+            self.spec_options()  # a bad --mean or an unreadable labels file fails here, at start-up
+        except ModelSpecError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_gpu_options(self) -> Settings:
+        from service.runtime.gpu_options import GpuOptionsError
+
+        try:
+            self.gpu_options()
+        except GpuOptionsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def gpu_options(self):
+        """The engine's GPU options (service.runtime.gpu_options.GpuOptions) these settings give."""
+        from service.runtime.gpu_options import GpuOptions, parse_buckets
+
+        return GpuOptions(batch_buckets=parse_buckets(self.batch_buckets), cuda_graphs=self.cuda_graphs,
+                          pinned_host_memory=self.pinned_host_memory, trt_cache_dir=self.trt_cache_dir,
+                          trt_fp16=self.trt_fp16)
+
+    def spec_options(self):
+        """The explicit model description (service.core.model_spec.SpecOptions) these settings give."""
+        from service.core.model_spec import SPEC_FLAGS, SpecOptions
+
+        raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
+        return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
+
+    def warmup_sizes(self) -> list[int]:
+        sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]
+        return sorted(set(sizes or [1, self.max_batch_size]))
+
+    def check_model_file(self) -> None:
+        """Raise a clear error when the model file is missing (called at start-up, not at import)."""
+        if not self.model.is_file():
+            hint = (" (the bundled demo model is built by `vitserve export`; or point VITSERVE_MODEL / --model "
+                    "at an exported .onnx file)") if self.model == DEFAULT_MODEL_PATH else ""
+            raise FileNotFoundError(f"model file not found: {self.model}{hint}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,241 @@
+"""/v1/jobs: scoring jobs too big for one request (archives and manifests), run in the background.
+
+POST answers 202 with the job id as soon as the input is stored and checked; the images are
+scored by the service's JobRunner (service/scoring/job_runner.py) at low priority. Results are read
+back as JSON lines (default) or CSV (``Accept: text/csv``), streamed page by page from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from service.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.scoring.rows import csv_fields, csv_header
+from service.scoring.job_runner import JobRunner, job_dir
+from service.scoring.sources import (ArchiveLimits, Forbidden, archive_kind, extract_archive, manifest_paths,
+                                  resolve_under_root)
+from service.scoring.job_store import CANCELLED, JobRecord
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ARCHIVE_TYPES = frozenset({"application/zip", "application/x-zip-compressed", "application/x-tar", "application/gzip",
+                           "application/x-gzip", "application/x-gtar", "application/x-bzip2", "application/x-xz",
+                           "application/octet-stream"})
+MANIFEST_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/json-lines",
+                            "application/x-jsonlines", "text/plain"})
+_RESULTS_PAGE = 1000
+
+
+def _runner(request: Request) -> JobRunner:
+    return request.app.state.jobs
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _limits(request: Request) -> ArchiveLimits:
+    s = request.app.state.settings
+    return ArchiveLimits(max_members=s.max_job_images, max_member_bytes=s.max_image_file_bytes,
+                         max_total_bytes=s.max_archive_bytes, max_ratio=s.max_archive_ratio)
+
+
+async def _save_body(request: Request, target: Path) -> None:
+    with open(target, "wb") as out:
+        async for chunk in request.stream():  # the middleware counts bytes against max_job_upload_bytes
+            out.write(chunk)
+
+
+def _archive_items(upload: Path, dest: Path, limits: ArchiveLimits) -> tuple[str, list[tuple[str, str]]]:
+    kind = archive_kind(upload)
+    if kind is None:
+        raise BadRequest("the upload is not a zip or tar archive (plain, .gz, .bz2 or .xz)")
+    names = extract_archive(upload, dest, limits)
+    upload.unlink()
+    return kind, [(name, str(dest.joinpath(*name.split("/")))) for name in names]
+
+
+def _manifest_items(paths: list[str], root: Path | None, max_images: int) -> list[tuple[str, str]]:
+    if root is None:
+        raise Forbidden("manifest jobs are disabled on this server (VITSERVE_JOB_ROOT is not set)")
+    if len(paths) > max_images:
+        raise PayloadTooLarge(f"manifest lists {len(paths)} images; the limit is {max_images} (max_job_images)")
+    return [(path, str(resolve_under_root(path, root))) for path in paths]
+
+
+async def _read_input(request: Request, workdir: Path) -> tuple[str, list[tuple[str, str]]]:
+    """The request's images as (kind, [(reported path, file on this host)])."""
+    settings = request.app.state.settings
+    media_type = _media_type(request)
+    upload = workdir / "upload"
+    if media_type in ARCHIVE_TYPES:
+        await _save_body(request, upload)
+        return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(request))
+    if media_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        field = form.get("file") or form.get("manifest")
+        if not isinstance(field, UploadFile):
+            raise BadRequest("multipart body needs a file field 'file' (a zip or tar) or 'manifest' (JSON lines)")
+        if "manifest" in form:
+            lines = (await field.read()).splitlines()
+            paths = manifest_paths(lines)
+            return "manifest", await asyncio.to_thread(_manifest_items, paths, settings.job_root,
+                                                       settings.max_job_images)
+        with open(upload, "wb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, field.file, out, 1 << 20)
+        return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(request))
+    if media_type in MANIFEST_TYPES or media_type == "application/json":
+        body = await request.body()
+        if media_type == "application/json":
+            try:
+                document = json.loads(body)
+            except ValueError as exc:
+                raise BadRequest(f"malformed JSON body: {exc}") from None
+            if not isinstance(document, dict) or not isinstance(document.get("paths"), list):
+                raise BadRequest('JSON body must be {"paths": ["relative/or/absolute/path.jpg", ...]}')
+            paths = manifest_paths(json.dumps(p) for p in document["paths"])
+        else:
+            paths = manifest_paths(body.splitlines())
+        return "manifest", await asyncio.to_thread(_manifest_items, paths, settings.job_root, settings.max_job_images)
+    raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send a zip or tar "
+                               "(application/zip, application/x-tar, application/gzip), a manifest "
+                               "(application/x-ndjson), JSON {\"paths\": [...]}, or multipart/form-data")
+
+
+def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
+    rate = runner.images_per_second(job)
+    return {
+        "id": job.id,
+        "state": job.state,
+        "kind": job.kind,
+        "model": job.model,
+        "top_k": job.top_k,
+        "total": job.total,
+        "done": job.processed,
+        "scored": job.scored,
+        "failed": job.failed,
+        "images_per_second": round(rate, 2) if rate is not None else None,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "error": job.error,
+        "results": f"/v1/jobs/{job.id}/results",
+    }
+
+
+async def _job_or_404(runner: JobRunner, job_id: str) -> JobRecord:
+    job = await asyncio.to_thread(runner.store.get_job, job_id) if runner.db_path.exists() else None
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a scoring job",
+    description="Body: a zip or tar of images (raw, or multipart field `file`), a manifest of paths under the "
+                "server's VITSERVE_JOB_ROOT (JSON lines, multipart field `manifest`, or JSON `{\"paths\": [...]}`). "
+                "Answers 202 with the job at once; poll GET /v1/jobs/{id}, then read /v1/jobs/{id}/results.",
+)
+async def create_job(request: Request, top_k: int = Query(5, description="classes per image in the results")):
+    state = request.app.state
+    if not 1 <= top_k <= state.settings.max_top_k:
+        raise BadRequest(f"top_k must be between 1 and {state.settings.max_top_k}, got {top_k}")
+    runner = _runner(request)
+    job_id = uuid.uuid4().hex
+    workdir = job_dir(state.settings, job_id)
+    workdir.mkdir(parents=True)
+    try:
+        kind, items = await _read_input(request, workdir)
+        if not items:
+            raise BadRequest("the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, "
+                             ".tif, .tiff)")
+        if len(items) > state.settings.max_job_images:
+            raise PayloadTooLarge(f"{len(items)} images; the limit is {state.settings.max_job_images}")
+        job = await asyncio.to_thread(runner.store.create_job, job_id, kind=kind,
+                                      top_k=min(top_k, state.metadata.num_classes),
+                                      model=state.metadata.architecture, items=items)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    runner.notify()
+    return JSONResponse(_describe(runner, job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.get("/{job_id}", summary="A job's state, progress (done/total), failures and throughput")
+async def get_job(request: Request, job_id: str) -> dict:
+    runner = _runner(request)
+    return _describe(runner, await _job_or_404(runner, job_id))
+
+
+@router.delete("/{job_id}", summary="Cancel a job (results so far stay readable)")
+async def cancel_job(request: Request, job_id: str) -> dict:
+    runner = _runner(request)
+    job = await _job_or_404(runner, job_id)
+    if not job.finished and await asyncio.to_thread(runner.store.finish, job_id, CANCELLED):
+        runner.cancel(job_id)
+    return _describe(runner, await _job_or_404(runner, job_id))
+
+
+@router.get(
+    "/{job_id}/results",
+    summary="The job's results so far, in submission order",
+    description="JSON lines `{\"path\", \"labels\", \"scores\"}` or `{\"path\", \"error\": {\"code\", \"message\"}}`; "
+                "CSV with `Accept: text/csv` (path, label_1, score_1, ..., error_code, error). Images not scored "
+                "yet are absent; the X-Job-State header says whether more will come.",
+    # Document what is really sent (FastAPI would otherwise promise application/json).
+    response_class=StreamingResponse,
+    responses={200: {"description": "one result row per line",
+                     "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                 "text/csv": {"schema": {"type": "string"}}}}},
+)
+async def job_results(request: Request, job_id: str):
+    runner = _runner(request)
+    job = await _job_or_404(runner, job_id)
+    as_csv = "text/csv" in request.headers.get("accept", "").lower()
+    store = runner.store
+
+    async def pages() -> AsyncIterator[list[tuple[int, str]]]:
+        after = -1
+        while True:
+            page = await asyncio.to_thread(store.results, job_id, after, _RESULTS_PAGE)
+            if not page:
+                return
+            yield page
+            after = page[-1][0]
+
+    async def jsonl() -> AsyncIterator[bytes]:
+        async for page in pages():
+            yield "".join(f"{row}\n" for _, row in page).encode()
+
+    async def csv_rows() -> AsyncIterator[bytes]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(csv_header(job.top_k))
+        async for page in pages():
+            for _, row in page:
+                writer.writerow(csv_fields(json.loads(row), job.top_k))
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+        if buffer.tell():
+            yield buffer.getvalue().encode()
+
+    headers = {"X-Job-State": job.state, "X-Job-Total": str(job.total)}
+    if as_csv:
+        return StreamingResponse(csv_rows(), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(jsonl(), media_type="application/x-ndjson", headers=headers)
+

@@ -1,0 +1,255 @@
+"""The Open Inference Protocol (KServe v2) REST API, so Triton and KServe clients work unchanged.
+
+    GET  /v2                                       server metadata (name, version, extensions)
+    GET  /v2/health/live, /v2/health/ready         200 = yes, 400 = no (empty body, as the spec says)
+    GET  /v2/models/{name}[/versions/1]            model metadata: inputs, outputs, datatypes, shapes
+    GET  /v2/models/{name}[/versions/1]/ready
+    POST /v2/models/{name}[/versions/1]/infer      encoded images (BYTES) or pixels (FP32) -> logits / top-k
+
+The model name is the served model's architecture (from its ONNX metadata). The wire format
+(JSON, Triton's binary tensor and classification extensions) is in ``service.http.v2.codec``; this
+module only moves bytes between HTTP, the pre-processing pool and the batcher.
+
+Errors on /v2 use the protocol's body ``{"error": "<message>"}`` (not the service's
+``{"error": {"code", "message"}}``) with the same status codes as the rest of the service: 404
+unknown model or version, 400 malformed request, 413 body too large, 422 an element that is not a
+usable image, 429/503 with Retry-After, 504 past the deadline. ``V2Route`` converts them, so
+errors raised by dependencies (e.g. the API key check) get the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.http.v2 import codec as v2_codec
+from service.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from service.http.inference import classify_bytes, classify_pixels, request_deadline, require_ready
+from service.http.v2.codec import MODEL_VERSION, V2ProtocolError
+
+SERVER_NAME = "vitserve"
+try:
+    SERVER_VERSION = version("vitserve")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    SERVER_VERSION = "0.0.0"
+
+_OCTET_STREAM = "application/octet-stream"
+
+
+class V2Route(APIRoute):
+    """An APIRoute whose errors come out as the protocol's ``{"error": "<message>"}``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def v2_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServiceError as exc:
+                return _error(exc.status_code, exc.message, exc.headers)
+            except V2ProtocolError as exc:
+                return _error(400, str(exc))
+            except RequestValidationError as exc:
+                return _error(400, "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
+            except StarletteHTTPException as exc:
+                return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+        return v2_handler
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(v2_codec.error_body(message), status_code=status_code, headers=headers)
+
+
+router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"])
+
+
+def _served_name(request: Request) -> str:
+    return request.app.state.metadata.architecture
+
+
+def _ready(request: Request) -> bool:
+    # Draining counts as not ready, so a load balancer stops sending work during the graceful shutdown.
+    state = request.app.state
+    return bool(getattr(state, "ready", False)) and not getattr(state, "draining", False)
+
+
+def _check_model(request: Request, model_name: str, model_version: str | None) -> None:
+    served = _served_name(request)
+    if model_name != served:
+        raise NotFound(f"unknown model '{model_name}'; this server serves '{served}'")
+    if model_version is not None and model_version != MODEL_VERSION:
+        raise NotFound(f"unknown version '{model_version}' of model '{served}'; available: ['{MODEL_VERSION}']")
+
+
+def _health(ok: bool) -> Response:
+    # The protocol answers health with the status code alone: 200 true, 4xx false (Triton sends 400).
+    return Response(status_code=200 if ok else 400)
+
+
+# Health answers have no body: documenting them as such (response_class=Response) keeps the OpenAPI
+# schema truthful; without it FastAPI documented an application/json body the routes never send.
+_EMPTY_HEALTH = {"response_class": Response,
+                 "responses": {200: {"description": "yes (empty body)"}, 400: {"description": "no (empty body)"}}}
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return v2_codec.server_metadata(SERVER_NAME, SERVER_VERSION)
+
+
+@router.get("/health/live", summary="Server liveness (200 live)", **_EMPTY_HEALTH)
+async def server_live() -> Response:
+    return _health(True)
+
+
+@router.get("/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)",
+            **_EMPTY_HEALTH)
+async def server_ready(request: Request) -> Response:
+    return _health(_ready(request))
+
+
+@router.get("/models/{model_name}", summary="Model metadata")
+@router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata (one version)")
+async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> dict:
+    _check_model(request, model_name, model_version)
+    return v2_codec.model_metadata(model_name, request.app.state.metadata)
+
+
+@router.get("/models/{model_name}/ready", summary="Model readiness", **_EMPTY_HEALTH)
+@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)",
+            **_EMPTY_HEALTH)
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    _check_model(request, model_name, model_version)
+    return _health(_ready(request))
+
+
+_INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "An inference request: JSON, or with the binary tensor extension JSON followed by binary "
+            "tensors (header Inference-Header-Content-Length gives the JSON's length)."
+        ),
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["inputs"]},
+                "example": {
+                    "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["<base64 JPEG>"]}],
+                    "outputs": [{"name": "probabilities", "parameters": {"classification": 5}}],
+                },
+            },
+            _OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/models/{model_name}/infer", summary="Inference", openapi_extra=_INFER_OPENAPI)
+@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference (one version)",
+             openapi_extra=_INFER_OPENAPI)
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    _check_model(request, model_name, model_version)
+    state = require_ready(request)
+    settings = state.settings
+    body = await _read_body(request, settings.max_upload_bytes)
+    header_length = v2_codec.parse_header_length(request.headers.get(v2_codec.HEADER_LENGTH_HEADER), len(body))
+
+    # Parsing JSON pixel data is CPU work (milliseconds per image): keep it off the event loop.
+    parsed = await asyncio.get_running_loop().run_in_executor(
+        state.preprocess_pool, partial(v2_codec.parse_infer_request, body, header_length,
+                                       image_size=state.metadata.preprocessing.image_size,
+                                       max_batch=settings.max_batch_images))
+    deadline = request_deadline(state)
+    if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
+        deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
+
+    # Every element goes through the batcher on its own, like /v1 images: they batch with each
+    # other and with concurrent requests.
+    if parsed.images is not None:
+        async def classify_image(i: int, data: bytes) -> np.ndarray:
+            try:
+                logits, _ = await classify_bytes(request, data, deadline=deadline)
+            except ServiceError as exc:
+                exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
+                raise
+            return logits
+
+        jobs = [classify_image(i, data) for i, data in enumerate(parsed.images)]
+    else:
+        jobs = [classify_pixels(request, pixels, deadline=deadline) for pixels in parsed.pixel_values]
+    logits = np.stack(await _all_or_nothing(jobs))  # (N, K)
+
+    content, json_length = v2_codec.build_infer_response(
+        model_name=model_name, request=parsed, logits=logits, labels=state.metadata.labels)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type=_OCTET_STREAM, headers={v2_codec.HEADER_LENGTH_HEADER: str(json_length)})
+
+
+async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]:
+    """Run every job concurrently (they batch together); on the first failure cancel the rest.
+
+    A v2 response has no per-element errors, so one bad element fails the request: the others'
+    queued work is withdrawn (the batcher skips cancelled items) instead of being computed for nothing.
+    """
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:  # in element order, so the error names the first bad element that failed
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate = zlib stream (RFC 9110)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
+
+    Read chunk by chunk so an oversized upload is refused without buffering it all, and a
+    compressed body is inflated with a cap so a small "zip bomb" cannot exhaust memory.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _DECODERS:
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r}; send identity, gzip or deflate")
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        inflated = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"request body is not valid {encoding} data: {exc}") from None
+    if len(inflated) > limit:
+        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    if not decoder.eof:
+        raise BadRequest(f"request body is truncated {encoding} data")
+    return inflated

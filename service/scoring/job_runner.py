@@ -1,0 +1,276 @@
+"""The background task that scores jobs: store -> decode threads -> batcher's low lane -> store.
+
+One asyncio task per service works through unfinished jobs oldest first (after a restart too:
+the store says which items are still pending). For each job it keeps at most
+``job_max_in_flight`` images decoding or queued, decodes in its own small thread pool (so job
+decoding never queues in front of online requests in the online pre-processing pool), submits
+pixels with ``batcher.submit_low`` (the engine serves jobs only while online traffic is quiet),
+and writes results to the store in small transactions. Result writes are idempotent, so an
+image in flight when the process dies is scored again after the restart and recorded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from service.runtime.batcher import Batcher
+from service.core.errors import InferenceFailed, NotReady, Overloaded, ServiceError
+from service.scoring.rows import error_row, prediction_row
+from service.scoring.sources import Forbidden, read_limited, resolve_under_root
+from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
+from service.core.metadata import ModelMetadata
+from service.runtime.preprocess import load_pixels
+from service.core.settings import Settings
+
+log = logging.getLogger("vitserve.jobs")
+
+DB_NAME = "jobs.sqlite3"
+_PAGE = 512  # pending items fetched from the store at a time
+_FLUSH_ITEMS = 64  # results per store transaction...
+_FLUSH_S = 0.25  # ...or at least this often
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    """Where a job's upload and extracted files live (removed once the job is finished)."""
+    return settings.data_dir / "jobs" / job_id
+
+
+class JobRunner:
+    """Scores queued jobs through the batcher's low-priority lane.
+
+    Args:
+        settings: the service settings (data_dir, job_root, job limits).
+        batcher: the service's batcher (its ``submit_low`` lane is used).
+        metadata: the served model's metadata (pre-processing and labels).
+        is_ready: True once the engine has warmed up; jobs wait for it.
+        decode_threads: threads decoding job images.
+    """
+
+    def __init__(self, settings: Settings, batcher: Batcher, metadata: ModelMetadata, *,
+                 is_ready: Callable[[], bool], decode_threads: int) -> None:
+        self.settings = settings
+        self.batcher = batcher
+        self.metadata = metadata
+        self.is_ready = is_ready
+        self.max_in_flight = settings.job_max_in_flight or 2 * settings.max_batch_size
+        self._decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="vitserve-job-decode")
+        self._store: JobStore | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._cancelled: set[str] = set()
+        self._rate_start: dict[str, tuple[float, int]] = {}  # job id -> (monotonic, processed) when this run began
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.settings.data_dir / DB_NAME
+
+    @property
+    def store(self) -> JobStore:
+        """The jobs database, created on first use (a service that never runs a job writes nothing)."""
+        if self._store is None:
+            self._store = JobStore(self.db_path)
+        return self._store
+
+    async def start(self) -> None:
+        if self.db_path.exists():
+            await asyncio.to_thread(lambda: self.store)
+            self._wake.set()  # unfinished jobs from before the restart
+        self._task = asyncio.create_task(self._main(), name="vitserve-jobs")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def notify(self) -> None:
+        """A job was submitted."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """Stop scoring ``job_id`` (the store already says cancelled); in-flight images are dropped."""
+        # Always flagged: the job may be between its last state check and its first image right now.
+        # The job loop stops, drops in-flight images and cleans up; a queued job is skipped when reached.
+        self._cancelled.add(job_id)
+        if job_id not in self._rate_start:
+            shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)  # not running: files go now
+
+    def images_per_second(self, job: JobRecord) -> float | None:
+        """Throughput of the job since this process started it (None before it started)."""
+        if job.id in self._rate_start and not job.finished:
+            started, processed = self._rate_start[job.id]
+            elapsed = time.monotonic() - started
+            return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
+        if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
+            return job.processed / (job.finished_at - job.started_at)
+        return None
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _main(self) -> None:
+        while not self.is_ready():
+            await asyncio.sleep(0.05)
+        while True:
+            self._wake.clear()
+            try:
+                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+            except Exception:  # noqa: BLE001 - e.g. a full disk: keep the service up, try again
+                log.exception("cannot read the jobs database %s; retrying in 5 s", self.db_path)
+                await asyncio.sleep(5)
+                continue
+            if not jobs:
+                await self._wake.wait()
+                continue
+            for job in jobs:
+                try:
+                    await self._run_job(job)
+                except asyncio.CancelledError:
+                    raise
+                except NotReady:
+                    return  # shutting down: what is pending stays pending for the next start
+                except Exception as exc:  # noqa: BLE001 - one broken job must not stop the others
+                    log.exception("job %s failed", job.id)
+                    await asyncio.to_thread(self.store.finish, job.id, FAILED, f"{type(exc).__name__}: {exc}")
+                    self._cleanup(job.id)
+
+    async def _run_job(self, job: JobRecord) -> None:
+        store = self.store
+        current = await asyncio.to_thread(store.get_job, job.id)
+        if current is None or current.finished or job.id in self._cancelled:
+            self._cleanup(job.id)  # cancelled while it waited behind another job
+            return
+        job = current
+        if job.model != self.metadata.architecture:
+            # Restarted with another model: finishing with it would mix two models' answers in one job.
+            await asyncio.to_thread(store.finish, job.id, FAILED,
+                                    f"the job was submitted to model {job.model!r}; this server now serves "
+                                    f"{self.metadata.architecture!r} (resubmit the job)")
+            self._cleanup(job.id)
+            return
+        await asyncio.to_thread(store.mark_running, job.id)
+        self._rate_start[job.id] = (time.monotonic(), job.processed)
+        log.info("job %s: scoring %d of %d images", job.id, job.total - job.processed, job.total)
+        slots = asyncio.Semaphore(self.max_in_flight)
+        buffer: list[tuple[int, dict]] = []
+        tasks: set[asyncio.Task] = set()
+        last_flush = time.monotonic()
+
+        async def flush() -> None:
+            nonlocal last_flush
+            if buffer:
+                batch = buffer[:]
+                buffer.clear()
+                await asyncio.to_thread(store.record_results, job.id, batch)
+            last_flush = time.monotonic()
+
+        stopping: list[NotReady] = []  # set when the batcher shuts down under us
+
+        async def one(item: PendingItem) -> None:
+            try:
+                row = await self._score(job, item)
+            except NotReady as exc:
+                stopping.append(exc)  # the image stays pending and is scored after the next start
+                return
+            except Exception as exc:  # noqa: BLE001 - list the image with the error rather than lose it
+                log.exception("job %s: scoring %s failed", job.id, item.path)
+                row = error_row(item.path, "internal_error", f"{type(exc).__name__}: {exc}")
+            finally:
+                slots.release()
+            buffer.append((item.seq, row))
+
+        def halted() -> bool:
+            return job.id in self._cancelled or bool(stopping)
+
+        try:
+            # Passes over the pending items until none is left: one pass, unless an image was skipped.
+            while not halted():
+                after = -1
+                while not halted():
+                    page = await asyncio.to_thread(store.pending_items, job.id, after, _PAGE)
+                    if not page:
+                        break
+                    for item in page:
+                        await slots.acquire()
+                        if halted():
+                            slots.release()
+                            break
+                        task = asyncio.create_task(one(item))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        if len(buffer) >= _FLUSH_ITEMS or time.monotonic() - last_flush >= _FLUSH_S:
+                            await flush()
+                    after = page[-1].seq
+                if job.id in self._cancelled:
+                    for task in tasks:
+                        task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await flush()
+                if not await asyncio.to_thread(store.pending_items, job.id, -1, 1):
+                    break
+            if stopping:
+                raise stopping[0]
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            if buffer:
+                store.record_results(job.id, buffer)  # keep what was scored; a plain blocking write here
+            raise
+        if job.id in self._cancelled:
+            log.info("job %s cancelled", job.id)
+        elif await asyncio.to_thread(store.finish, job.id, DONE):
+            done = store.get_job(job.id)
+            log.info("job %s done: %d scored, %d failed", job.id, done.scored if done else -1,
+                     done.failed if done else -1)
+        self._rate_start.pop(job.id, None)
+        self._cleanup(job.id)
+
+    async def _score(self, job: JobRecord, item: PendingItem) -> dict:
+        """One image -> its result row (predictions, or the error that image has)."""
+        loop = asyncio.get_running_loop()
+        try:
+            pixels = await loop.run_in_executor(self._decode_pool, partial(self._load, job.kind, item.file))
+        except ServiceError as exc:
+            return error_row(item.path, exc.code, exc.message)
+        except OSError as exc:
+            return error_row(item.path, "unreadable", f"cannot read {item.path}: {exc.strerror or exc}")
+        while True:
+            try:
+                logits = await self.batcher.submit_low(pixels)
+                break
+            except Overloaded:
+                await asyncio.sleep(0.05)  # the low lane is bounded; wait for room
+            except InferenceFailed as exc:
+                return error_row(item.path, exc.code, exc.message)
+        return prediction_row(item.path, logits, self.metadata.labels, min(job.top_k, self.metadata.num_classes))
+
+    def _load(self, kind: str, file: str) -> np.ndarray:
+        settings = self.settings
+        if kind == "manifest":
+            if settings.job_root is None:
+                raise Forbidden("manifest jobs are disabled (VITSERVE_JOB_ROOT is not set)")
+            path = resolve_under_root(file, settings.job_root)  # again: a symlink may have been swapped in
+        else:
+            path = Path(file)
+        data = read_limited(path, settings.max_image_file_bytes)
+        return load_pixels(data, self.metadata.preprocessing, max_pixels=settings.max_image_pixels)
+
+    def _cleanup(self, job_id: str) -> None:
+        """Remove a finished job's upload and extracted files; its results live in the store."""
+        self._cancelled.discard(job_id)
+        shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)
