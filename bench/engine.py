@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,17 @@ from service.runtime.engine import CPU, CUDA, GPU_PROVIDERS, TENSORRT, Engine, a
 from service.runtime.gpu_options import GpuOptions, pinned_array  # noqa: E402
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-GPU_CONFIGS = ("default", "plain", "buckets", "static", "pinned", "cudagraph", "cudagraph+pinned", "pinned/buffer",
-               "cudagraph+pinned/buffer")
+GPU_CONFIGS = (
+    "default",
+    "plain",
+    "buckets",
+    "static",
+    "pinned",
+    "cudagraph",
+    "cudagraph+pinned",
+    "pinned/buffer",
+    "cudagraph+pinned/buffer",
+)
 # The issue's targets for ViT-B/16 fp16 on one H100 (issue 8).
 TARGET_IMAGES_PER_S = 8000.0
 TARGET_BATCH1_MS = 1.5
@@ -93,13 +102,25 @@ def engine_for(model: Path, provider: str, config: str, sizes: list[int]) -> Eng
         "trt-cache": GpuOptions(trt_cache_dir=Path(tempfile.gettempdir()) / "vitserve-trt-cache"),
     }[config.split("/")[0]]
     providers = [provider] if provider == CPU else [provider, CPU]
-    return Engine(model, providers=providers, log_placement=False, io_binding=False if config == "plain" else None,
-                  gpu_options=options)
+    return Engine(
+        model,
+        providers=providers,
+        log_placement=False,
+        io_binding=False if config == "plain" else None,
+        gpu_options=options,
+    )
 
 
 # -- measuring ------------------------------------------------------------------------------------------
-def time_sizes(engine: Engine, sizes: list[int], seconds: float, max_call_s: float, passes: int = 1,
-               feed: str = "array", seed: int = 0) -> dict:
+def time_sizes(
+    engine: Engine,
+    sizes: list[int],
+    seconds: float,
+    max_call_s: float,
+    passes: int = 1,
+    feed: str = "array",
+    seed: int = 0,
+) -> dict:
     """batch size -> {images_per_s, p50_ms, p90_ms, p99_ms, calls, pass_images_per_s}.
 
     One call stacks n single images into a batch and runs it, as the service's batcher does:
@@ -137,13 +158,22 @@ def time_sizes(engine: Engine, sizes: list[int], seconds: float, max_call_s: flo
         best = min(range(len(blocks)), key=lambda i: statistics.median(blocks[i]))
         times = blocks[best]
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
-        results[n] = {"images_per_s": n / p50, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "p99_ms": p99 * 1e3,
-                      "calls": len(times), "pass_images_per_s": [n / statistics.median(b) for b in blocks],
-                      # CPU time per image hardly moves when neighbours take the cores; wall time does.
-                      "cpu_ms_per_image": cpu_s[best] / (len(times) * n) * 1e3}
+        results[n] = {
+            "images_per_s": n / p50,
+            "p50_ms": p50 * 1e3,
+            "p90_ms": p90 * 1e3,
+            "p99_ms": p99 * 1e3,
+            "calls": len(times),
+            "pass_images_per_s": [n / statistics.median(b) for b in blocks],
+            # CPU time per image hardly moves when neighbours take the cores; wall time does.
+            "cpu_ms_per_image": cpu_s[best] / (len(times) * n) * 1e3,
+        }
         spread = ", ".join(f"{n / statistics.median(b):.1f}" for b in blocks)
-        print(f"    batch {n:4}: {n / p50:9.1f} img/s, p50 {p50 * 1e3:8.2f} ms ({len(times)} calls; passes {spread})",
-              file=sys.stderr, flush=True)
+        print(
+            f"    batch {n:4}: {n / p50:9.1f} img/s, p50 {p50 * 1e3:8.2f} ms ({len(times)} calls; passes {spread})",
+            file=sys.stderr,
+            flush=True,
+        )
         if p50 > max_call_s:
             break  # larger batches would take longer than the budget allows
     return results
@@ -212,8 +242,16 @@ def export_models(name: str, precisions: list[str], workdir: Path) -> list[Path]
     for precision in precisions:
         path = workdir / f"{name}_{precision}.onnx"
         print(f"exporting {name} {precision} ...", file=sys.stderr, flush=True)
-        export_model(loaded.model, loaded.config, path, labels=loaded.labels, preprocessing=loaded.preprocessing,
-                     source=loaded.source, weights_sha256=loaded.weights_sha256, precision=precision)
+        export_model(
+            loaded.model,
+            loaded.config,
+            path,
+            labels=loaded.labels,
+            preprocessing=loaded.preprocessing,
+            source=loaded.source,
+            weights_sha256=loaded.weights_sha256,
+            precision=precision,
+        )
         paths.append(path)
     return paths
 
@@ -221,41 +259,53 @@ def export_models(name: str, precisions: list[str], workdir: Path) -> list[Path]
 # -- reporting --------------------------------------------------------------------------------------------
 def markdown(report: dict) -> str:
     sizes = report["batch_sizes"]
-    lines = [f"### bench/engine.py, {report['date']}",
-             "",
-             f"- device: {report['device']}",
-             f"- {report['versions']}; per batch size the median call of the best of {report['passes']} "
-             f"block(s) of {report['seconds']} s",
-             f"- command: `{report['command']}`",
-             "",
-             "images/s (p50 ms per call; CPU ms of this process per image); `-` = not run (a smaller batch "
-             "already took over the per-call budget)",
-             "",
-             "| model | precision | provider | config | " + " | ".join(f"batch {b}" for b in sizes) + " |",
-             "|---|---|---|---|" + "---:|" * len(sizes)]
+    lines = [
+        f"### bench/engine.py, {report['date']}",
+        "",
+        f"- device: {report['device']}",
+        f"- {report['versions']}; per batch size the median call of the best of {report['passes']} "
+        f"block(s) of {report['seconds']} s",
+        f"- command: `{report['command']}`",
+        "",
+        "images/s (p50 ms per call; CPU ms of this process per image); `-` = not run (a smaller batch "
+        "already took over the per-call budget)",
+        "",
+        "| model | precision | provider | config | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+        "|---|---|---|---|" + "---:|" * len(sizes),
+    ]
     for row in report["rows"]:
         cells = []
         for b in sizes:
             r = row["results"].get(str(b)) or row["results"].get(b)
             cells.append(f"{r['images_per_s']:.1f} ({r['p50_ms']:.2f}; {r['cpu_ms_per_image']:.1f})" if r else "-")
         provider = row["provider"].removesuffix("ExecutionProvider")
-        lines.append(f"| {row['architecture']} | {row['precision']} | {provider} | {row['config']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['architecture']} | {row['precision']} | {provider} | {row['config']} | " + " | ".join(cells) + " |"
+        )
     for row in report["rows"]:
         if row.get("error"):
-            lines.append(f"\n{row['architecture']} {row['precision']} {row['provider']} {row['config']}: FAILED: "
-                         f"{row['error']}")
+            lines.append(
+                f"\n{row['architecture']} {row['precision']} {row['provider']} {row['config']}: FAILED: {row['error']}"
+            )
     if report.get("uploads"):
-        lines += ["", "host->device copy of one float32 batch, median ms (GB/s)", "",
-                  "| batch | pageable | pinned |", "|---:|---:|---:|"]
+        lines += [
+            "",
+            "host->device copy of one float32 batch, median ms (GB/s)",
+            "",
+            "| batch | pageable | pinned |",
+            "|---:|---:|---:|",
+        ]
         for n, row in report["uploads"].items():
             cell = lambda k: f"{row[k]['ms']:.3f} ({row[k]['gb_per_s']:.1f})" if k in row else "-"  # noqa: E731
             lines.append(f"| {n} | {cell('pageable')} | {cell('pinned')} |")
     if report.get("decode"):
         d = report["decode"]
-        lines += ["", f"JPEG decode + resize + normalise (service.runtime.preprocess, skimage photos): "
-                      f"{d['ms_per_image']:.2f} ms per image per core = {d['images_per_s_per_core']:.0f} img/s per core, "
-                      f"{d['images_per_s_per_core'] * d['cores']:.0f} img/s on {d['cores']} cores at best"]
+        lines += [
+            "",
+            f"JPEG decode + resize + normalise (service.runtime.preprocess, skimage photos): "
+            f"{d['ms_per_image']:.2f} ms per image per core = {d['images_per_s_per_core']:.0f} img/s per core, "
+            f"{d['images_per_s_per_core'] * d['cores']:.0f} img/s on {d['cores']} cores at best",
+        ]
     lines += ["", *report.get("verdicts", [])]
     return "\n".join(lines) + "\n"
 
@@ -267,15 +317,21 @@ def verdicts(rows: list[dict]) -> list[str]:
         if not results:
             continue
         best_n = max(results, key=lambda n: results[n]["images_per_s"])
-        line = (f"- {row['architecture']} {row['precision']} {row['provider'].removesuffix('ExecutionProvider')} "
-                f"{row['config']}: best {results[best_n]['images_per_s']:.0f} img/s at batch {best_n}")
+        line = (
+            f"- {row['architecture']} {row['precision']} {row['provider'].removesuffix('ExecutionProvider')} "
+            f"{row['config']}: best {results[best_n]['images_per_s']:.0f} img/s at batch {best_n}"
+        )
         if 1 in results:
             line += f"; batch 1 p50 {results[1]['p50_ms']:.2f} ms"
         if row["provider"] in GPU_PROVIDERS and row["precision"] == "fp16" and "base" in row["architecture"]:
-            met = results[best_n]["images_per_s"] >= TARGET_IMAGES_PER_S and \
-                results.get(1, {"p50_ms": 1e9})["p50_ms"] <= TARGET_BATCH1_MS
-            line += f" (targets >= {TARGET_IMAGES_PER_S:.0f} img/s, batch 1 <= {TARGET_BATCH1_MS} ms: " \
-                    f"{'met' if met else 'MISSED'})"
+            met = (
+                results[best_n]["images_per_s"] >= TARGET_IMAGES_PER_S
+                and results.get(1, {"p50_ms": 1e9})["p50_ms"] <= TARGET_BATCH1_MS
+            )
+            line += (
+                f" (targets >= {TARGET_IMAGES_PER_S:.0f} img/s, batch 1 <= {TARGET_BATCH1_MS} ms: "
+                f"{'met' if met else 'MISSED'})"
+            )
         out.append(line)
     return out
 
@@ -283,17 +339,27 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", default=[], help="exported .onnx file (repeatable)")
-    parser.add_argument("--export", metavar="NAME",
-                        help="export random:NAME first (needs torch), e.g. vit_base_patch16_224")
+    parser.add_argument(
+        "--export", metavar="NAME", help="export random:NAME first (needs torch), e.g. vit_base_patch16_224"
+    )
     parser.add_argument("--precisions", default="fp32,int8", help="with --export: comma list of fp32, fp16, int8")
-    parser.add_argument("--providers", default="", help="comma list (cuda, tensorrt, cpu); default: the GPU ones that "
-                                                        "load, else cpu")
-    parser.add_argument("--configs", default="", help=f"comma list of {', '.join(GPU_CONFIGS)}, trt-cache; default: "
-                                                      "all on CUDA, default+trt-cache on TensorRT, default on CPU")
+    parser.add_argument(
+        "--providers", default="", help="comma list (cuda, tensorrt, cpu); default: the GPU ones that load, else cpu"
+    )
+    parser.add_argument(
+        "--configs",
+        default="",
+        help=f"comma list of {', '.join(GPU_CONFIGS)}, trt-cache; default: "
+        "all on CUDA, default+trt-cache on TensorRT, default on CPU",
+    )
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per batch size")
-    parser.add_argument("--passes", type=int, default=1, help="timed blocks per batch size; the least disturbed "
-                                                               "one is reported (use 3 on a shared CPU)")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="timed blocks per batch size; the least disturbed one is reported (use 3 on a shared CPU)",
+    )
     parser.add_argument("--max-call-s", type=float, default=3.0, help="stop a row once one call takes this long")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--json", type=Path, help="also write every number here")
@@ -325,9 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"model": model.name, "provider": provider, "config": config, "results": {}}
                 try:
                     engine = engine_for(model, provider, config, sizes)
-                    row.update(architecture=engine.metadata.architecture, precision=engine.metadata.precision,
-                               providers=engine.providers, describe=engine.describe(),
-                               image_size=engine.input_shape[1])
+                    row.update(
+                        architecture=engine.metadata.architecture,
+                        precision=engine.metadata.precision,
+                        providers=engine.providers,
+                        describe=engine.describe(),
+                        image_size=engine.input_shape[1],
+                    )
                     if engine.providers[0] != provider:
                         raise RuntimeError(f"asked for {provider}, the session runs on {engine.providers}")
                     if provider in GPU_PROVIDERS:
@@ -345,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image_size = next((r["image_size"] for r in rows if "image_size" in r), 224)
     report = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": "; ".join(sorted({device_name(p) for p in providers})),
         "versions": versions(),
         "command": "bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +68,16 @@ def torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 def build_variants(model_name: str, workdir: Path, threads: int | None) -> dict[str, Callable]:
     loaded = import_checkpoint(f"random:{model_name}")
     model, config = loaded.model.eval(), loaded.config
-    common = dict(labels=loaded.labels, preprocessing=loaded.preprocessing, source=loaded.source,
-                  weights_sha256=loaded.weights_sha256)
-    print(f"exporting {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) ...",
-          file=sys.stderr)
+    common = dict(
+        labels=loaded.labels,
+        preprocessing=loaded.preprocessing,
+        source=loaded.source,
+        weights_sha256=loaded.weights_sha256,
+    )
+    print(
+        f"exporting {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) ...",
+        file=sys.stderr,
+    )
     model.set_explicit_attention(True)
     try:
         unfused = torch_to_onnx(model, config)
@@ -82,8 +88,10 @@ def build_variants(model_name: str, workdir: Path, threads: int | None) -> dict[
     int8 = export_model(model, config, workdir / "int8.onnx", precision="int8", **common)
     stats = {name: graph_stats(onnx.load(workdir / f"{name}.onnx")) for name in ("unfused", "fused", "int8")}
     for name, s in stats.items():
-        print(f"  {name:8} {s.node_count:4} nodes, {s.fused_attention} fused attention, {s.softmax} Softmax",
-              file=sys.stderr)
+        print(
+            f"  {name:8} {s.node_count:4} nodes, {s.fused_attention} fused attention, {s.softmax} Softmax",
+            file=sys.stderr,
+        )
     return {
         "PyTorch eager": torch_runner(model),
         "ONNX unfused": ort_runner(workdir / "unfused.onnx", threads),
@@ -92,8 +100,9 @@ def build_variants(model_name: str, workdir: Path, threads: int | None) -> dict[
     }
 
 
-def measure(runners: dict[str, Callable], batch: int, image_size: int, passes: int, seconds_per_block: float,
-            min_calls: int) -> tuple[dict[str, float], dict[str, float]]:
+def measure(
+    runners: dict[str, Callable], batch: int, image_size: int, passes: int, seconds_per_block: float, min_calls: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median images/s and median CPU milliseconds per image of each runner at one batch size.
 
     Each pass runs every variant as one block of timed calls (``min_calls`` at least, more until
@@ -131,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=2, help="blocks per variant and batch size")
     parser.add_argument("--seconds-per-block", type=float, default=2.0)
     parser.add_argument("--min-calls", type=int, default=2, help="timed calls per block at least")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for PyTorch and ONNX Runtime alike (default: their own, one per core). "
-                             "1 on a shared machine: PyTorch's OpenMP threads wait at barriers for a descheduled "
-                             "sibling, which made eager 3-30x slower here under load while ONNX Runtime's pool coped")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for PyTorch and ONNX Runtime alike (default: their own, one per core). "
+        "1 on a shared machine: PyTorch's OpenMP threads wait at barriers for a descheduled "
+        "sibling, which made eager 3-30x slower here under load while ONNX Runtime's pool coped",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,16 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
         for batch in args.batch_sizes:
             print(f"measuring batch {batch} ...", file=sys.stderr)
-            results[batch], cpu_ms[batch] = measure(runners, batch, image_size, args.passes,
-                                                    args.seconds_per_block, args.min_calls)
+            results[batch], cpu_ms[batch] = measure(
+                runners, batch, image_size, args.passes, args.seconds_per_block, args.min_calls
+            )
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{args.model}, images/s (median over {args.passes} passes of timed blocks), {when}")
-    print(f"{cpu_name()}, {os.cpu_count()} logical cores; "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"onnxruntime threads: {args.threads or 'default'}, "
-          f"onnxruntime {ort.__version__} CPUExecutionProvider; "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    print(
+        f"{cpu_name()}, {os.cpu_count()} logical cores; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime threads: {args.threads or 'default'}, "
+        f"onnxruntime {ort.__version__} CPUExecutionProvider; "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+    )
     header = "| variant | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " |"
     print(header)
     print("|" + "---|" * (len(args.batch_sizes) + 1))
@@ -169,18 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for b in args.batch_sizes:
         r = results[b]
-        print(f"batch {b}: fused fp32 / eager = {r['ONNX fused fp32'] / r['PyTorch eager']:.2f}x, "
-              f"fused / unfused = {r['ONNX fused fp32'] / r['ONNX unfused']:.2f}x, "
-              f"int8 / fused fp32 = {r['ONNX int8'] / r['ONNX fused fp32']:.2f}x; by CPU time: "
-              f"{cpu_ms[b]['PyTorch eager'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
-              f"{cpu_ms[b]['ONNX unfused'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
-              f"{cpu_ms[b]['ONNX fused fp32'] / cpu_ms[b]['ONNX int8']:.2f}x")
+        print(
+            f"batch {b}: fused fp32 / eager = {r['ONNX fused fp32'] / r['PyTorch eager']:.2f}x, "
+            f"fused / unfused = {r['ONNX fused fp32'] / r['ONNX unfused']:.2f}x, "
+            f"int8 / fused fp32 = {r['ONNX int8'] / r['ONNX fused fp32']:.2f}x; by CPU time: "
+            f"{cpu_ms[b]['PyTorch eager'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
+            f"{cpu_ms[b]['ONNX unfused'] / cpu_ms[b]['ONNX fused fp32']:.2f}x, "
+            f"{cpu_ms[b]['ONNX fused fp32'] / cpu_ms[b]['ONNX int8']:.2f}x"
+        )
     if 8 in results:
         r = results[8]
         ok_fused = r["ONNX fused fp32"] / r["PyTorch eager"] >= 1.3
         ok_int8 = r["ONNX int8"] / r["ONNX fused fp32"] >= 1.5
-        print(f"\ntargets at batch 8: fused fp32 >= 1.3x eager: {'met' if ok_fused else 'MISSED'}; "
-              f"int8 >= 1.5x fused fp32: {'met' if ok_int8 else 'MISSED'}")
+        print(
+            f"\ntargets at batch 8: fused fp32 >= 1.3x eager: {'met' if ok_fused else 'MISSED'}; "
+            f"int8 >= 1.5x fused fp32: {'met' if ok_int8 else 'MISSED'}"
+        )
     return 0
 
 

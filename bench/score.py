@@ -77,8 +77,15 @@ def export_random(name: str, workdir: Path) -> Path:
     loaded = import_checkpoint(f"random:{name}")
     path = workdir / f"{name}.onnx"
     print(f"exporting {name} (random weights) ...", file=sys.stderr, flush=True)
-    export_model(loaded.model, loaded.config, path, labels=loaded.labels, preprocessing=loaded.preprocessing,
-                 source=loaded.source, weights_sha256=loaded.weights_sha256)
+    export_model(
+        loaded.model,
+        loaded.config,
+        path,
+        labels=loaded.labels,
+        preprocessing=loaded.preprocessing,
+        source=loaded.source,
+        weights_sha256=loaded.weights_sha256,
+    )
     return path
 
 
@@ -94,7 +101,7 @@ def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[floa
     started, cpu_started = time.perf_counter(), time.process_time()
     engine_s = 0.0
     for start in range(0, len(files), batch_size):
-        batch = np.stack([load_pixels(f.read_bytes(), p, max_pixels=10**8) for f in files[start:start + batch_size]])
+        batch = np.stack([load_pixels(f.read_bytes(), p, max_pixels=10**8) for f in files[start : start + batch_size]])
         t0 = time.perf_counter()
         engine.run(batch)
         engine_s += time.perf_counter() - t0
@@ -103,13 +110,33 @@ def in_process_ceiling(model: Path, folder: Path, batch_size: int) -> tuple[floa
     return len(files) / total_s, len(files) / engine_s, cpu_ms
 
 
-def run_score_command(model: Path, folder: Path, out: Path, workers: int,
-                      batch_size: int) -> tuple[float, float, float]:
+def run_score_command(
+    model: Path, folder: Path, out: Path, workers: int, batch_size: int
+) -> tuple[float, float, float]:
     """(images/s the command reports, images/s over its wall clock incl. start-up, its CPU ms per image)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "service.cli", "score", str(folder), "-o", str(out), "--model",
-                           str(model), "--workers", str(workers), "--batch-size", str(batch_size), "--quiet"],
-                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "score",
+            str(folder),
+            "-o",
+            str(out),
+            "--model",
+            str(model),
+            "--workers",
+            str(workers),
+            "--batch-size",
+            str(batch_size),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=REPO,
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"vitserve score failed:\n{done.stderr}")
@@ -124,18 +151,31 @@ def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Pope
 
 
 def http_json(port: int, method: str, path: str, body: bytes | None = None, content_type: str = "") -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
-                                     headers={"Content-Type": content_type} if content_type else {})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=body,
+        method=method,
+        headers={"Content-Type": content_type} if content_type else {},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
-def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], concurrency: int,
-                                online_s: float, pairs: int, data_dir: Path) -> dict:
+def online_with_and_without_job(
+    model: Path, folder: Path, jpegs: list[bytes], concurrency: int, online_s: float, pairs: int, data_dir: Path
+) -> dict:
     serve = _bench_serve()
     port = serve.free_port()
-    server = start_server(model, port, {"VITSERVE_DATA_DIR": str(data_dir), "VITSERVE_JOB_ROOT": str(folder),
-                                        "VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
+    server = start_server(
+        model,
+        port,
+        {
+            "VITSERVE_DATA_DIR": str(data_dir),
+            "VITSERVE_JOB_ROOT": str(folder),
+            "VITSERVE_MAX_QUEUE_SIZE": "1024",
+            "VITSERVE_API_KEY": "",
+        },
+    )
     try:
         requests = serve.build_requests(jpegs, port)
         body = json.dumps({"paths": sorted(p.name for p in folder.iterdir())}).encode()
@@ -154,8 +194,12 @@ def online_with_and_without_job(model: Path, folder: Path, jpegs: list[bytes], c
         job = http_json(port, "POST", "/v1/jobs", body, "application/json")
         while (state := http_json(port, "GET", f"/v1/jobs/{job['id']}"))["state"] != "done":
             time.sleep(0.1)
-        return {"alone": alone, "with_job": with_job, "job_images_during": during,
-                "job_alone_rate": state["images_per_second"]}
+        return {
+            "alone": alone,
+            "with_job": with_job,
+            "job_images_during": during,
+            "job_alone_rate": state["images_per_second"],
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -198,16 +242,27 @@ def main(argv: list[str] | None = None) -> int:
         # Interleaved rounds (ceiling, command, ceiling, command...): each ratio compares neighbours.
         rounds = []
         for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}: in-process ceiling, then vitserve score ...", file=sys.stderr,
-                  flush=True)
+            print(
+                f"round {r + 1}/{args.rounds}: in-process ceiling, then vitserve score ...", file=sys.stderr, flush=True
+            )
             ceiling, engine_only, ceiling_cpu = in_process_ceiling(model, folder, args.batch_size)
-            rate, wall_rate, score_cpu = run_score_command(model, folder, workdir / f"out{r}.jsonl", args.workers,
-                                                           args.batch_size)
-            rounds.append({"ceiling": ceiling, "engine": engine_only, "rate": rate, "wall": wall_rate,
-                           "ceiling_cpu": ceiling_cpu, "score_cpu": score_cpu})
+            rate, wall_rate, score_cpu = run_score_command(
+                model, folder, workdir / f"out{r}.jsonl", args.workers, args.batch_size
+            )
+            rounds.append(
+                {
+                    "ceiling": ceiling,
+                    "engine": engine_only,
+                    "rate": rate,
+                    "wall": wall_rate,
+                    "ceiling_cpu": ceiling_cpu,
+                    "score_cpu": score_cpu,
+                }
+            )
         print("online traffic with and without a job ...", file=sys.stderr, flush=True)
-        online = online_with_and_without_job(model, folder, jpegs, args.concurrency, args.online_s, args.pairs,
-                                             workdir / "data")
+        online = online_with_and_without_job(
+            model, folder, jpegs, args.concurrency, args.online_s, args.pairs, workdir / "data"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     load_after = os.getloadavg()[0]
@@ -218,39 +273,41 @@ def main(argv: list[str] | None = None) -> int:
     alone_p50s = ", ".join(f"{w['p50']:.0f}" for w in alone)
     job_p50s = ", ".join(f"{w['p50']:.0f}" for w in with_job)
     per_round = "; ".join(f"{r['rate']:.1f}/{r['ceiling']:.1f}" for r in rounds)
-    table = "\n".join([
-        f"### bench/score.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        f"- machine: {machine()}; load average {load_before:.1f} before, {load_after:.1f} after (a shared "
-        "machine: other processes ran meanwhile)",
-        f"- model: {args.model.name if args.model else args.export + ' (random weights)'}; {args.images} JPEG "
-        f"photos (skimage.data, 300x451 to 512x512); batch {args.batch_size}; `vitserve score --workers "
-        f"{args.workers}`; {args.rounds} interleaved rounds; online: c={args.concurrency} closed loop, "
-        f"{args.pairs} alternating window pairs of {args.online_s / args.pairs:.1f} s",
-        "",
-        "| measure | value |",
-        "| --- | --- |",
-        f"| in-process ceiling (decode + engine, one loop), median | {median_of(rounds, 'ceiling'):.1f} img/s |",
-        f"| engine alone on decoded pixels, median | {median_of(rounds, 'engine'):.1f} img/s |",
-        f"| `vitserve score` (its own rate, after start-up), median | {median_of(rounds, 'rate'):.1f} img/s |",
-        f"| `vitserve score` / ceiling, median of rounds | **{float(np.median(ratios)):.2f}** "
-        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; img/s {per_round}) |",
-        f"| `vitserve score` wall clock incl. start-up, median | {median_of(rounds, 'wall'):.1f} img/s |",
-        f"| CPU ms per image: ceiling loop / `vitserve score` (process + decode workers), median | "
-        f"{median_of(rounds, 'ceiling_cpu'):.1f} / {median_of(rounds, 'score_cpu'):.1f} "
-        f"(ratio {median_of(rounds, 'score_cpu') / median_of(rounds, 'ceiling_cpu'):.2f}) |",
-        f"| online, no job: p50 / p95 / req/s / errors (median of windows) | {a50:.1f} ms / "
-        f"{median_of(alone, 'p95'):.1f} ms / {median_of(alone, 'rps'):.1f} / {sum(w['errors'] for w in alone)} |",
-        f"| online, job running: p50 / p95 / req/s / errors (median of windows) | {j50:.1f} ms / "
-        f"{median_of(with_job, 'p95'):.1f} ms / {median_of(with_job, 'rps'):.1f} / "
-        f"{sum(w['errors'] for w in with_job)} |",
-        f"| online p50 with job / without | **{j50 / a50:.2f}** (p50 per window, ms: no job {alone_p50s}; "
-        f"job {job_p50s}) |",
-        f"| job images scored while online traffic ran ({args.pairs} jobs, cancelled at window end) | "
-        f"{online['job_images_during']} |",
-        f"| the job alone on the idle service | {online['job_alone_rate']:.1f} img/s |",
-        "",
-    ])
+    table = "\n".join(
+        [
+            f"### bench/score.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
+            f"- machine: {machine()}; load average {load_before:.1f} before, {load_after:.1f} after (a shared "
+            "machine: other processes ran meanwhile)",
+            f"- model: {args.model.name if args.model else args.export + ' (random weights)'}; {args.images} JPEG "
+            f"photos (skimage.data, 300x451 to 512x512); batch {args.batch_size}; `vitserve score --workers "
+            f"{args.workers}`; {args.rounds} interleaved rounds; online: c={args.concurrency} closed loop, "
+            f"{args.pairs} alternating window pairs of {args.online_s / args.pairs:.1f} s",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| in-process ceiling (decode + engine, one loop), median | {median_of(rounds, 'ceiling'):.1f} img/s |",
+            f"| engine alone on decoded pixels, median | {median_of(rounds, 'engine'):.1f} img/s |",
+            f"| `vitserve score` (its own rate, after start-up), median | {median_of(rounds, 'rate'):.1f} img/s |",
+            f"| `vitserve score` / ceiling, median of rounds | **{float(np.median(ratios)):.2f}** "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; img/s {per_round}) |",
+            f"| `vitserve score` wall clock incl. start-up, median | {median_of(rounds, 'wall'):.1f} img/s |",
+            f"| CPU ms per image: ceiling loop / `vitserve score` (process + decode workers), median | "
+            f"{median_of(rounds, 'ceiling_cpu'):.1f} / {median_of(rounds, 'score_cpu'):.1f} "
+            f"(ratio {median_of(rounds, 'score_cpu') / median_of(rounds, 'ceiling_cpu'):.2f}) |",
+            f"| online, no job: p50 / p95 / req/s / errors (median of windows) | {a50:.1f} ms / "
+            f"{median_of(alone, 'p95'):.1f} ms / {median_of(alone, 'rps'):.1f} / {sum(w['errors'] for w in alone)} |",
+            f"| online, job running: p50 / p95 / req/s / errors (median of windows) | {j50:.1f} ms / "
+            f"{median_of(with_job, 'p95'):.1f} ms / {median_of(with_job, 'rps'):.1f} / "
+            f"{sum(w['errors'] for w in with_job)} |",
+            f"| online p50 with job / without | **{j50 / a50:.2f}** (p50 per window, ms: no job {alone_p50s}; "
+            f"job {job_p50s}) |",
+            f"| job images scored while online traffic ran ({args.pairs} jobs, cancelled at window end) | "
+            f"{online['job_images_during']} |",
+            f"| the job alone on the idle service | {online['job_alone_rate']:.1f} img/s |",
+            "",
+        ]
+    )
     print(table)
     if args.append:
         with open(args.append, "a") as f:

@@ -69,8 +69,12 @@ class InProcess:
     def _pixels(self, i: int) -> np.ndarray:
         from service.runtime.preprocess import load_pixels
 
-        return load_pixels(self.images[i % len(self.images)], self.engine.metadata.preprocessing, max_pixels=10**8,
-                           jpeg_draft=self.jpeg_draft)
+        return load_pixels(
+            self.images[i % len(self.images)],
+            self.engine.metadata.preprocessing,
+            max_pixels=10**8,
+            jpeg_draft=self.jpeg_draft,
+        )
 
     def rate(self, n: int, seconds: float) -> tuple[float, float]:
         """(images/s, CPU ms per image) for batches of n, pre-processing included, over ~``seconds``."""
@@ -94,8 +98,14 @@ class InProcess:
 
 # -- 2. the load generator -------------------------------------------------------------------------
 def build_requests(images: list[bytes], port: int) -> list[bytes]:
-    return [(f"POST /v1/classify?top_k=5 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
-             f"Content-Length: {len(data)}\r\n\r\n").encode() + data for data in images]
+    return [
+        (
+            f"POST /v1/classify?top_k=5 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        + data
+        for data in images
+    ]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -106,8 +116,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _connection(port: int, requests: list[bytes], offset: int, stop_at: float, record_from: float,
-                      latencies: list[float], errors: list[int]) -> None:
+async def _connection(
+    port: int,
+    requests: list[bytes],
+    offset: int,
+    stop_at: float,
+    record_from: float,
+    latencies: list[float],
+    errors: list[int],
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
@@ -130,12 +147,19 @@ async def load(port: int, requests: list[bytes], concurrency: int, warmup_s: flo
     record_from, stop_at = start + warmup_s, start + warmup_s + duration_s
     latencies: list[float] = []
     errors: list[int] = []
-    await asyncio.gather(*(_connection(port, requests, c, stop_at, record_from, latencies, errors)
-                           for c in range(concurrency)))
+    await asyncio.gather(
+        *(_connection(port, requests, c, stop_at, record_from, latencies, errors) for c in range(concurrency))
+    )
     elapsed = time.perf_counter() - record_from
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-    return {"rps": len(latencies) / elapsed, "p50": q[0], "p95": q[1], "p99": q[2], "n": len(latencies),
-            "errors": len(errors)}
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": q[0],
+        "p95": q[1],
+        "p99": q[2],
+        "n": len(latencies),
+        "errors": len(errors),
+    }
 
 
 # -- 3. server control ------------------------------------------------------------------------------
@@ -164,8 +188,19 @@ def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str,
     import urllib.error
     import urllib.request
 
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(port),
-           "--log-level", "warning", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *flags,
+    ]
     process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -197,8 +232,9 @@ def main() -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="0 = one per core (the server's default)")
     parser.add_argument("--ceiling-batch-sizes", default="1,2,4,8,16")
-    parser.add_argument("--ceiling-seconds", type=float, default=4.0,
-                        help="seconds per measurement of the in-process reference")
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=4.0, help="seconds per measurement of the in-process reference"
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -223,11 +259,20 @@ def main() -> int:
             cpu_s = process_cpu_s(server.pid) - cpu_before
             images_run = scrape(port, "vitserve_batch_size_sum") - images_before
             batches = scrape(port, "vitserve_batch_size_count") - batches_before
-            result.update(concurrency=c, ceiling=ceiling, single_ms=single, ceiling_cpu_ms=ceiling_cpu_ms,
-                          server_cpu_ms=cpu_s * 1000 / max(images_run, 1), mean_batch=images_run / max(batches, 1))
+            result.update(
+                concurrency=c,
+                ceiling=ceiling,
+                single_ms=single,
+                ceiling_cpu_ms=ceiling_cpu_ms,
+                server_cpu_ms=cpu_s * 1000 / max(images_run, 1),
+                mean_batch=images_run / max(batches, 1),
+            )
             rows.append(result)
-            print(f"  c={c}: {result['rps']:.1f} req/s (ceiling {ceiling:.1f}), p50 {result['p50']:.1f} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  c={c}: {result['rps']:.1f} req/s (ceiling {ceiling:.1f}), p50 {result['p50']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -236,24 +281,34 @@ def main() -> int:
             server.kill()
 
     engine = reference.engine
-    print(f"\nvitserve serve vs in-process: {engine.metadata.architecture} ({args.model.name}), {engine.providers[0]}, "
-          f"{engine.intra_op_threads} intra-op threads, {os.cpu_count()} CPUs ({platform.machine()}), "
-          f"max_batch_size {args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms}, "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print("in-process sweep (pre-process + session.run): "
-          + ", ".join(f"batch {n}: {r:.1f} img/s ({cpu:.1f} CPU ms/img)" for n, (r, cpu) in sweep.items())
-          + f"; best batch {best}\n")
-    print("| concurrency | req/s | in-process ceiling img/s | ratio | p50 ms | p95 ms | p99 ms | p99/p50 "
-          "| mean batch | CPU ms/img server | CPU ms/img in-process | errors |")
+    print(
+        f"\nvitserve serve vs in-process: {engine.metadata.architecture} ({args.model.name}), {engine.providers[0]}, "
+        f"{engine.intra_op_threads} intra-op threads, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"max_batch_size {args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms}, "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
+    print(
+        "in-process sweep (pre-process + session.run): "
+        + ", ".join(f"batch {n}: {r:.1f} img/s ({cpu:.1f} CPU ms/img)" for n, (r, cpu) in sweep.items())
+        + f"; best batch {best}\n"
+    )
+    print(
+        "| concurrency | req/s | in-process ceiling img/s | ratio | p50 ms | p95 ms | p99 ms | p99/p50 "
+        "| mean batch | CPU ms/img server | CPU ms/img in-process | errors |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['ceiling']:.1f} | {r['rps'] / r['ceiling']:.3f} | "
-              f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | "
-              f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['ceiling_cpu_ms']:.1f} | {r['errors']} |")
+        print(
+            f"| {r['concurrency']} | {r['rps']:.1f} | {r['ceiling']:.1f} | {r['rps'] / r['ceiling']:.3f} | "
+            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | "
+            f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['ceiling_cpu_ms']:.1f} | {r['errors']} |"
+        )
     for r in rows:
         if r["concurrency"] == 1:
-            print(f"\nconcurrency 1: server p50 {r['p50']:.2f} ms vs in-process single image {r['single_ms']:.2f} ms "
-                  f"(difference {r['p50'] - r['single_ms']:+.2f} ms)")
+            print(
+                f"\nconcurrency 1: server p50 {r['p50']:.2f} ms vs in-process single image {r['single_ms']:.2f} ms "
+                f"(difference {r['p50'] - r['single_ms']:+.2f} ms)"
+            )
     return 0
 
 

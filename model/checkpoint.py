@@ -297,8 +297,10 @@ def assemble(
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_head(num_classes)
         ckpt_labels = None  # the names belonged to the dropped head
-    final_labels = check_labels(labels, model.config.num_classes) if labels is not None else (
-        ckpt_labels or default_labels(model.config.num_classes)
+    final_labels = (
+        check_labels(labels, model.config.num_classes)
+        if labels is not None
+        else (ckpt_labels or default_labels(model.config.num_classes))
     )
     if raw.preprocessing_at is not None:
         preprocessing = raw.preprocessing_at(model.config.image_size)
@@ -318,7 +320,9 @@ def assemble(
     )
 
 
-def _resample_to(state_dict: StateDict, config: ViTConfig, image_size: int, *, where: str) -> tuple[StateDict, ViTConfig]:
+def _resample_to(
+    state_dict: StateDict, config: ViTConfig, image_size: int, *, where: str
+) -> tuple[StateDict, ViTConfig]:
     try:
         new_config = config.replace(image_size=image_size)
     except ValueError as exc:
@@ -347,8 +351,9 @@ def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str
         if scheme == "timm":
             from model.convert import timm as timm_format
 
-            return timm_format.read_hub_dir(_download(f"timm/{rest}", timm_format.HUB_FILES), source,
-                                            model_args=model_args)
+            return timm_format.read_hub_dir(
+                _download(f"timm/{rest}", timm_format.HUB_FILES), source, model_args=model_args
+            )
         if scheme == "hf":
             from model.convert import hf as hf_format
 
@@ -382,7 +387,9 @@ def _read_directory(path: Path, source: str, *, model_name: str | None, model_ar
         return native.read_native(path)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{path} holds neither {native.CONFIG_NAME} (vitserve) nor config.json (timm, Hugging Face)")
+        raise CheckpointError(
+            f"{path} holds neither {native.CONFIG_NAME} (vitserve) nor config.json (timm, Hugging Face)"
+        )
     config_json = read_json(config_path)
     if "architecture" in config_json:
         from model.convert import timm as timm_format

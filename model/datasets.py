@@ -50,8 +50,9 @@ class LabeledFiles:
         return len(self.paths)
 
     def subset(self, indices: Sequence[int]) -> LabeledFiles:
-        return LabeledFiles(tuple(self.paths[i] for i in indices), tuple(self.targets[i] for i in indices),
-                            self.classes)
+        return LabeledFiles(
+            tuple(self.paths[i] for i in indices), tuple(self.targets[i] for i in indices), self.classes
+        )
 
 
 def _class_order(names: set[str]) -> list[str]:
@@ -81,15 +82,20 @@ def scan_image_folder(root: str | Path) -> LabeledFiles:
     targets: list[int] = []
     empty: list[str] = []
     for index, name in enumerate(classes):
-        files = sorted(p for p in class_dirs[name].rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in class_dirs[name].rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
         if not files:
             empty.append(name)
         paths += files
         targets += [index] * len(files)
     if empty:
-        raise DatasetError(f"{root}: {len(empty)} empty class folder(s) with no images "
-                           f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}")
+        raise DatasetError(
+            f"{root}: {len(empty)} empty class folder(s) with no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}"
+        )
     _check_classes(classes, str(root))
     return LabeledFiles(tuple(paths), tuple(targets), tuple(classes))
 
@@ -169,10 +175,13 @@ class ImageFilesDataset(torch.utils.data.Dataset):
         return torch.from_numpy(pixels), self.files.targets[index]
 
 
-def load_images(files: LabeledFiles, preprocessing: Preprocessing, *,
-                preload_budget_bytes: int = PRELOAD_BUDGET_BYTES,
-                progress: Callable[[Sequence], Sequence] = lambda xs: xs,
-                ) -> tuple[torch.utils.data.Dataset, LabeledFiles, DecodeReport]:
+def load_images(
+    files: LabeledFiles,
+    preprocessing: Preprocessing,
+    *,
+    preload_budget_bytes: int = PRELOAD_BUDGET_BYTES,
+    progress: Callable[[Sequence], Sequence] = lambda xs: xs,
+) -> tuple[torch.utils.data.Dataset, LabeledFiles, DecodeReport]:
     """Decode every image once, skipping unreadable ones; returns (dataset, the files kept, the report).
 
     The decoded pixels of a small dataset are kept (one TensorDataset, fast epochs); a larger one

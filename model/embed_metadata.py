@@ -30,8 +30,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def embed_metadata(source: str | os.PathLike, output: str | os.PathLike, options: SpecOptions | None = None, *,
-                   verify: bool = True) -> ModelSpec:
+def embed_metadata(
+    source: str | os.PathLike, output: str | os.PathLike, options: SpecOptions | None = None, *, verify: bool = True
+) -> ModelSpec:
     """Write ``output``: ``source`` with the effective model description as vitserve metadata.
 
     Args:
@@ -51,16 +52,19 @@ def embed_metadata(source: str | os.PathLike, output: str | os.PathLike, options
     model = onnx.load(str(source))  # weights included, also from external data, so the copy stands alone
     spec = resolve_spec(source, graph_io_from_onnx(model), options)
     metadata = spec.metadata
-    ours = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+    ours = {p.key[len(PREFIX) :]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "precision" not in ours:
         # A quantized graph still takes float pixels: its weights tell the precision, not its input.
         weights = precision_from_elements(initializer_elements(model))
         if weights in ("fp32", "fp16", "int8"):
             metadata = replace(metadata, precision=weights)
     io = {"input_name": spec.input_name, "output_name": spec.output_name, "input_layout": spec.input_layout}
-    metadata = replace(metadata, source=metadata.source or f"onnx:{source.name}",
-                       weights_sha256=metadata.weights_sha256 or file_sha256(source),
-                       extra={**metadata.extra, **{k: io[k] for k in IO_METADATA_KEYS}})
+    metadata = replace(
+        metadata,
+        source=metadata.source or f"onnx:{source.name}",
+        weights_sha256=metadata.weights_sha256 or file_sha256(source),
+        extra={**metadata.extra, **{k: io[k] for k in IO_METADATA_KEYS}},
+    )
     others = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {**dict(others), **metadata.to_props()})
@@ -81,8 +85,14 @@ def _save(model, output: Path) -> None:
     if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES:
         data = output.with_name(output.name + ".data")
         data.unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(model, str(output), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(output),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(output))
 
@@ -96,8 +106,9 @@ def check_export_mode(args) -> str | None:
     if not args.source and not args.from_onnx:
         return "give SOURCE (a checkpoint) or --from-onnx ONNX"
     if not args.from_onnx:
-        given = [flag for flag, dest, _ in SPEC_FLAGS
-                 if flag != "--image-size" and getattr(args, dest, None) is not None]
+        given = [
+            flag for flag, dest, _ in SPEC_FLAGS if flag != "--image-size" and getattr(args, dest, None) is not None
+        ]
         if given:
             return f"{', '.join(given)} only apply with --from-onnx (a checkpoint export writes its own description)"
     return None
@@ -107,16 +118,18 @@ def run_from_onnx(args) -> int:
     """The `vitserve export --from-onnx SOURCE -o OUTPUT [flags]` handler."""
     import sys
 
-    from service.runtime.engine import EngineError
     from service.core.model_spec import ModelSpecError, options_from_args
+    from service.runtime.engine import EngineError
 
     try:
         spec = embed_metadata(args.from_onnx, args.output, options_from_args(args), verify=args.verify)
     except (ModelSpecError, EngineError, ValueError, FileNotFoundError) as exc:
         print(f"vitserve export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {spec.metadata.architecture}, {spec.metadata.num_classes} classes, "
-          f"{spec.metadata.precision}; `vitserve serve --model {args.output}` needs no flags now")
+    print(
+        f"wrote {args.output}: {spec.metadata.architecture}, {spec.metadata.num_classes} classes, "
+        f"{spec.metadata.precision}; `vitserve serve --model {args.output}` needs no flags now"
+    )
     for name, item in spec.effective().items():
         print(f"  {name:14} {item['value']!s:24} (from {item['source']})")
     return 0

@@ -126,8 +126,16 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
     module.eval()
     try:
         program = torch.onnx.export(
-            module, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False, optimize=True,
+            module,
+            (example,),
+            None,
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+            optimize=True,
         )
     finally:
         module.train(was_training)
@@ -163,8 +171,16 @@ def _strip_node_debug_info(model: onnx.ModelProto) -> None:
         node.doc_string = ""
 
 
-def build_metadata(config: ViTConfig, *, labels: Sequence[str], preprocessing: Preprocessing, precision: str,
-                   source: str, weights_sha256: str, opset: int) -> ModelMetadata:
+def build_metadata(
+    config: ViTConfig,
+    *,
+    labels: Sequence[str],
+    preprocessing: Preprocessing,
+    precision: str,
+    source: str,
+    weights_sha256: str,
+    opset: int,
+) -> ModelMetadata:
     """The contract's ModelMetadata plus extra keys that describe the graph (depth for the fused
     count, exporter versions to reproduce a file)."""
     import onnxscript
@@ -181,19 +197,35 @@ def build_metadata(config: ViTConfig, *, labels: Sequence[str], preprocessing: P
     if precision == "int8":
         import onnxruntime
 
-        extra["quantization"] = (f"dynamic int8 weights of MatMul/Gemm, per channel "
-                                 f"(onnxruntime {onnxruntime.__version__})")
+        extra["quantization"] = (
+            f"dynamic int8 weights of MatMul/Gemm, per channel (onnxruntime {onnxruntime.__version__})"
+        )
     return ModelMetadata(
-        architecture=config.name, labels=tuple(labels), preprocessing=preprocessing, precision=precision,
-        input_dtype="float32", source=source, weights_sha256=weights_sha256, extra=extra,
+        architecture=config.name,
+        labels=tuple(labels),
+        preprocessing=preprocessing,
+        precision=precision,
+        input_dtype="float32",
+        source=source,
+        weights_sha256=weights_sha256,
+        extra=extra,
     )
 
 
-def export_model(model: torch.nn.Module, config: ViTConfig, output: str | os.PathLike, *, labels: Sequence[str],
-                 preprocessing: Preprocessing, source: str = "", weights_sha256: str = "",
-                 precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
-                 progress: bool = False) -> ExportResult:
+def export_model(
+    model: torch.nn.Module,
+    config: ViTConfig,
+    output: str | os.PathLike,
+    *,
+    labels: Sequence[str],
+    preprocessing: Preprocessing,
+    source: str = "",
+    weights_sha256: str = "",
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
+    progress: bool = False,
+) -> ExportResult:
     """Export a loaded ViT to ``output`` with its metadata; the core that export_checkpoint wraps.
 
     Args:
@@ -215,8 +247,15 @@ def export_model(model: torch.nn.Module, config: ViTConfig, output: str | os.Pat
         raise ExportError("the model has no classification head (num_classes=0); export one with --num-classes K")
     if len(labels) != config.num_classes:
         raise ExportError(f"{len(labels)} labels for a head with {config.num_classes} classes")
-    metadata = build_metadata(config, labels=labels, preprocessing=preprocessing, precision=precision, source=source,
-                              weights_sha256=weights_sha256, opset=opset)
+    metadata = build_metadata(
+        config,
+        labels=labels,
+        preprocessing=preprocessing,
+        precision=precision,
+        source=source,
+        weights_sha256=weights_sha256,
+        opset=opset,
+    )
     steps = ["export to ONNX"] + (["quantize int8"] if precision == "int8" else []) + ["write"]
     with tqdm(total=len(steps), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
         bar.set_description(f"{steps[0]} ({precision}, opset {opset})")
@@ -249,8 +288,12 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
-               external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES) -> Path | None:
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike,
+    *,
+    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
+) -> Path | None:
     """Write ``model``; weights over the threshold go to ``<output>.data``. Returns that file or None."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,19 +304,34 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *,
     if initializer_bytes(model) <= external_data_threshold_bytes:
         onnx.save_model(model, path)
         return None
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_path.name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_path.name,
+        size_threshold=1024,
+    )
     # onnx creates the weights file 0600; a service running as another user (the Docker image)
     # could then read the model but not its weights. Give it the .onnx file's umask-made mode.
     data_path.chmod(path.stat().st_mode & 0o777)
     return data_path
 
 
-def export_checkpoint(source: str, output: str | os.PathLike, *, precision: str | None = None,
-                      target: str | None = None, model_name: str | None = None, num_classes: int | None = None,
-                      image_size: int | None = None, opset: int = DEFAULT_OPSET,
-                      external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
-                      verify: bool = True, progress: bool = False) -> tuple[ExportResult, VerifyReport | None]:
+def export_checkpoint(
+    source: str,
+    output: str | os.PathLike,
+    *,
+    precision: str | None = None,
+    target: str | None = None,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
+    verify: bool = True,
+    progress: bool = False,
+) -> tuple[ExportResult, VerifyReport | None]:
     """Import any checkpoint the importer reads, export it, and verify the file (unless verify=False).
 
     Raises model.verify.VerificationFailed (carrying the report) when a parity bound is missed.
@@ -288,9 +346,17 @@ def export_checkpoint(source: str, output: str | os.PathLike, *, precision: str 
         loaded = import_checkpoint(source, model_name=model_name, num_classes=num_classes, image_size=image_size)
         bar.update()
     result = export_model(
-        loaded.model, loaded.config, output, labels=loaded.labels, preprocessing=loaded.preprocessing,
-        source=loaded.source, weights_sha256=loaded.weights_sha256, precision=precision, opset=opset,
-        external_data_threshold_bytes=external_data_threshold_bytes, progress=progress,
+        loaded.model,
+        loaded.config,
+        output,
+        labels=loaded.labels,
+        preprocessing=loaded.preprocessing,
+        source=loaded.source,
+        weights_sha256=loaded.weights_sha256,
+        precision=precision,
+        opset=opset,
+        external_data_threshold_bytes=external_data_threshold_bytes,
+        progress=progress,
     )
     report = None
     if verify:

@@ -164,7 +164,7 @@ class FinetuneResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> CUDA when present, else CPU; "cuda" without a GPU is an error, not a silent CPU run."""
+    """ "auto" -> CUDA when present, else CPU; "cuda" without a GPU is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -172,8 +172,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def augment_batch(pixels: torch.Tensor, generator: torch.Generator, *, rotation_deg: float = AUG_MAX_ROTATION_DEG,
-                  scale: tuple[float, float] = AUG_SCALE_RANGE, shift: float = AUG_MAX_SHIFT) -> torch.Tensor:
+def augment_batch(
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    rotation_deg: float = AUG_MAX_ROTATION_DEG,
+    scale: tuple[float, float] = AUG_SCALE_RANGE,
+    shift: float = AUG_MAX_SHIFT,
+) -> torch.Tensor:
     """Apply one random affine map per image to (B, C, H, W); borders are replicated, not blacked out."""
     b = pixels.shape[0]
     rand = torch.rand(b, 4, generator=generator).to(pixels.device)  # (B, 4) uniform in [0, 1)
@@ -195,8 +201,9 @@ def _param_groups(model: VisionTransformer, options: FinetuneOptions) -> list[di
     return [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: VisionTransformer, options: FinetuneOptions, total_steps: int
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: VisionTransformer, options: FinetuneOptions, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer over the trainable parameters, and a linear warm-up + cosine decay per step."""
     groups = _param_groups(model, options)
     if options.optimizer == "sgd":
@@ -241,8 +248,16 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, options: FinetuneOptions,
-                    device: torch.device, generator: torch.Generator, desc: str) -> tuple[float, float, float]:
+def train_one_epoch(
+    model: VisionTransformer,
+    loader,
+    optimizer,
+    scheduler,
+    options: FinetuneOptions,
+    device: torch.device,
+    generator: torch.Generator,
+    desc: str,
+) -> tuple[float, float, float]:
     """One pass over the loader; returns (mean loss, accuracy, images/s)."""
     from tqdm.auto import tqdm
 
@@ -252,13 +267,19 @@ def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, opti
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, correct, count = 0.0, 0, 0
     start = time.perf_counter()
-    with tqdm(loader, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
-              disable=None) as bar:  # None: a bar on a terminal, none in logs
+    with tqdm(
+        loader, desc=desc, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None
+    ) as bar:  # None: a bar on a terminal, none in logs
         for pixels, targets in bar:
             pixels, targets = pixels.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if options.augment:
-                pixels = augment_batch(pixels, generator, rotation_deg=options.aug_rotation_deg,
-                                       scale=options.aug_scale, shift=options.aug_shift)
+                pixels = augment_batch(
+                    pixels,
+                    generator,
+                    rotation_deg=options.aug_rotation_deg,
+                    scale=options.aug_scale,
+                    shift=options.aug_shift,
+                )
             logits = _logits(model, pixels, options.mode)
             loss = F.cross_entropy(logits, targets, label_smoothing=options.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -275,11 +296,25 @@ def train_one_epoch(model: VisionTransformer, loader, optimizer, scheduler, opti
     return loss_sum / count, correct / count, count / max(time.perf_counter() - start, 1e-9)
 
 
-def _loader(dataset, indices: list[int], batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
-            num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(
+    dataset,
+    indices: list[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    num_workers: int,
+    device: torch.device,
+) -> torch.utils.data.DataLoader:
     subset = torch.utils.data.Subset(dataset, indices)
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _load_base(base: LoadedCheckpoint | str, image_size: int | None) -> LoadedCheckpoint:
@@ -334,13 +369,16 @@ def finetune(
     state_path = output_dir / STATE_NAME
     files = data if isinstance(data, LabeledFiles) else scan_dataset(data)
     if num_classes is not None and num_classes != len(files.classes):
-        raise DatasetError(f"--num-classes is {num_classes} but the dataset has {len(files.classes)} classes: "
-                           f"{', '.join(files.classes)}")
+        raise DatasetError(
+            f"--num-classes is {num_classes} but the dataset has {len(files.classes)} classes: "
+            f"{', '.join(files.classes)}"
+        )
     state = None
     if resume:
         if not state_path.is_file():
-            raise FinetuneError(f"nothing to resume in {output_dir}: no {STATE_NAME} "
-                                "(the run finished, or never completed an epoch)")
+            raise FinetuneError(
+                f"nothing to resume in {output_dir}: no {STATE_NAME} (the run finished, or never completed an epoch)"
+            )
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         _check_resumable(state, options, files)
 
@@ -350,8 +388,9 @@ def finetune(
     model, config = loaded.model, loaded.config
     preprocessing = preprocessing or loaded.preprocessing
     if preprocessing.image_size != config.image_size:
-        raise FinetuneError(f"preprocessing gives {preprocessing.image_size}px images, the model takes "
-                            f"{config.image_size}px")
+        raise FinetuneError(
+            f"preprocessing gives {preprocessing.image_size}px images, the model takes {config.image_size}px"
+        )
 
     from tqdm.auto import tqdm
 
@@ -365,8 +404,10 @@ def finetune(
     if missing:
         raise DatasetError("no readable images left for class(es): " + ", ".join(files.classes[i] for i in missing))
     train_idx, val_idx = stratified_split(files_kept.targets, options.val_split, options.seed)
-    log(f"dataset: {len(files_kept)} images, {len(files.classes)} classes; train {len(train_idx)}, "
-        f"val {len(val_idx)}; mode {options.mode} on {dev}")
+    log(
+        f"dataset: {len(files_kept)} images, {len(files.classes)} classes; train {len(train_idx)}, "
+        f"val {len(val_idx)}; mode {options.mode} on {dev}"
+    )
 
     classes = files.classes
     model.reset_head(len(classes))  # the paper: drop the pre-trained head, fresh zero-initialised D x K
@@ -378,8 +419,21 @@ def finetune(
     if options.mode == "linear":
         val_accuracy, history = _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, log)
     else:
-        history, val_accuracy = _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state,
-                                       state_path, output_dir, files, log, on_epoch_end)
+        history, val_accuracy = _train(
+            model,
+            dataset,
+            train_idx,
+            val_idx,
+            options,
+            dev,
+            num_workers,
+            state,
+            state_path,
+            output_dir,
+            files,
+            log,
+            on_epoch_end,
+        )
 
     model.to("cpu").eval()
     source = loaded.source if isinstance(base, str) else (loaded.origin or loaded.source)
@@ -400,8 +454,15 @@ def finetune(
     }
     save_native(output_dir, model, config, classes, preprocessing, source=source, extra=provenance)
     state_path.unlink(missing_ok=True)
-    return FinetuneResult(output_dir, classes, history, val_accuracy, len(train_idx), len(val_idx),
-                          [(str(p), r) for p, r in report.skipped])
+    return FinetuneResult(
+        output_dir,
+        classes,
+        history,
+        val_accuracy,
+        len(train_idx),
+        len(val_idx),
+        [(str(p), r) for p, r in report.skipped],
+    )
 
 
 def _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, log):
@@ -409,11 +470,15 @@ def _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, l
     from tqdm.auto import tqdm
 
     def features(indices: list[int], desc: str) -> tuple[np.ndarray, np.ndarray]:
-        loader = _loader(dataset, indices, options.batch_size, shuffle=False, generator=None, num_workers=num_workers,
-                         device=dev)
-        return extract_features(model, loader, dev,
-                                progress=lambda xs: tqdm(xs, desc=desc, unit="batch", leave=False, file=sys.stderr,
-                                                         disable=None))
+        loader = _loader(
+            dataset, indices, options.batch_size, shuffle=False, generator=None, num_workers=num_workers, device=dev
+        )
+        return extract_features(
+            model,
+            loader,
+            dev,
+            progress=lambda xs: tqdm(xs, desc=desc, unit="batch", leave=False, file=sys.stderr, disable=None),
+        )
 
     start = time.perf_counter()
     train_x, train_y = features(train_idx, "features (train)")
@@ -426,10 +491,18 @@ def _fit_linear(model, dataset, train_idx, val_idx, options, dev, num_workers, l
         val_acc = float(np.mean((val_x @ fit.weight.T + fit.bias).argmax(axis=1) == val_y))
     seconds = time.perf_counter() - start
     val_text = f"{val_acc:.4f}" if val_acc is not None else "n/a"
-    log(f"linear probe: lambda {fit.lam:.4g} (cv accuracy {fit.cv_accuracy:.4f}), train accuracy {train_acc:.4f}, "
-        f"val accuracy {val_text}, {seconds:.1f}s")
-    record = {"epoch": 1, "train_accuracy": train_acc, "val_accuracy": val_acc, "ridge_lambda": fit.lam,
-              "cv_accuracy": fit.cv_accuracy, "seconds": seconds}
+    log(
+        f"linear probe: lambda {fit.lam:.4g} (cv accuracy {fit.cv_accuracy:.4f}), train accuracy {train_acc:.4f}, "
+        f"val accuracy {val_text}, {seconds:.1f}s"
+    )
+    record = {
+        "epoch": 1,
+        "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
+        "ridge_lambda": fit.lam,
+        "cv_accuracy": fit.cv_accuracy,
+        "seconds": seconds,
+    }
     return val_acc, [record]
 
 
@@ -440,15 +513,32 @@ def _check_resumable(state: dict, options: FinetuneOptions, files: LabeledFiles)
     now = dataclasses.asdict(options)
     changed = sorted(k for k in now if saved.get(k) != now[k])
     if changed:
-        raise FinetuneError("--resume needs the options of the interrupted run; changed: "
-                            + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))
+        raise FinetuneError(
+            "--resume needs the options of the interrupted run; changed: "
+            + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed)
+        )
     if tuple(state["classes"]) != files.classes or state["num_files"] != len(files):
-        raise FinetuneError(f"--resume needs the same dataset: it had {state['num_files']} images of classes "
-                            f"{list(state['classes'])}, now {len(files)} of {list(files.classes)}")
+        raise FinetuneError(
+            f"--resume needs the same dataset: it had {state['num_files']} images of classes "
+            f"{list(state['classes'])}, now {len(files)} of {list(files.classes)}"
+        )
 
 
-def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state, state_path, output_dir,
-           files, log, on_epoch_end):
+def _train(
+    model,
+    dataset,
+    train_idx,
+    val_idx,
+    options,
+    dev,
+    num_workers,
+    state,
+    state_path,
+    output_dir,
+    files,
+    log,
+    on_epoch_end,
+):
     """Modes "head" and "full": the epoch loop, saving the resumable state after every epoch."""
     if options.mode == "head":
         for name, param in model.named_parameters():
@@ -459,36 +549,62 @@ def _train(model, dataset, train_idx, val_idx, options, dev, num_workers, state,
     history: list[dict[str, Any]] = []
     if state is not None:
         if state["image_size"] != model.config.image_size:
-            raise FinetuneError(f"--resume needs the interrupted run's --image-size {state['image_size']}, "
-                                f"got {model.config.image_size}")
+            raise FinetuneError(
+                f"--resume needs the interrupted run's --image-size {state['image_size']}, "
+                f"got {model.config.image_size}"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], list(state["history"])
         log(f"resumed from {state_path} after epoch {start_epoch}/{options.epochs}")
-    val_loader = (_loader(dataset, val_idx, options.batch_size, shuffle=False, generator=None,
-                          num_workers=num_workers, device=dev) if val_idx else None)
+    val_loader = (
+        _loader(
+            dataset, val_idx, options.batch_size, shuffle=False, generator=None, num_workers=num_workers, device=dev
+        )
+        if val_idx
+        else None
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     val_accuracy = history[-1]["val_accuracy"] if history else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         generator = _epoch_generator(options.seed, epoch)
-        train_loader = _loader(dataset, train_idx, options.batch_size, shuffle=True, generator=generator,
-                               num_workers=num_workers, device=dev)
+        train_loader = _loader(
+            dataset,
+            train_idx,
+            options.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=num_workers,
+            device=dev,
+        )
         start = time.perf_counter()
-        train_loss, train_acc, rate = train_one_epoch(model, train_loader, optimizer, scheduler, options, dev,
-                                                      generator, desc=f"epoch {epoch}/{options.epochs}")
+        train_loss, train_acc, rate = train_one_epoch(
+            model, train_loader, optimizer, scheduler, options, dev, generator, desc=f"epoch {epoch}/{options.epochs}"
+        )
         val_loss, val_accuracy = evaluate(model, val_loader, dev) if val_loader else (None, None)
         record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_accuracy, rate, time.perf_counter() - start)
         history.append(dataclasses.asdict(record))
         val_text = f"val loss {val_loss:.4f} acc {val_accuracy:.4f}" if val_loader else "no val split"
-        log(f"epoch {epoch}/{options.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}, {val_text}, "
-            f"{rate:.0f} img/s, {record.seconds:.1f}s")
-        _save_state(state_path, {
-            "version": STATE_VERSION, "epoch": epoch, "options": dataclasses.asdict(options),
-            "classes": list(files.classes), "num_files": len(files), "image_size": model.config.image_size,
-            "history": history,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        })
+        log(
+            f"epoch {epoch}/{options.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}, {val_text}, "
+            f"{rate:.0f} img/s, {record.seconds:.1f}s"
+        )
+        _save_state(
+            state_path,
+            {
+                "version": STATE_VERSION,
+                "epoch": epoch,
+                "options": dataclasses.asdict(options),
+                "classes": list(files.classes),
+                "num_files": len(files),
+                "image_size": model.config.image_size,
+                "history": history,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+        )
         if on_epoch_end is not None:
             on_epoch_end(record)
     for param in model.parameters():

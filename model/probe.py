@@ -71,8 +71,15 @@ def _fold_ids(targets: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def fit_ridge(features: np.ndarray, targets: np.ndarray, num_classes: int, *, n_folds: int = 5,
-              relative_lambdas: Iterable[float] = RELATIVE_LAMBDAS, seed: int = 0) -> RidgeFit:
+def fit_ridge(
+    features: np.ndarray,
+    targets: np.ndarray,
+    num_classes: int,
+    *,
+    n_folds: int = 5,
+    relative_lambdas: Iterable[float] = RELATIVE_LAMBDAS,
+    seed: int = 0,
+) -> RidgeFit:
     """Fit the ridge head on (N, D) features and integer targets; choose lambda by k-fold CV.
 
     Ties go to the larger lambda (the simpler model). With fewer than two samples per fold the
@@ -107,8 +114,12 @@ def fit_ridge(features: np.ndarray, targets: np.ndarray, num_classes: int, *, n_
 
 
 @torch.no_grad()
-def extract_features(model: VisionTransformer, batches: Iterable, device: torch.device | str = "cpu",
-                     progress: Callable[[Iterable], Iterable] = lambda xs: xs) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    model: VisionTransformer,
+    batches: Iterable,
+    device: torch.device | str = "cpu",
+    progress: Callable[[Iterable], Iterable] = lambda xs: xs,
+) -> tuple[np.ndarray, np.ndarray]:
     """Frozen pooled features (the input of the head): (N, D) float32 and (N,) targets."""
     model.eval()
     feats, labels = [], []

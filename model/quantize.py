@@ -41,16 +41,28 @@ def quantize_int8(model: onnx.ModelProto, *, per_channel: bool = True) -> onnx.M
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         # Through files with external data: the quantizer's own proto copies would hit the 2 GB
         # protobuf limit on ViT-H in memory, and the files vanish with the directory.
-        onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="fp32.onnx.data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            src,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="fp32.onnx.data",
+            size_threshold=1024,
+        )
         quantizer_log = logging.getLogger()
         level = quantizer_log.level
         # The quantizer warns on the root logger that "pre-processing" is advised; that step is
         # the shape inference this module replaces, so the warning is noise for our users.
         quantizer_log.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(src, dst, op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=per_channel,
-                             weight_type=QuantType.QInt8, use_external_data_format=True)
+            quantize_dynamic(
+                src,
+                dst,
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+            )
         finally:
             quantizer_log.setLevel(level)
         quantized = onnx.load(dst, load_external_data=True)

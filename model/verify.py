@@ -31,10 +31,14 @@ import onnx
 from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
 
 # (domain, op_type) of the nodes that compute a whole attention; "" and "ai.onnx" are the standard domain.
-FUSED_ATTENTION_OPS = frozenset({
-    ("", "Attention"), ("ai.onnx", "Attention"),
-    ("com.microsoft", "MultiHeadAttention"), ("com.microsoft", "Attention"),
-})
+FUSED_ATTENTION_OPS = frozenset(
+    {
+        ("", "Attention"),
+        ("ai.onnx", "Attention"),
+        ("com.microsoft", "MultiHeadAttention"),
+        ("com.microsoft", "Attention"),
+    }
+)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 NUM_RANDOM = 8
 
@@ -115,8 +119,9 @@ class Parity:
         if not np.isfinite(self.max_abs_diff) or self.max_abs_diff > self.bound:
             out.append(f"{self.name}: max abs diff {self.max_abs_diff:.3g} > bound {self.bound:.3g}")
         if self.min_top1 is not None and self.top1_fraction < self.min_top1:
-            out.append(f"{self.name}: top-1 agreement {self.top1_agree}/{self.top1_rows} "
-                       f"< {self.min_top1:.0%} required")
+            out.append(
+                f"{self.name}: top-1 agreement {self.top1_agree}/{self.top1_rows} < {self.min_top1:.0%} required"
+            )
         return out
 
 
@@ -135,8 +140,10 @@ class VerifyReport:
         if graph.softmax:
             out.append(f"{graph.softmax} Softmax node(s) outside fused attention")
         if self.weights_match is False:
-            out.append(f"the file was exported from other weights (sha256 {self.info.metadata.weights_sha256[:12]}) "
-                       "than the source given")
+            out.append(
+                f"the file was exported from other weights (sha256 {self.info.metadata.weights_sha256[:12]}) "
+                "than the source given"
+            )
         for parity in self.parity:
             out.extend(parity.failures())
         return out
@@ -169,8 +176,13 @@ def graph_stats(model: onnx.ModelProto) -> GraphStats:
         elif node.op_type == "Softmax":
             softmax += 1
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return GraphStats(node_count=sum(counts.values()), op_counts=dict(counts.most_common()), fused_attention=fused,
-                      softmax=softmax, opset=opset)
+    return GraphStats(
+        node_count=sum(counts.values()),
+        op_counts=dict(counts.most_common()),
+        fused_attention=fused,
+        softmax=softmax,
+        opset=opset,
+    )
 
 
 def _all_nodes(model: onnx.ModelProto) -> Iterable[onnx.NodeProto]:
@@ -195,9 +207,15 @@ def inspect_export(path: str | os.PathLike) -> ExportInfo:
         raise ExportFileError(f"{path}: not an ONNX model (cannot parse it: {type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise ExportFileError(f"{path}: not an ONNX model (no graph nodes; the file is empty or not ONNX)")
-    external = sorted({entry.value for tensor in model.graph.initializer
-                       if tensor.data_location == onnx.TensorProto.EXTERNAL
-                       for entry in tensor.external_data if entry.key == "location"})
+    external = sorted(
+        {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
     for name in external:
         if not (path.parent / name).is_file():
             raise ExportFileError(f"{path}: its weights live in {name}, which is missing next to it")
@@ -211,25 +229,32 @@ def inspect_export(path: str | os.PathLike) -> ExportInfo:
         raise ExportFileError(f"{path}: not a vitserve export: {exc}") from None
     _check_signature(path, model, metadata)
     size = path.stat().st_size + sum((path.parent / name).stat().st_size for name in external)
-    return ExportInfo(path=path, metadata=metadata, graph=graph_stats(model), file_bytes=size,
-                      external_data=tuple(external))
+    return ExportInfo(
+        path=path, metadata=metadata, graph=graph_stats(model), file_bytes=size, external_data=tuple(external)
+    )
 
 
 def _check_signature(path: Path, model: onnx.ModelProto, metadata: ModelMetadata) -> None:
     if metadata.precision not in TOLERANCES:
-        raise ExportFileError(f"{path}: unknown precision {metadata.precision!r} in its metadata "
-                              f"(expected one of {', '.join(TOLERANCES)})")
+        raise ExportFileError(
+            f"{path}: unknown precision {metadata.precision!r} in its metadata "
+            f"(expected one of {', '.join(TOLERANCES)})"
+        )
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = list(model.graph.output)
     if [i.name for i in inputs] != ["pixel_values"] or not outputs or outputs[0].name != "logits":
-        raise ExportFileError(f"{path}: expected input 'pixel_values' and output 'logits', found inputs "
-                              f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}")
+        raise ExportFileError(
+            f"{path}: expected input 'pixel_values' and output 'logits', found inputs "
+            f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}"
+        )
     want = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(metadata.input_dtype))
     tensor = inputs[0].type.tensor_type
     if tensor.elem_type != want:
-        raise ExportFileError(f"{path}: pixel_values is {onnx.TensorProto.DataType.Name(tensor.elem_type)} but "
-                              f"metadata input_dtype says {metadata.input_dtype}")
+        raise ExportFileError(
+            f"{path}: pixel_values is {onnx.TensorProto.DataType.Name(tensor.elem_type)} but "
+            f"metadata input_dtype says {metadata.input_dtype}"
+        )
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
     size = metadata.preprocessing.image_size
     if len(dims) != 4 or dims[1:] != [3, size, size]:
@@ -274,14 +299,25 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray, tolerance: 
     decided = (top2[:, 1] - top2[:, 0]) > tolerance.resolution * scale
     agree = reference.argmax(1) == candidate.argmax(1)
     return Parity(
-        name=name, rows=len(reference), max_abs_diff=float(np.abs(reference - candidate).max()),
-        bound=tolerance.max_abs_diff * scale, top1_agree=int((agree & decided).sum()), top1_rows=int(decided.sum()),
-        min_top1=tolerance.min_top1.get(name), constant_reference=bool(np.ptp(reference, axis=0).max() == 0),
+        name=name,
+        rows=len(reference),
+        max_abs_diff=float(np.abs(reference - candidate).max()),
+        bound=tolerance.max_abs_diff * scale,
+        top1_agree=int((agree & decided).sum()),
+        top1_rows=int(decided.sum()),
+        min_top1=tolerance.min_top1.get(name),
+        constant_reference=bool(np.ptp(reference, axis=0).max() == 0),
     )
 
 
-def verify_export(path: str | os.PathLike, torch_model, *, expected_sha256: str | None = None,
-                  num_random: int = NUM_RANDOM, progress: bool = False) -> VerifyReport:
+def verify_export(
+    path: str | os.PathLike,
+    torch_model,
+    *,
+    expected_sha256: str | None = None,
+    num_random: int = NUM_RANDOM,
+    progress: bool = False,
+) -> VerifyReport:
     """Check ``path`` against ``torch_model`` (the fp32 PyTorch ViT it was exported from).
 
     Args:
@@ -300,8 +336,10 @@ def verify_export(path: str | os.PathLike, torch_model, *, expected_sha256: str 
     report = VerifyReport(info=info, depth=torch_model.config.depth)
     if expected_sha256 and meta.weights_sha256:
         report.weights_match = expected_sha256 == meta.weights_sha256
-    input_sets = {"random": lambda: random_inputs(meta.preprocessing.image_size, num_random),
-                  "photos": lambda: photo_inputs(meta.preprocessing)}
+    input_sets = {
+        "random": lambda: random_inputs(meta.preprocessing.image_size, num_random),
+        "photos": lambda: photo_inputs(meta.preprocessing),
+    }
     with tqdm(total=1 + 2 * len(input_sets), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
         bar.set_description(f"verify: load {info.path.name}")
         session = ort_session(info.path)
@@ -324,9 +362,15 @@ def verify_export(path: str | os.PathLike, torch_model, *, expected_sha256: str 
     return report
 
 
-def verify_against_source(path: str | os.PathLike, source: str, *, model_name: str | None = None,
-                          num_classes: int | None = None, image_size: int | None = None,
-                          progress: bool = False) -> VerifyReport:
+def verify_against_source(
+    path: str | os.PathLike,
+    source: str,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
     """``vitserve verify``: check a file against the checkpoint it claims to come from.
 
     The file is inspected first, so a corrupt or foreign file fails before any checkpoint loads.
@@ -337,9 +381,12 @@ def verify_against_source(path: str | os.PathLike, source: str, *, model_name: s
 
     info = inspect_export(path)
     meta = info.metadata
-    loaded = import_checkpoint(source, model_name=model_name or meta.architecture,
-                               num_classes=num_classes or meta.num_classes,
-                               image_size=image_size or meta.preprocessing.image_size)
+    loaded = import_checkpoint(
+        source,
+        model_name=model_name or meta.architecture,
+        num_classes=num_classes or meta.num_classes,
+        image_size=image_size or meta.preprocessing.image_size,
+    )
     return verify_export(info.path, loaded.model, expected_sha256=loaded.weights_sha256, progress=progress)
 
 
@@ -359,8 +406,7 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
         f"precision     {meta.precision}  (feed pixel_values as {meta.input_dtype})",
         f"source        {meta.source or '-'}  sha256 {meta.weights_sha256[:16] or '-'}",
         f"graph         opset {graph.opset}, {graph.node_count} nodes ({top_ops})",
-        f"attention     {graph.fused_attention} fused node(s) for depth {depth}, "
-        f"{graph.softmax} Softmax outside them",
+        f"attention     {graph.fused_attention} fused node(s) for depth {depth}, {graph.softmax} Softmax outside them",
     ]
     if report is None:
         lines.append("verification  skipped")
@@ -372,8 +418,10 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
             top1 += f" (>= {p.min_top1:.0%})"
         lines.append(f"  {p.name:<11} {p.rows:>3} rows  max|diff| {p.max_abs_diff:.2e} (<= {p.bound:.1e})  {top1}")
     if any(p.constant_reference for p in report.parity):
-        lines.append("note          PyTorch gives every input the same logits (zero-initialised head?): the parity "
-                     "figures cannot see the transformer body")
+        lines.append(
+            "note          PyTorch gives every input the same logits (zero-initialised head?): the parity "
+            "figures cannot see the transformer body"
+        )
     if report.weights_match is not None:
         same = "same hash as the source" if report.weights_match else "DIFFERENT from the source"
         lines.append(f"weights       {same}")

@@ -47,22 +47,53 @@ SEED = 0
 # torch build reproduces the same weights; and with tiny matrices a second thread gains little.
 NUM_THREADS = 1
 LABELS = tuple(str(d) for d in range(10))
-CONFIG = ViTConfig(image_size=DIGITS_SIZE, patch_size=8, embed_dim=96, depth=6, num_heads=4, mlp_dim=192,
-                   num_classes=10, name="vit_digits_patch8_32")
+CONFIG = ViTConfig(
+    image_size=DIGITS_SIZE,
+    patch_size=8,
+    embed_dim=96,
+    depth=6,
+    num_heads=4,
+    mlp_dim=192,
+    num_classes=10,
+    name="vit_digits_patch8_32",
+)
 # Shortest-side resize to the model size and mean/std 0.5: any uploaded image (a photo, a drawing
 # on a large canvas) is scaled down whole, and white paper maps to +1 as in training.
-PREPROCESSING = Preprocessing(image_size=DIGITS_SIZE, resize_size=DIGITS_SIZE, resize_mode="shortest",
-                              interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-OPTIONS = FinetuneOptions(mode="full", epochs=50, batch_size=32, lr=1e-3, weight_decay=0.05, optimizer="adamw",
-                          warmup_fraction=0.1, grad_clip_norm=1.0, label_smoothing=0.1, augment=True,
-                          val_split=0.1, seed=SEED)
+PREPROCESSING = Preprocessing(
+    image_size=DIGITS_SIZE,
+    resize_size=DIGITS_SIZE,
+    resize_mode="shortest",
+    interpolation="bicubic",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
+OPTIONS = FinetuneOptions(
+    mode="full",
+    epochs=50,
+    batch_size=32,
+    lr=1e-3,
+    weight_decay=0.05,
+    optimizer="adamw",
+    warmup_fraction=0.1,
+    grad_clip_norm=1.0,
+    label_smoothing=0.1,
+    augment=True,
+    val_split=0.1,
+    seed=SEED,
+)
 
 
 def fresh_model() -> LoadedCheckpoint:
     torch.manual_seed(SEED)
     model = VisionTransformer(CONFIG)
-    return LoadedCheckpoint(model=model, config=CONFIG, labels=LABELS, preprocessing=PREPROCESSING,
-                            source=f"random:{CONFIG.name}", weights_sha256=state_dict_sha256(model.state_dict()))
+    return LoadedCheckpoint(
+        model=model,
+        config=CONFIG,
+        labels=LABELS,
+        preprocessing=PREPROCESSING,
+        source=f"random:{CONFIG.name}",
+        weights_sha256=state_dict_sha256(model.state_dict()),
+    )
 
 
 def heldout_accuracy(onnx_path: Path) -> tuple[float, int]:
@@ -139,9 +170,15 @@ def main() -> int:
         files = write_digits_folder(Path(tmp) / "train", train)
         assert len(files) == len(train) and not set(train) & set(held)
         start = time.perf_counter()
-        result = finetune(fresh_model(), files, args.output, OPTIONS, num_classes=10, device="cpu",
-                          extra={"dataset": f"sklearn digits, train split ({len(train)} images), "
-                                            f"see scripts/{Path(__file__).name}"})
+        result = finetune(
+            fresh_model(),
+            files,
+            args.output,
+            OPTIONS,
+            num_classes=10,
+            device="cpu",
+            extra={"dataset": f"sklearn digits, train split ({len(train)} images), see scripts/{Path(__file__).name}"},
+        )
         train_seconds = time.perf_counter() - start
     if result.classes != LABELS:
         raise SystemExit(f"classes came out as {result.classes}, expected {LABELS}")

@@ -15,27 +15,49 @@ EXIT_BAD_INPUT = 2
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
-        "export", help="export a checkpoint to one ONNX file with fused attention, then verify it",
+        "export",
+        help="export a checkpoint to one ONNX file with fused attention, then verify it",
         description="Import a checkpoint (timm file, Hugging Face dir, .npz, native dir, or random:NAME), export it "
-                    "to ONNX with one fused Attention node per block and the serving metadata inside, and verify "
-                    "it against PyTorch.",
+        "to ONNX with one fused Attention node per block and the serving metadata inside, and verify "
+        "it against PyTorch.",
     )
-    export.add_argument("source", metavar="SOURCE", nargs="?", default=None,
-                        help="checkpoint to export, e.g. random:vit_tiny_patch16_224 (or give --from-onnx)")
+    export.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        default=None,
+        help="checkpoint to export, e.g. random:vit_tiny_patch16_224 (or give --from-onnx)",
+    )
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    export.add_argument("--from-onnx", default=None, metavar="ONNX",
-                        help="instead of SOURCE: copy an ONNX file from elsewhere with vitserve metadata embedded "
-                             "(from the flags below and its ONNX.json sidecar), so serving it needs no flags")
-    export.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                        help="fp32 (exact), fp16 (GPU), int8 (dynamic quantization, CPU); default from --target, "
-                             "else fp32")
-    export.add_argument("--target", choices=("gpu", "cpu"), default=None,
-                        help="only picks the default precision: gpu -> fp16, cpu -> fp32")
-    export.add_argument("--opset", type=int, default=23,
-                        help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23")
+    export.add_argument(
+        "--from-onnx",
+        default=None,
+        metavar="ONNX",
+        help="instead of SOURCE: copy an ONNX file from elsewhere with vitserve metadata embedded "
+        "(from the flags below and its ONNX.json sidecar), so serving it needs no flags",
+    )
+    export.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default=None,
+        help="fp32 (exact), fp16 (GPU), int8 (dynamic quantization, CPU); default from --target, else fp32",
+    )
+    export.add_argument(
+        "--target",
+        choices=("gpu", "cpu"),
+        default=None,
+        help="only picks the default precision: gpu -> fp16, cpu -> fp32",
+    )
+    export.add_argument(
+        "--opset", type=int, default=23, help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23"
+    )
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
-    export.add_argument("--external-data-threshold-mb", type=float, default=2000.0,
-                        help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)")
+    export.add_argument(
+        "--external-data-threshold-mb",
+        type=float,
+        default=2000.0,
+        help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)",
+    )
     _add_checkpoint_options(export)
     from service.core.model_spec import add_spec_arguments
 
@@ -44,9 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=run_export)
 
     verify = subparsers.add_parser(
-        "verify", help="check an exported ONNX file against its source checkpoint",
+        "verify",
+        help="check an exported ONNX file against its source checkpoint",
         description="Check that an ONNX file is a vitserve export, that its attention is fused (one node per "
-                    "block, no Softmax), and that ONNX Runtime matches PyTorch on random inputs and real photos.",
+        "block, no Softmax), and that ONNX Runtime matches PyTorch on random inputs and real photos.",
     )
     verify.add_argument("model", metavar="MODEL", help="the .onnx file")
     verify.add_argument("--against", required=True, metavar="SOURCE", help="the checkpoint it was exported from")
@@ -58,8 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="variant name when the checkpoint does not say it")
     parser.add_argument("--num-classes", type=int, default=None, help="replace the head with this many classes")
-    parser.add_argument("--image-size", type=int, default=None, help="input resolution (position embeddings "
-                                                                      "are interpolated)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="input resolution (position embeddings are interpolated)"
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -76,15 +100,24 @@ def run_export(args: argparse.Namespace) -> int:
 
     try:
         result, report = export_checkpoint(
-            args.source, args.output, precision=args.precision, target=args.target, model_name=args.model_name,
-            num_classes=args.num_classes, image_size=args.image_size, opset=args.opset,
-            external_data_threshold_bytes=int(args.external_data_threshold_mb * 1024**2), verify=args.verify,
+            args.source,
+            args.output,
+            precision=args.precision,
+            target=args.target,
+            model_name=args.model_name,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            opset=args.opset,
+            external_data_threshold_bytes=int(args.external_data_threshold_mb * 1024**2),
+            verify=args.verify,
             progress=args.progress,
         )
     except VerificationFailed as exc:
         print(format_summary(exc.report.info, exc.report))
-        print(f"vitserve export: wrote {args.output} but it FAILED verification: {'; '.join(exc.failures)}",
-              file=sys.stderr)
+        print(
+            f"vitserve export: wrote {args.output} but it FAILED verification: {'; '.join(exc.failures)}",
+            file=sys.stderr,
+        )
         return EXIT_VERIFICATION_FAILED
     except (ExportError, ExportFileError, ValueError, KeyError, OSError) as exc:
         print(f"vitserve export: error: {_message(exc)}", file=sys.stderr)
@@ -97,9 +130,14 @@ def run_verify(args: argparse.Namespace) -> int:
     from model.verify import ExportFileError, format_summary, verify_against_source
 
     try:
-        report = verify_against_source(args.model, args.against, model_name=args.model_name,
-                                       num_classes=args.num_classes, image_size=args.image_size,
-                                       progress=args.progress)
+        report = verify_against_source(
+            args.model,
+            args.against,
+            model_name=args.model_name,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            progress=args.progress,
+        )
     except ExportFileError as exc:
         print(f"vitserve verify: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -84,9 +84,9 @@ def convert(hf_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         if _DROPPED.match(key):
             continue
         if key.startswith("classifier."):
-            out["head." + key[len("classifier."):]] = value
+            out["head." + key[len("classifier.") :]] = value
             continue
-        inner = key[len("vit."):] if key.startswith("vit.") else key
+        inner = key[len("vit.") :] if key.startswith("vit.") else key
         if inner in _TOP_RENAMES:
             out[_TOP_RENAMES[inner]] = value
             continue
@@ -146,10 +146,14 @@ def config_from_hf(config_json: Mapping[str, Any], *, where: str) -> ViTConfig:
             norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
             qkv_bias=bool(config_json.get("qkv_bias", True)),
             in_chans=int(config_json.get("num_channels", 3)),
-            name=variant_name(hidden, int(config_json.get("num_hidden_layers", 12)),
-                              int(config_json.get("num_attention_heads", 12)),
-                              int(config_json.get("intermediate_size", 3072)),
-                              int(config_json.get("patch_size", 16)), int(config_json.get("image_size", 224))),
+            name=variant_name(
+                hidden,
+                int(config_json.get("num_hidden_layers", 12)),
+                int(config_json.get("num_attention_heads", 12)),
+                int(config_json.get("intermediate_size", 3072)),
+                int(config_json.get("patch_size", 16)),
+                int(config_json.get("image_size", 224)),
+            ),
         )
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc

@@ -41,7 +41,7 @@ def convert(weights: Mapping[str, np.ndarray]) -> StateDict:
     strict key check names them."""
     for prefix in _PREFIXES:
         if f"{prefix}embedding/kernel" in weights:
-            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             break
     w = dict(weights)
     out: StateDict = {}
@@ -75,7 +75,9 @@ def convert(weights: Mapping[str, np.ndarray]) -> StateDict:
             out[dst + "attn.qkv.weight"] = torch.cat([_tensor(k.reshape(k.shape[0], -1).T) for k in qkv])
         if all(b is not None for b in qkv_bias):
             out[dst + "attn.qkv.bias"] = torch.cat([_tensor(b.reshape(-1)) for b in qkv_bias])  # (3D,)
-        put(dst + "attn.proj.weight", take(mha + "out/kernel"), lambda a: a.reshape(-1, a.shape[-1]).T)  # (heads*hd, D) -> (D, D)
+        put(
+            dst + "attn.proj.weight", take(mha + "out/kernel"), lambda a: a.reshape(-1, a.shape[-1]).T
+        )  # (heads*hd, D) -> (D, D)
         put(dst + "attn.proj.bias", take(mha + "out/bias"))
         put(dst + "norm2.weight", take(src + "LayerNorm_2/scale"))
         put(dst + "norm2.bias", take(src + "LayerNorm_2/bias"))

@@ -43,16 +43,42 @@ _FIELD_ARGS = {
     "class_token": "class_token",
 }
 # Arguments that do not change the eval-mode forward pass at the checkpoint's own image size.
-_IGNORED_ARGS = frozenset({
-    "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-    "weight_init", "fix_init", "dynamic_img_size", "dynamic_img_pad", "strict_img_size", "output_fmt",
-})
+_IGNORED_ARGS = frozenset(
+    {
+        "drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+        "weight_init",
+        "fix_init",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "strict_img_size",
+        "output_fmt",
+    }
+)
 # Arguments we accept only at timm's default value, because our model has no such feature.
 _DEFAULT_ONLY_ARGS = {
-    "no_embed_class": False, "reg_tokens": 0, "init_values": None, "pre_norm": False, "qk_norm": False,
-    "final_norm": True, "proj_bias": True, "pos_embed": "learn", "act_layer": None, "norm_layer": None,
-    "embed_norm_layer": None, "mlp_layer": None, "block_fn": None, "embed_layer": None,
-    "scale_attn_norm": False, "scale_mlp_norm": False, "class_token_init": None, "use_fc_norm": None,
+    "no_embed_class": False,
+    "reg_tokens": 0,
+    "init_values": None,
+    "pre_norm": False,
+    "qk_norm": False,
+    "final_norm": True,
+    "proj_bias": True,
+    "pos_embed": "learn",
+    "act_layer": None,
+    "norm_layer": None,
+    "embed_norm_layer": None,
+    "mlp_layer": None,
+    "block_fn": None,
+    "embed_layer": None,
+    "scale_attn_norm": False,
+    "scale_mlp_norm": False,
+    "class_token_init": None,
+    "use_fc_norm": None,
 }
 
 
@@ -117,12 +143,14 @@ def unwrap_state_dict(data: Mapping[str, Any], *, where: str) -> StateDict:
             raise CheckpointError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor")
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
 
-def infer_from_weights(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, model_args: Mapping[str, Any]) -> ViTConfig:
+def infer_from_weights(
+    state_dict: Mapping[str, torch.Tensor], config: ViTConfig, model_args: Mapping[str, Any]
+) -> ViTConfig:
     """Fill in what the weights state unambiguously and the caller did not: K, [class] token, fc_norm.
 
     A timm model without a [class] token or with an fc_norm uses average pooling, so a bare state

@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "torchvision", "onnx", "onnxscript", "safetensors", "timm", "transformers"):
-            print(f"vitserve {args.command}: needs {exc.name}; install the model extra: pip install 'vitserve[model]'",
-                  file=sys.stderr)
+            print(
+                f"vitserve {args.command}: needs {exc.name}; install the model extra: pip install 'vitserve[model]'",
+                file=sys.stderr,
+            )
             return 2
         raise
     except KeyboardInterrupt:

@@ -20,10 +20,12 @@ EXIT_BAD_INPUT = 2
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "inspect", help="show an ONNX file's inputs, outputs, attention fusion, precision and metadata",
+        "inspect",
+        help="show an ONNX file's inputs, outputs, attention fusion, precision and metadata",
         description="Describe an ONNX image classifier as vitserve sees it: inputs/outputs, batch axis, opsets, "
-                    "fused attention, precision, vitserve metadata found and missing, and the values `vitserve "
-                    "serve` would use with their sources. Exit 0 when servable, 1 when not.")
+        "fused attention, precision, vitserve metadata found and missing, and the values `vitserve "
+        "serve` would use with their sources. Exit 0 when servable, 1 when not.",
+    )
     parser.add_argument("model", metavar="MODEL", help="the .onnx file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_spec_arguments(parser)

@@ -39,9 +39,11 @@ _FLAGS = (
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve an exported ONNX model over HTTP",
+        "serve",
+        help="serve an exported ONNX model over HTTP",
         description="Serve an exported ONNX ViT over HTTP (/v1 JSON API, KServe v2, /metrics, web page). "
-                    "Every flag can also be set as VITSERVE_<NAME> in the environment.")
+        "Every flag can also be set as VITSERVE_<NAME> in the environment.",
+    )
     for flag, dest, kind, help_text in _FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
     add_spec_arguments(parser)  # --image-size, --mean, --labels ...: ONNX files from elsewhere
@@ -75,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from service.http.app import _build_engine
-    from service.runtime.engine import EngineError
     from service.http.server import serve
+    from service.runtime.engine import EngineError
 
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.

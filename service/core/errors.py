@@ -8,6 +8,7 @@ bad parameters) are 400.
 
 from __future__ import annotations
 
+
 class ServiceError(Exception):
     """Base class: an HTTP status, a short snake_case code and a human-readable message.
 

@@ -61,16 +61,23 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
     @classmethod
-    def timm_eval(cls, image_size: int, crop_pct: float = 0.9, interpolation: str = "bicubic",
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Preprocessing:
+    def timm_eval(
+        cls,
+        image_size: int,
+        crop_pct: float = 0.9,
+        interpolation: str = "bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ) -> Preprocessing:
         """timm's eval transform: Resize(floor(size / crop_pct)) on the short side, CenterCrop(size)."""
         import math
 
         return cls(image_size, math.floor(image_size / crop_pct), "shortest", interpolation, tuple(mean), tuple(std))
 
     @classmethod
-    def hf_vit(cls, image_size: int = 224, interpolation: str = "bilinear",
-               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Preprocessing:
+    def hf_vit(
+        cls, image_size: int = 224, interpolation: str = "bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    ) -> Preprocessing:
         """Hugging Face ViTImageProcessor: resize both sides to size, no crop."""
         return cls(image_size, image_size, "squash", interpolation, tuple(mean), tuple(std))
 
@@ -117,9 +124,18 @@ class ModelMetadata:
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ModelMetadata:
         """Parse metadata_props; raise MetadataError naming every missing or malformed key."""
-        ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
-        required = ("architecture", "labels", "image_size", "resize_size", "resize_mode", "interpolation",
-                    "mean", "std", "precision")
+        ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
+        required = (
+            "architecture",
+            "labels",
+            "image_size",
+            "resize_size",
+            "resize_mode",
+            "interpolation",
+            "mean",
+            "std",
+            "precision",
+        )
         missing = [PREFIX + k for k in required if k not in ours]
         if missing:
             raise MetadataError(f"ONNX file lacks vitserve metadata keys: {', '.join(missing)}")
@@ -137,8 +153,14 @@ class ModelMetadata:
             raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
         if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
             raise MetadataError(f"{PREFIX}num_classes={ours['num_classes']} but {len(labels)} labels")
-        known = set(required) | {"format_version", "num_classes", "crop_size", "input_dtype", "source",
-                                 "weights_sha256"}
+        known = set(required) | {
+            "format_version",
+            "num_classes",
+            "crop_size",
+            "input_dtype",
+            "source",
+            "weights_sha256",
+        }
         return cls(
             architecture=ours["architecture"],
             labels=labels,

@@ -58,9 +58,25 @@ NAMED_NORMALISATIONS = {
 }
 REQUIRED = ("image_size", "mean", "std", "labels")
 # vitserve.* keys that ModelMetadata.from_props understands; anything else lands in ``extra``.
-_KNOWN_METADATA_KEYS = frozenset({
-    "format_version", "architecture", "num_classes", "labels", "image_size", "resize_size", "resize_mode",
-    "interpolation", "crop_size", "mean", "std", "precision", "input_dtype", "source", "weights_sha256"})
+_KNOWN_METADATA_KEYS = frozenset(
+    {
+        "format_version",
+        "architecture",
+        "num_classes",
+        "labels",
+        "image_size",
+        "resize_size",
+        "resize_mode",
+        "interpolation",
+        "crop_size",
+        "mean",
+        "std",
+        "precision",
+        "input_dtype",
+        "source",
+        "weights_sha256",
+    }
+)
 # Extra vitserve.* keys written by `vitserve export --from-onnx` for files whose IO needs naming.
 IO_METADATA_KEYS = ("input_name", "output_name", "input_layout")
 
@@ -127,8 +143,9 @@ class SpecOptions:
             except (ValueError, TypeError, OSError) as exc:
                 raise ModelSpecError(f"{where}: {key}: {exc}") from exc
         if values.get("resize") is not None and values.get("crop") is not None:
-            raise ModelSpecError(f"{where}: give either resize or crop, not both (crop sets resize = "
-                                 "floor(image_size / crop))")
+            raise ModelSpecError(
+                f"{where}: give either resize or crop, not both (crop sets resize = floor(image_size / crop))"
+            )
         return cls(**values)
 
     def given(self) -> dict[str, Any]:
@@ -157,6 +174,7 @@ def _choice(options: Sequence[str]):
         if text not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
         return text
+
     return parse
 
 
@@ -176,6 +194,7 @@ def _channels(kind: str):
         if kind == "std" and min(numbers) <= 0:
             raise ValueError(f"std must be > 0 for every channel, got {numbers}")
         return numbers
+
     return parse
 
 
@@ -272,11 +291,20 @@ def load_sidecar(model_path: str | os.PathLike) -> SpecOptions | None:
 
 def options_from_metadata(props: Mapping[str, str]) -> SpecOptions:
     """The spec fields our ``vitserve.*`` keys give (a partial set is fine: the rest may come from elsewhere)."""
-    ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+    ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
     raw: dict[str, Any] = {}
     renamed = {"architecture": "name", "resize_size": "resize"}
-    for key in ("architecture", "image_size", "resize_size", "resize_mode", "interpolation", "mean", "std",
-                "labels", *IO_METADATA_KEYS):
+    for key in (
+        "architecture",
+        "image_size",
+        "resize_size",
+        "resize_mode",
+        "interpolation",
+        "mean",
+        "std",
+        "labels",
+        *IO_METADATA_KEYS,
+    ):
         if key not in ours:
             continue
         value: Any = ours[key]
@@ -325,13 +353,26 @@ class GraphIO:
 
 
 # onnxruntime's NodeArg.type strings -> numpy names
-_ORT_TYPES = {"float": "float32", "float16": "float16", "double": "float64", "bfloat16": "bfloat16",
-              "uint8": "uint8", "int8": "int8", "uint16": "uint16", "int16": "int16", "int32": "int32",
-              "int64": "int64", "uint32": "uint32", "uint64": "uint64", "bool": "bool", "string": "str"}
+_ORT_TYPES = {
+    "float": "float32",
+    "float16": "float16",
+    "double": "float64",
+    "bfloat16": "bfloat16",
+    "uint8": "uint8",
+    "int8": "int8",
+    "uint16": "uint16",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "string": "str",
+}
 
 
 def _ort_dtype(type_text: str) -> str:
-    inner = type_text[len("tensor("):-1] if type_text.startswith("tensor(") else type_text
+    inner = type_text[len("tensor(") : -1] if type_text.startswith("tensor(") else type_text
     return _ORT_TYPES.get(inner, inner)
 
 
@@ -341,12 +382,18 @@ def _ort_dim(d: Any) -> Dim:
 
 def graph_io_from_session(session) -> GraphIO:
     """An onnxruntime.InferenceSession's inputs, outputs and custom metadata."""
+
     def info(arg) -> TensorInfo:
         shape = arg.shape
-        return TensorInfo(arg.name, tuple(_ort_dim(d) for d in shape) if shape is not None else None,
-                          _ort_dtype(arg.type))
-    return GraphIO(tuple(info(a) for a in session.get_inputs()), tuple(info(a) for a in session.get_outputs()),
-                   dict(session.get_modelmeta().custom_metadata_map))
+        return TensorInfo(
+            arg.name, tuple(_ort_dim(d) for d in shape) if shape is not None else None, _ort_dtype(arg.type)
+        )
+
+    return GraphIO(
+        tuple(info(a) for a in session.get_inputs()),
+        tuple(info(a) for a in session.get_outputs()),
+        dict(session.get_modelmeta().custom_metadata_map),
+    )
 
 
 def graph_io_from_onnx(model) -> GraphIO:
@@ -368,15 +415,16 @@ def graph_io_from_onnx(model) -> GraphIO:
 
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
-    return GraphIO(tuple(info(v) for v in graph.input if v.name not in initializers),
-                   tuple(info(v) for v in graph.output),
-                   {p.key: p.value for p in model.metadata_props})
+    return GraphIO(
+        tuple(info(v) for v in graph.input if v.name not in initializers),
+        tuple(info(v) for v in graph.output),
+        {p.key: p.value for p in model.metadata_props},
+    )
 
 
 def missing_fields(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
     """The REQUIRED fields that no source gives (for `vitserve inspect`; resolve_spec raises on them)."""
-    layers = [options or SpecOptions(), options_from_metadata(graph.props),
-              load_sidecar(model_path) or SpecOptions()]
+    layers = [options or SpecOptions(), options_from_metadata(graph.props), load_sidecar(model_path) or SpecOptions()]
     missing = [name for name in REQUIRED if all(getattr(layer, name) is None for layer in layers)]
     if "image_size" in missing and len(graph.inputs) == 1:
         tensor = graph.inputs[0]
@@ -443,8 +491,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def resolve_spec(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None, *,
-                 sidecar: SpecOptions | None | bool = True) -> ModelSpec:
+def resolve_spec(
+    model_path: str | os.PathLike,
+    graph: GraphIO,
+    options: SpecOptions | None = None,
+    *,
+    sidecar: SpecOptions | None | bool = True,
+) -> ModelSpec:
     """Combine flags, the file's metadata, the sidecar and the graph (see the module docstring).
 
     Args:
@@ -474,8 +527,18 @@ def resolve_spec(model_path: str | os.PathLike, graph: GraphIO, options: SpecOpt
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in ("name", "image_size", "resize_mode", "interpolation", "mean", "std", "labels", "input_name",
-                 "output_name", "input_layout"):
+    for name in (
+        "name",
+        "image_size",
+        "resize_mode",
+        "interpolation",
+        "mean",
+        "std",
+        "labels",
+        "input_name",
+        "output_name",
+        "input_layout",
+    ):
         values[name], source = pick(name)
         if source:
             sources[name] = source
@@ -518,35 +581,60 @@ def resolve_spec(model_path: str | os.PathLike, graph: GraphIO, options: SpecOpt
     sources["input_dtype"] = sources["batch_size"] = GRAPH
 
     try:
-        preprocessing = Preprocessing(image_size=image_size, resize_size=resize_size,
-                                      resize_mode=values["resize_mode"], interpolation=values["interpolation"],
-                                      mean=values["mean"], std=values["std"])
+        preprocessing = Preprocessing(
+            image_size=image_size,
+            resize_size=resize_size,
+            resize_mode=values["resize_mode"],
+            interpolation=values["interpolation"],
+            mean=values["mean"],
+            std=values["std"],
+        )
     except MetadataError as exc:
         where = ", ".join(f"{k} from {sources[k]}" for k in ("image_size", "resize", "resize_mode"))
         raise ModelSpecError(f"{model_path}: inconsistent pre-processing ({where}): {exc}") from exc
     metadata = _metadata(graph.props, values, preprocessing, image_input.dtype)
     labels_origin = next((layer.labels_origin for source, layer in layers if source == sources["labels"]), None)
-    return ModelSpec(metadata=metadata, input_name=image_input.name, output_name=logits_output.name,
-                     input_layout=layout, input_dtype=image_input.dtype, batch_size=batch_size,
-                     num_classes=num_classes, sources=sources, has_metadata=graph.has_metadata,
-                     labels_origin=labels_origin)
+    return ModelSpec(
+        metadata=metadata,
+        input_name=image_input.name,
+        output_name=logits_output.name,
+        input_layout=layout,
+        input_dtype=image_input.dtype,
+        batch_size=batch_size,
+        num_classes=num_classes,
+        sources=sources,
+        has_metadata=graph.has_metadata,
+        labels_origin=labels_origin,
+    )
 
 
-def _metadata(props: Mapping[str, str], values: dict[str, Any], preprocessing: Preprocessing,
-              input_dtype: str) -> ModelMetadata:
+def _metadata(
+    props: Mapping[str, str], values: dict[str, Any], preprocessing: Preprocessing, input_dtype: str
+) -> ModelMetadata:
     """The ModelMetadata the routes read: our keys kept verbatim, effective values where they differ."""
-    ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
+    ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
     precision = ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32")
     if precision not in ("fp32", "fp16", "int8"):
         raise ModelSpecError(f"malformed vitserve metadata: {PREFIX}precision={precision!r} (fp32, fp16 or int8)")
-    if "num_classes" in ours and "labels" in ours and ours["num_classes"].strip() != str(len(json.loads(ours["labels"]))):
-        raise ModelSpecError(f"malformed vitserve metadata: {PREFIX}num_classes={ours['num_classes']} but "
-                             f"{PREFIX}labels has {len(json.loads(ours['labels']))} names")
+    if (
+        "num_classes" in ours
+        and "labels" in ours
+        and ours["num_classes"].strip() != str(len(json.loads(ours["labels"])))
+    ):
+        raise ModelSpecError(
+            f"malformed vitserve metadata: {PREFIX}num_classes={ours['num_classes']} but "
+            f"{PREFIX}labels has {len(json.loads(ours['labels']))} names"
+        )
     return ModelMetadata(
-        architecture=values["name"], labels=tuple(values["labels"]), preprocessing=preprocessing,
-        precision=precision, input_dtype=input_dtype,
-        source=ours.get("source", ""), weights_sha256=ours.get("weights_sha256", ""),
-        extra={k: v for k, v in ours.items() if k not in _KNOWN_METADATA_KEYS})
+        architecture=values["name"],
+        labels=tuple(values["labels"]),
+        preprocessing=preprocessing,
+        precision=precision,
+        input_dtype=input_dtype,
+        source=ours.get("source", ""),
+        weights_sha256=ours.get("weights_sha256", ""),
+        extra={k: v for k, v in ours.items() if k not in _KNOWN_METADATA_KEYS},
+    )
 
 
 def _pick_tensor(candidates: Sequence[TensorInfo], wanted: str | None, kind: str, model_path: Path) -> TensorInfo:
@@ -559,22 +647,28 @@ def _pick_tensor(candidates: Sequence[TensorInfo], wanted: str | None, kind: str
             raise ModelSpecError(f"{model_path}: no {kind} named {wanted!r}; the model's {kind}s: {listing}")
         if kind == "input" and len(candidates) > 1:
             others = ", ".join(t.name for t in candidates if t.name != wanted)
-            raise ModelSpecError(f"{model_path}: the model needs more inputs than the image ({others}); vitserve "
-                                 f"feeds one image tensor and has nothing to give them (inputs: {listing})")
+            raise ModelSpecError(
+                f"{model_path}: the model needs more inputs than the image ({others}); vitserve "
+                f"feeds one image tensor and has nothing to give them (inputs: {listing})"
+            )
         return tensor
     if not candidates:
         raise ModelSpecError(f"{model_path}: the graph has no {kind}")
     if len(candidates) > 1:
-        raise ModelSpecError(f"{model_path}: the model has {len(candidates)} {kind}s ({listing}); pick one with "
-                             f"--{kind}-name (or {kind}_name in the sidecar JSON)")
+        raise ModelSpecError(
+            f"{model_path}: the model has {len(candidates)} {kind}s ({listing}); pick one with "
+            f"--{kind}-name (or {kind}_name in the sidecar JSON)"
+        )
     return candidates[0]
 
 
 def _input_layout(tensor: TensorInfo, given: str | None, model_path: Path) -> tuple[str, str]:
     shape = tensor.shape
     if shape is None or len(shape) != 4:
-        raise ModelSpecError(f"{model_path}: input {tensor.describe()} is not a 4-D image input; vitserve serves "
-                             "image classifiers and feeds [N, 3, H, W] (or channels-last [N, H, W, 3]) pixels")
+        raise ModelSpecError(
+            f"{model_path}: input {tensor.describe()} is not a 4-D image input; vitserve serves "
+            "image classifiers and feeds [N, 3, H, W] (or channels-last [N, H, W, 3]) pixels"
+        )
     if given is not None:
         return given, FLAG  # the caller keeps the real source
     if shape[1] == 3:
@@ -582,8 +676,10 @@ def _input_layout(tensor: TensorInfo, given: str | None, model_path: Path) -> tu
     if shape[3] == 3:
         return "nhwc", GRAPH
     if isinstance(shape[1], int) or isinstance(shape[3], int):
-        raise ModelSpecError(f"{model_path}: input {tensor.describe()} has no 3-channel axis; vitserve feeds RGB "
-                             "images as [N, 3, H, W] or [N, H, W, 3]")
+        raise ModelSpecError(
+            f"{model_path}: input {tensor.describe()} has no 3-channel axis; vitserve feeds RGB "
+            "images as [N, 3, H, W] or [N, H, W, 3]"
+        )
     return "nchw", DEFAULT
 
 
@@ -595,23 +691,31 @@ def _spatial_dims(tensor: TensorInfo, layout: str) -> tuple[Dim, Dim]:
 def _check_image_input(tensor: TensorInfo, layout: str, image_size: int, model_path: Path) -> None:
     channels = tensor.shape[1] if layout == "nchw" else tensor.shape[3]
     if isinstance(channels, int) and channels != 3:
-        raise ModelSpecError(f"{model_path}: input {tensor.describe()} has {channels} channels on its "
-                             f"{layout} channel axis; vitserve feeds 3 (RGB)")
+        raise ModelSpecError(
+            f"{model_path}: input {tensor.describe()} has {channels} channels on its "
+            f"{layout} channel axis; vitserve feeds 3 (RGB)"
+        )
     height, width = _spatial_dims(tensor, layout)
     for dim, axis in ((height, "height"), (width, "width")):
         if isinstance(dim, int) and dim != image_size:
-            raise ModelSpecError(f"{model_path}: input {tensor.describe()} has a fixed {axis} of {dim} but "
-                                 f"image_size is {image_size}; give --image-size {dim}")
+            raise ModelSpecError(
+                f"{model_path}: input {tensor.describe()} has a fixed {axis} of {dim} but "
+                f"image_size is {image_size}; give --image-size {dim}"
+            )
     if tensor.dtype not in FEEDABLE_DTYPES:
-        raise ModelSpecError(f"{model_path}: input {tensor.describe()} has element type {tensor.dtype}; vitserve "
-                             "feeds normalised float32 or float16 pixels (a model that takes raw uint8 pixels "
-                             "and normalises inside the graph is not supported)")
+        raise ModelSpecError(
+            f"{model_path}: input {tensor.describe()} has element type {tensor.dtype}; vitserve "
+            "feeds normalised float32 or float16 pixels (a model that takes raw uint8 pixels "
+            "and normalises inside the graph is not supported)"
+        )
 
 
 def _check_logits_output(tensor: TensorInfo, num_labels: int, model_path: Path) -> int | None:
     if tensor.shape is not None and len(tensor.shape) != 2:
-        raise ModelSpecError(f"{model_path}: output {tensor.describe()} is not 2-D; vitserve reads logits of shape "
-                             "[N, num_classes] (pick another output with --output-name)")
+        raise ModelSpecError(
+            f"{model_path}: output {tensor.describe()} is not 2-D; vitserve reads logits of shape "
+            "[N, num_classes] (pick another output with --output-name)"
+        )
     if not tensor.dtype.startswith("float") and tensor.dtype != "bfloat16":
         raise ModelSpecError(f"{model_path}: output {tensor.describe()} is not a float tensor of logits")
     classes = tensor.shape[1] if tensor.shape is not None else None
@@ -623,24 +727,34 @@ def _check_logits_output(tensor: TensorInfo, num_labels: int, model_path: Path) 
 
 def check_label_count(num_classes: int, num_labels: int, model_path: str | os.PathLike, output_name: str) -> None:
     if num_classes != num_labels:
-        raise ModelSpecError(f"{model_path}: {num_labels} labels but output {output_name} has {num_classes} classes; "
-                             "give a labels file with one name per class")
+        raise ModelSpecError(
+            f"{model_path}: {num_labels} labels but output {output_name} has {num_classes} classes; "
+            "give a labels file with one name per class"
+        )
 
 
 def _missing_message(model_path: Path, graph: GraphIO, missing: list[str]) -> str:
-    flags = {"image_size": "--image-size 224", "mean": "--mean 0.5,0.5,0.5", "std": "--std 0.5,0.5,0.5",
-             "labels": "--labels labels.txt"}
+    flags = {
+        "image_size": "--image-size 224",
+        "mean": "--mean 0.5,0.5,0.5",
+        "std": "--std 0.5,0.5,0.5",
+        "labels": "--labels labels.txt",
+    }
     envs = ", ".join(f"VITSERVE_{name.upper()}" for name in missing)
     example = {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "labels": "labels.txt"}
     if graph.has_metadata:
         carried = "its vitserve metadata is incomplete"
     else:
-        carried = (f"it carries no vitserve metadata ({PREFIX}architecture, {PREFIX}labels, {PREFIX}mean, ...: "
-                   "not one of our exports)")
-    return (f"{model_path}: cannot serve this file: {carried}, and these are not given: {', '.join(missing)}. "
-            f"Give them as flags ({' '.join(flags[m] for m in missing)}), environment variables ({envs}), or in "
-            f"a sidecar {sidecar_path(model_path)} such as {json.dumps({m: example[m] for m in missing})}; "
-            "`vitserve export --from-onnx` embeds them into a copy so they are needed only once")
+        carried = (
+            f"it carries no vitserve metadata ({PREFIX}architecture, {PREFIX}labels, {PREFIX}mean, ...: "
+            "not one of our exports)"
+        )
+    return (
+        f"{model_path}: cannot serve this file: {carried}, and these are not given: {', '.join(missing)}. "
+        f"Give them as flags ({' '.join(flags[m] for m in missing)}), environment variables ({envs}), or in "
+        f"a sidecar {sidecar_path(model_path)} such as {json.dumps({m: example[m] for m in missing})}; "
+        "`vitserve export --from-onnx` embeds them into a copy so they are needed only once"
+    )
 
 
 # --- the command-line side (shared by `serve`, `inspect` and `export --from-onnx`) -----------------
@@ -650,13 +764,19 @@ SPEC_FLAGS = (
     ("--image-size", "image_size", "side of the square model input, pixels (foreign files)"),
     ("--resize", "resize", "resize target in pixels before the centre crop (see --resize-mode)"),
     ("--resize-mode", "resize_mode", "shortest (resize the short side, centre-crop) or squash (both sides)"),
-    ("--crop", "crop", "centre-crop fraction, timm's crop_pct (resize = floor(image_size / crop)); "
-                       "instead of --resize"),
+    (
+        "--crop",
+        "crop",
+        "centre-crop fraction, timm's crop_pct (resize = floor(image_size / crop)); instead of --resize",
+    ),
     ("--interpolation", "interpolation", "nearest, bilinear, bicubic or lanczos"),
     ("--mean", "mean", "per-channel mean, e.g. 0.5,0.5,0.5 or imagenet"),
     ("--std", "std", "per-channel std, e.g. 0.5,0.5,0.5 or imagenet"),
-    ("--labels", "labels", "class names: labels.txt (one per line) or labels.json (list, index->name, "
-                           "or a config.json with id2label)"),
+    (
+        "--labels",
+        "labels",
+        "class names: labels.txt (one per line) or labels.json (list, index->name, or a config.json with id2label)",
+    ),
     ("--input-name", "input_name", "the graph input that gets the pixels, when there are several"),
     ("--output-name", "output_name", "the graph output holding the logits, when there are several"),
     ("--input-layout", "input_layout", "nchw or nhwc (channels-last), when the graph does not tell"),
@@ -667,7 +787,8 @@ def add_spec_arguments(parser, *, skip: Sequence[str] = ()) -> None:
     """Add the SPEC_FLAGS to an argparse parser (``skip``: flags the parser already has)."""
     group = parser.add_argument_group(
         "model description (for ONNX files without vitserve metadata; a flag overrides the file's metadata "
-        "and the <model>.json sidecar)")
+        "and the <model>.json sidecar)"
+    )
     for flag, dest, help_text in SPEC_FLAGS:
         if flag not in skip:
             group.add_argument(flag, dest=dest, default=None, help=help_text)

@@ -23,15 +23,34 @@ from service.core.model_spec import (
     resolve_spec,
     sidecar_path,
 )
+from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
 # Fused attention: the standard op (opset >= 23) and ONNX Runtime's contrib ops.
-FUSED_ATTENTION = {("", "Attention"), ("ai.onnx", "Attention"), ("com.microsoft", "MultiHeadAttention"),
-                   ("com.microsoft", "Attention"), ("com.microsoft", "GroupQueryAttention")}
 # vitserve.* keys the service needs from one of our exports (service/core/metadata.py)
-REQUIRED_METADATA = ("architecture", "labels", "image_size", "resize_size", "resize_mode", "interpolation", "mean",
-                     "std", "precision")
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
-             "int64": 8, "int16": 2, "uint16": 2, "bool": 1}
+REQUIRED_METADATA = (
+    "architecture",
+    "labels",
+    "image_size",
+    "resize_size",
+    "resize_mode",
+    "interpolation",
+    "mean",
+    "std",
+    "precision",
+)
+_ITEMSIZE = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "int32": 4,
+    "int64": 8,
+    "int16": 2,
+    "uint16": 2,
+    "bool": 1,
+}
 
 
 def summarize(path: str | os.PathLike, options: SpecOptions | None = None) -> dict[str, Any]:
@@ -52,8 +71,9 @@ def summarize(path: str | os.PathLike, options: SpecOptions | None = None) -> di
         out["producer"] = " ".join(filter(None, (model.producer_name, model.producer_version)))
         out["opsets"] = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
         ops = _op_counts(model)
-        out["fused_attention_nodes"] = {f"{d}.{op}" if d else op: n for (d, op), n in sorted(ops.items())
-                                        if (d, op) in FUSED_ATTENTION}
+        out["fused_attention_nodes"] = {
+            f"{d}.{op}" if d else op: n for (d, op), n in sorted(ops.items()) if is_fused_attention(d, op)
+        }
         out["fused_attention_total"] = sum(out["fused_attention_nodes"].values())
         out["softmax_nodes"] = ops.get(("", "Softmax"), 0) + ops.get(("ai.onnx", "Softmax"), 0)
         out["node_count"] = sum(ops.values())
@@ -63,8 +83,10 @@ def summarize(path: str | os.PathLike, options: SpecOptions | None = None) -> di
     else:
         graph = _graph_io_from_ort(path)
         out["reader"] = "onnxruntime"
-        out["note"] = ("the onnx package is not installed (the runtime image has none): opsets, attention node "
-                       "counts and initializer precision are not shown; pip install onnx to see them")
+        out["note"] = (
+            "the onnx package is not installed (the runtime image has none): opsets, attention node "
+            "counts and initializer precision are not shown; pip install onnx to see them"
+        )
         weights_precision = None
     out["inputs"] = [_tensor(t) for t in graph.inputs]
     out["outputs"] = [_tensor(t) for t in graph.outputs]
@@ -81,7 +103,7 @@ def _graph_io_from_ort(path: Path) -> GraphIO:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # reading only: no optimisation
     opts.log_severity_level = 3
-    return graph_io_from_session(ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"]))
+    return graph_io_from_session(ort.InferenceSession(str(path), sess_options=opts, providers=[CPU_PROVIDER]))
 
 
 def _op_counts(model) -> Counter:
@@ -124,8 +146,14 @@ def initializer_elements(model) -> Counter:
 
 def precision_from_elements(elements: Counter) -> str | None:
     """The dtype holding most weight elements: int8/uint8 -> int8, float16 -> fp16, float32 -> fp32."""
-    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "uint8": "int8",
-             "float64": "fp64"}
+    names = {
+        "float32": "fp32",
+        "float16": "fp16",
+        "bfloat16": "bf16",
+        "int8": "int8",
+        "uint8": "int8",
+        "float64": "fp64",
+    }
     by_precision: Counter = Counter()
     for dtype, n in elements.items():
         if dtype in names:
@@ -154,13 +182,16 @@ def _dynamic_batch(graph: GraphIO) -> bool | None:
 
 
 def _metadata_view(graph: GraphIO) -> dict[str, Any]:
-    ours = {k[len(PREFIX):]: v for k, v in graph.props.items() if k.startswith(PREFIX)}
+    ours = {k[len(PREFIX) :]: v for k, v in graph.props.items() if k.startswith(PREFIX)}
     shown = {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(ours.items())}
     return {
         "vitserve_metadata": shown,
         "vitserve_metadata_missing": [PREFIX + k for k in REQUIRED_METADATA if k not in ours],
-        "other_metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(graph.props.items())
-                           if not k.startswith(PREFIX)},
+        "other_metadata": {
+            k: (v if len(v) <= 200 else v[:200] + "...")
+            for k, v in sorted(graph.props.items())
+            if not k.startswith(PREFIX)
+        },
     }
 
 
@@ -174,8 +205,12 @@ def _service_view(path: Path, graph: GraphIO, options: SpecOptions | None) -> di
     except ModelSpecError as exc:
         view.update(servable=False, problem=str(exc), spec=None)
         return view
-    view.update(servable=True, problem=None, spec=spec.effective(),
-                classes=spec.num_classes if spec.num_classes is not None else "symbolic (checked at start-up)")
+    view.update(
+        servable=True,
+        problem=None,
+        spec=spec.effective(),
+        classes=spec.num_classes if spec.num_classes is not None else "symbolic (checked at start-up)",
+    )
     return view
 
 
@@ -185,8 +220,11 @@ def format_text(summary: dict[str, Any]) -> str:
     if summary.get("note"):
         lines.append(f"  note: {summary['note']}")
     if "opsets" in summary:
-        lines.append("  opsets: " + ", ".join(f"{d} {v}" for d, v in summary["opsets"].items())
-                     + f"; ir_version {summary['ir_version']}; producer {summary['producer'] or '?'}")
+        lines.append(
+            "  opsets: "
+            + ", ".join(f"{d} {v}" for d, v in summary["opsets"].items())
+            + f"; ir_version {summary['ir_version']}; producer {summary['producer'] or '?'}"
+        )
     for kind in ("inputs", "outputs"):
         for t in summary[kind]:
             dims = t["shape"]
@@ -197,9 +235,11 @@ def format_text(summary: dict[str, Any]) -> str:
     if "fused_attention_total" in summary:
         fused = ", ".join(f"{op} x{n}" for op, n in summary["fused_attention_nodes"].items()) or "none"
         unfused = summary["softmax_nodes"] and not summary["fused_attention_total"]
-        lines.append(f"  fused attention nodes: {summary['fused_attention_total']} ({fused}); Softmax nodes: "
-                     f"{summary['softmax_nodes']} ({'attention not fused' if unfused else 'ok'}); "
-                     f"{summary['node_count']} nodes in all")
+        lines.append(
+            f"  fused attention nodes: {summary['fused_attention_total']} ({fused}); Softmax nodes: "
+            f"{summary['softmax_nodes']} ({'attention not fused' if unfused else 'ok'}); "
+            f"{summary['node_count']} nodes in all"
+        )
     lines.append(f"  precision: {summary['precision']} (from {summary['precision_from']})")
     if summary["vitserve_metadata"]:
         lines.append("  vitserve metadata: " + ", ".join(sorted(summary["vitserve_metadata"])))

@@ -20,8 +20,9 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" /
 class Settings(BaseSettings):
     """Service settings; each can be set as VITSERVE_<NAME> (e.g. VITSERVE_MAX_BATCH_SIZE=16)."""
 
-    model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=None, extra="ignore",
-                                      validate_default=True, protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="VITSERVE_", env_file=None, extra="ignore", validate_default=True, protected_namespaces=()
+    )
 
     model: Path = Field(DEFAULT_MODEL_PATH, description="path of the exported .onnx model to serve")
     host: str = Field("127.0.0.1", description="interface to listen on")
@@ -39,18 +40,26 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
-    jpeg_draft: bool = Field(True, description="decode large JPEGs (short side >= 4x the model's resize size) "
-                                               "in DCT draft mode; false = exact parity with timm for every size")
+    jpeg_draft: bool = Field(
+        True,
+        description="decode large JPEGs (short side >= 4x the model's resize size) "
+        "in DCT draft mode; false = exact parity with timm for every size",
+    )
     preprocess_threads: int = Field(0, ge=0, le=256, description="decode/resize threads; 0 = one per core")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads per operator; 0 = one per core")
     ort_allow_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (GPU/large hosts)")
     providers: str = Field("", description="comma list overriding provider order, e.g. 'cuda,cpu'; empty = automatic")
-    warmup_batch_sizes: str = Field("", description="comma list of batch sizes to warm up; empty = 1 and max_batch_size")
+    warmup_batch_sizes: str = Field(
+        "", description="comma list of batch sizes to warm up; empty = 1 and max_batch_size"
+    )
 
     # GPU engine options (service/runtime/gpu_options.py). All off: each stays off until bench/engine.py on
     # a GPU shows it pays (bench/README.md). batch_buckets works on any provider, the rest on CUDA/TensorRT.
-    batch_buckets: str = Field("", description="comma list of batch sizes every run is padded to and warmed at, "
-                                               "e.g. 1,4,16,64; empty = each batch runs at its own size")
+    batch_buckets: str = Field(
+        "",
+        description="comma list of batch sizes every run is padded to and warmed at, "
+        "e.g. 1,4,16,64; empty = each batch runs at its own size",
+    )
     cuda_graphs: bool = Field(False, description="capture one CUDA graph per batch bucket (needs batch_buckets; CUDA)")
     pinned_host_memory: bool = Field(False, description="stage uploads in page-locked host memory (CUDA)")
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
@@ -62,20 +71,27 @@ class Settings(BaseSettings):
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
     data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")
-    job_root: Path | None = Field(None, description="manifest jobs may only name files under this directory; "
-                                                    "unset = manifest jobs refused (403)")
+    job_root: Path | None = Field(
+        None, description="manifest jobs may only name files under this directory; unset = manifest jobs refused (403)"
+    )
     max_job_upload_bytes: int = Field(4 * 1024**3, ge=1024, description="largest archive upload to /v1/jobs, bytes")
     max_job_images: int = Field(1_000_000, ge=1, description="most images in one job")
     max_archive_bytes: int = Field(16 * 1024**3, ge=1024, description="most bytes one archive may extract to")
     max_archive_ratio: float = Field(100.0, ge=1, description="most uncompressed bytes per archive byte (zip bombs)")
     max_image_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest single image file in a job")
     job_decode_threads: int = Field(0, ge=0, le=256, description="job decode threads; 0 = half the cores (min 1)")
-    job_max_in_flight: int = Field(0, ge=0, le=100_000, description="job images decoded or queued at once; "
-                                                                      "0 = 2 x max_batch_size")
-    job_batch_size: int = Field(0, ge=0, le=1024, description="most images in one job batch (an online request "
-                                                              "may wait behind one); 0 = max_batch_size / 4")
-    low_priority_idle_ms: float = Field(20.0, ge=0, le=10_000, description="online lane quiet time before a job "
-                                                                            "batch may run")
+    job_max_in_flight: int = Field(
+        0, ge=0, le=100_000, description="job images decoded or queued at once; 0 = 2 x max_batch_size"
+    )
+    job_batch_size: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="most images in one job batch (an online request may wait behind one); 0 = max_batch_size / 4",
+    )
+    low_priority_idle_ms: float = Field(
+        20.0, ge=0, le=10_000, description="online lane quiet time before a job batch may run"
+    )
 
     # Model description for ONNX files without vitserve metadata (service/core/model_spec.py): each
     # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
@@ -102,8 +118,20 @@ class Settings(BaseSettings):
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("image_size", "resize", "resize_mode", "crop", "interpolation", "mean", "std", "labels",
-                     "input_name", "output_name", "input_layout", mode="before")
+    @field_validator(
+        "image_size",
+        "resize",
+        "resize_mode",
+        "crop",
+        "interpolation",
+        "mean",
+        "std",
+        "labels",
+        "input_name",
+        "output_name",
+        "input_layout",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -121,8 +149,15 @@ class Settings(BaseSettings):
     @field_validator("providers", mode="after")
     @classmethod
     def _check_providers(cls, value: str) -> str:
-        allowed = {"tensorrt", "trt", "cuda", "cpu", "tensorrtexecutionprovider", "cudaexecutionprovider",
-                   "cpuexecutionprovider"}
+        allowed = {
+            "tensorrt",
+            "trt",
+            "cuda",
+            "cpu",
+            "tensorrtexecutionprovider",
+            "cudaexecutionprovider",
+            "cpuexecutionprovider",
+        }
         names = [v.strip() for v in value.split(",") if v.strip()]
         bad = [n for n in names if n.lower() not in allowed]
         if bad:
@@ -140,7 +175,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:
-            raise ValueError(f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})")
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
+            )
         from service.core.model_spec import ModelSpecError
 
         try:
@@ -163,9 +200,13 @@ class Settings(BaseSettings):
         """The engine's GPU options (service.runtime.gpu_options.GpuOptions) these settings give."""
         from service.runtime.gpu_options import GpuOptions, parse_buckets
 
-        return GpuOptions(batch_buckets=parse_buckets(self.batch_buckets), cuda_graphs=self.cuda_graphs,
-                          pinned_host_memory=self.pinned_host_memory, trt_cache_dir=self.trt_cache_dir,
-                          trt_fp16=self.trt_fp16)
+        return GpuOptions(
+            batch_buckets=parse_buckets(self.batch_buckets),
+            cuda_graphs=self.cuda_graphs,
+            pinned_host_memory=self.pinned_host_memory,
+            trt_cache_dir=self.trt_cache_dir,
+            trt_fp16=self.trt_fp16,
+        )
 
     def spec_options(self):
         """The explicit model description (service.core.model_spec.SpecOptions) these settings give."""
@@ -181,8 +222,14 @@ class Settings(BaseSettings):
     def check_model_file(self) -> None:
         """Raise a clear error when the model file is missing (called at start-up, not at import)."""
         if not self.model.is_file():
-            hint = (" (the bundled demo model is built by `vitserve export`; or point VITSERVE_MODEL / --model "
-                    "at an exported .onnx file)") if self.model == DEFAULT_MODEL_PATH else ""
+            hint = (
+                (
+                    " (the bundled demo model is built by `vitserve export`; or point VITSERVE_MODEL / --model "
+                    "at an exported .onnx file)"
+                )
+                if self.model == DEFAULT_MODEL_PATH
+                else ""
+            )
             raise FileNotFoundError(f"model file not found: {self.model}{hint}")
 
 

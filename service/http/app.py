@@ -27,19 +27,29 @@ from fastapi.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.runtime.batcher import Batcher
 from service.core.errors import PayloadTooLarge, Unauthorized
-from service.http.errors import error_response, install_error_handlers
-from service.runtime.metrics import Metrics
-from service.http import v1
 from service.core.settings import Settings, get_settings
+from service.http import v1
+from service.http.errors import error_response, install_error_handlers
+from service.runtime.batcher import Batcher
+from service.runtime.metrics import Metrics
 
 log = logging.getLogger("vitserve.app")
 
 # Reachable without the API key and while draining: probes and scrapers must always get through;
 # so must the web page and its two files (the key is typed into the page) and the v2 health probes.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
-                        "/", "/static/app.js", "/static/style.css"})
+OPEN_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/",
+        "/static/app.js",
+        "/static/style.css",
+    }
+)
 # Routers from other modules, included when their module is installed (KServe v2, the web page).
 OPTIONAL_ROUTERS = ("service.http.v2.router", "service.http.page", "service.http.jobs")
 # max_batch_size when the session runs on a GPU and the setting was left at its (CPU) default.
@@ -89,8 +99,9 @@ class ServiceMiddleware:
             if rejection is not None:
                 await rejection(scope, receive, send_tracking)
             else:
-                await self.app(scope, _limited_receive(receive, _body_limit(settings, path)) if guarded else receive,
-                               send_tracking)
+                await self.app(
+                    scope, _limited_receive(receive, _body_limit(settings, path)) if guarded else receive, send_tracking
+                )
         finally:
             if guarded:
                 state.in_flight_requests -= 1
@@ -108,8 +119,12 @@ class ServiceMiddleware:
                 exc = Unauthorized()
                 return error_response(exc.status_code, exc.code, exc.message, exc.headers)
         if getattr(state, "draining", False):
-            return error_response(503, "not_ready", "server is shutting down; retry on another instance",
-                                  {"Retry-After": "1", "Connection": "close"})
+            return error_response(
+                503,
+                "not_ready",
+                "server is shutting down; retry on another instance",
+                {"Retry-After": "1", "Connection": "close"},
+            )
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -119,10 +134,13 @@ class ServiceMiddleware:
             limit = _body_limit(settings, scope["path"])
             if declared > limit:
                 # Answer from the header alone: the body is never read.
-                return error_response(413, "payload_too_large",
-                                      f"request body of {declared} bytes is over the limit of "
-                                      f"{limit} bytes (max_upload_bytes, max_job_upload_bytes for /v1/jobs)",
-                                      {"Connection": "close"})
+                return error_response(
+                    413,
+                    "payload_too_large",
+                    f"request body of {declared} bytes is over the limit of "
+                    f"{limit} bytes (max_upload_bytes, max_job_upload_bytes for /v1/jobs)",
+                    {"Connection": "close"},
+                )
         return None
 
     def _route_template(self, scope: Scope) -> str:
@@ -158,8 +176,9 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (max_upload_bytes); "
-                                      "stopped reading")
+                raise PayloadTooLarge(
+                    f"request body is over the limit of {limit} bytes (max_upload_bytes); stopped reading"
+                )
         return message
 
     return wrapped
@@ -169,9 +188,14 @@ def _build_engine(settings: Settings):
     from service.runtime.engine import Engine  # onnxruntime import deferred: tests with a fake engine skip it
 
     settings.check_model_file()
-    return Engine(settings.model, spec_options=settings.spec_options(), providers=settings.providers or None,
-                  intra_op_threads=settings.intra_op_threads, allow_spinning=settings.ort_allow_spinning,
-                  gpu_options=settings.gpu_options())
+    return Engine(
+        settings.model,
+        spec_options=settings.spec_options(),
+        providers=settings.providers or None,
+        intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.ort_allow_spinning,
+        gpu_options=settings.gpu_options(),
+    )
 
 
 def _cores() -> int:
@@ -198,26 +222,42 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
         if getattr(state.engine, "on_gpu", False) and "max_batch_size" not in settings.model_fields_set:
             # The default of 8 suits a CPU (compute-bound: bigger batches only add latency); a GPU
             # needs bigger batches to fill it. An explicit setting always wins.
-            log.info("GPU provider: max_batch_size %d (default for GPU hosts; set VITSERVE_MAX_BATCH_SIZE to change)",
-                     GPU_DEFAULT_MAX_BATCH_SIZE)
+            log.info(
+                "GPU provider: max_batch_size %d (default for GPU hosts; set VITSERVE_MAX_BATCH_SIZE to change)",
+                GPU_DEFAULT_MAX_BATCH_SIZE,
+            )
             state.settings = state.settings.model_copy(update={"max_batch_size": GPU_DEFAULT_MAX_BATCH_SIZE})
         fixed_batch = getattr(state.engine, "max_batch_size", None)  # a graph with a fixed batch axis
         if fixed_batch is not None and fixed_batch < state.settings.max_batch_size:
-            log.warning("the model takes at most %d image(s) per run: max_batch_size %d -> %d", fixed_batch,
-                        state.settings.max_batch_size, fixed_batch)
+            log.warning(
+                "the model takes at most %d image(s) per run: max_batch_size %d -> %d",
+                fixed_batch,
+                state.settings.max_batch_size,
+                fixed_batch,
+            )
             state.settings = state.settings.model_copy(update={"max_batch_size": fixed_batch})
-        state.preprocess_pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads or _cores(),
-                                                   thread_name_prefix="vitserve-preprocess")
-        state.batcher = Batcher(state.engine, max_batch_size=state.settings.max_batch_size,
-                                max_queue_delay_ms=settings.max_queue_delay_ms,
-                                max_queue_size=settings.max_queue_size, on_batch=state.metrics.observe_batch,
-                                low_priority_idle_ms=settings.low_priority_idle_ms,
-                                low_priority_batch_size=settings.job_batch_size or max(1, settings.max_batch_size // 4))
+        state.preprocess_pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_threads or _cores(), thread_name_prefix="vitserve-preprocess"
+        )
+        state.batcher = Batcher(
+            state.engine,
+            max_batch_size=state.settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_queue_size=settings.max_queue_size,
+            on_batch=state.metrics.observe_batch,
+            low_priority_idle_ms=settings.low_priority_idle_ms,
+            low_priority_batch_size=settings.job_batch_size or max(1, settings.max_batch_size // 4),
+        )
         await state.batcher.start()
         from service.scoring.job_runner import JobRunner  # scoring jobs: resumes unfinished ones once warm
 
-        state.jobs = JobRunner(settings, state.batcher, state.metadata, is_ready=lambda: bool(state.ready),
-                               decode_threads=settings.job_decode_threads or max(1, _cores() // 2))
+        state.jobs = JobRunner(
+            settings,
+            state.batcher,
+            state.metadata,
+            is_ready=lambda: bool(state.ready),
+            decode_threads=settings.job_decode_threads or max(1, _cores() // 2),
+        )
         await state.jobs.start()
         state.metrics.watch_queue(lambda: state.batcher.queue_depth)
         state.warmup_task = asyncio.create_task(_warm_up(app), name="vitserve-warmup")
@@ -270,8 +310,11 @@ async def _warm_up(app: FastAPI) -> None:
         if hasattr(state.engine, "warmup"):
             started = time.perf_counter()
             timings = await asyncio.to_thread(state.engine.warmup, sizes)
-            log.info("warm-up done in %.2f s (%s)", time.perf_counter() - started,
-                     ", ".join(f"batch {n}: {t * 1000:.1f} ms" for n, t in sorted(timings.items())))
+            log.info(
+                "warm-up done in %.2f s (%s)",
+                time.perf_counter() - started,
+                ", ".join(f"batch {n}: {t * 1000:.1f} ms" for n, t in sorted(timings.items())),
+            )
     except Exception:
         log.exception("warm-up failed; the service stays not-ready")
         return

@@ -71,20 +71,21 @@ async def _unless_client_leaves(request_or_app: Request | FastAPI, work) -> Any:
     raise ClientClosedRequest("client disconnected before the answer was ready; its images were not run")
 
 
-async def classify_pixels(request_or_app: Request | FastAPI, pixels: np.ndarray, *,
-                          deadline: float | None = None, timings: dict | None = None) -> np.ndarray:
+async def classify_pixels(
+    request_or_app: Request | FastAPI, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+) -> np.ndarray:
     """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
 
     ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
     """
     state = require_ready(request_or_app)
     deadline = request_deadline(state) if deadline is None else deadline
-    return await _unless_client_leaves(request_or_app,
-                                       state.batcher.submit(pixels, deadline=deadline, timings=timings))
+    return await _unless_client_leaves(request_or_app, state.batcher.submit(pixels, deadline=deadline, timings=timings))
 
 
-async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
-                         deadline: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+async def classify_bytes(
+    request_or_app: Request | FastAPI, data: bytes, *, deadline: float | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
     """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
 
     Decoding and pre-processing run in the app's thread pool (overlapping inference);
@@ -101,8 +102,11 @@ async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
         # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
         state.batcher.check_room()
         pixels = await loop.run_in_executor(
-            state.preprocess_pool, partial(load_pixels, data, p, max_pixels=state.settings.max_image_pixels,
-                                           jpeg_draft=state.settings.jpeg_draft))
+            state.preprocess_pool,
+            partial(
+                load_pixels, data, p, max_pixels=state.settings.max_image_pixels, jpeg_draft=state.settings.jpeg_draft
+            ),
+        )
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise
@@ -110,8 +114,9 @@ async def classify_bytes(request_or_app: Request | FastAPI, data: bytes, *,
     state.metrics.preprocess.observe(preprocess_s)
     stage: dict[str, float] = {}
     try:
-        logits = await _unless_client_leaves(request_or_app,
-                                             state.batcher.submit(pixels, deadline=deadline, timings=stage))
+        logits = await _unless_client_leaves(
+            request_or_app, state.batcher.submit(pixels, deadline=deadline, timings=stage)
+        )
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

@@ -22,19 +22,36 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from service.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from service.scoring.rows import csv_fields, csv_header
 from service.scoring.job_runner import JobRunner, job_dir
-from service.scoring.sources import (ArchiveLimits, Forbidden, archive_kind, extract_archive, manifest_paths,
-                                  resolve_under_root)
 from service.scoring.job_store import CANCELLED, JobRecord
+from service.scoring.rows import csv_fields, csv_header
+from service.scoring.sources import (
+    ArchiveLimits,
+    Forbidden,
+    archive_kind,
+    extract_archive,
+    manifest_paths,
+    resolve_under_root,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-ARCHIVE_TYPES = frozenset({"application/zip", "application/x-zip-compressed", "application/x-tar", "application/gzip",
-                           "application/x-gzip", "application/x-gtar", "application/x-bzip2", "application/x-xz",
-                           "application/octet-stream"})
-MANIFEST_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/json-lines",
-                            "application/x-jsonlines", "text/plain"})
+ARCHIVE_TYPES = frozenset(
+    {
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/x-tar",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-gtar",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/octet-stream",
+    }
+)
+MANIFEST_TYPES = frozenset(
+    {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/x-jsonlines", "text/plain"}
+)
 _RESULTS_PAGE = 1000
 
 
@@ -48,8 +65,12 @@ def _media_type(request: Request) -> str:
 
 def _limits(request: Request) -> ArchiveLimits:
     s = request.app.state.settings
-    return ArchiveLimits(max_members=s.max_job_images, max_member_bytes=s.max_image_file_bytes,
-                         max_total_bytes=s.max_archive_bytes, max_ratio=s.max_archive_ratio)
+    return ArchiveLimits(
+        max_members=s.max_job_images,
+        max_member_bytes=s.max_image_file_bytes,
+        max_total_bytes=s.max_archive_bytes,
+        max_ratio=s.max_archive_ratio,
+    )
 
 
 async def _save_body(request: Request, target: Path) -> None:
@@ -91,8 +112,9 @@ async def _read_input(request: Request, workdir: Path) -> tuple[str, list[tuple[
         if "manifest" in form:
             lines = (await field.read()).splitlines()
             paths = manifest_paths(lines)
-            return "manifest", await asyncio.to_thread(_manifest_items, paths, settings.job_root,
-                                                       settings.max_job_images)
+            return "manifest", await asyncio.to_thread(
+                _manifest_items, paths, settings.job_root, settings.max_job_images
+            )
         with open(upload, "wb") as out:
             await asyncio.to_thread(shutil.copyfileobj, field.file, out, 1 << 20)
         return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(request))
@@ -109,9 +131,11 @@ async def _read_input(request: Request, workdir: Path) -> tuple[str, list[tuple[
         else:
             paths = manifest_paths(body.splitlines())
         return "manifest", await asyncio.to_thread(_manifest_items, paths, settings.job_root, settings.max_job_images)
-    raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send a zip or tar "
-                               "(application/zip, application/x-tar, application/gzip), a manifest "
-                               "(application/x-ndjson), JSON {\"paths\": [...]}, or multipart/form-data")
+    raise UnsupportedMediaType(
+        f"Content-Type {media_type or '(none)'!r} is not supported; send a zip or tar "
+        "(application/zip, application/x-tar, application/gzip), a manifest "
+        '(application/x-ndjson), JSON {"paths": [...]}, or multipart/form-data'
+    )
 
 
 def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
@@ -147,8 +171,8 @@ async def _job_or_404(runner: JobRunner, job_id: str) -> JobRecord:
     status_code=202,
     summary="Start a scoring job",
     description="Body: a zip or tar of images (raw, or multipart field `file`), a manifest of paths under the "
-                "server's VITSERVE_JOB_ROOT (JSON lines, multipart field `manifest`, or JSON `{\"paths\": [...]}`). "
-                "Answers 202 with the job at once; poll GET /v1/jobs/{id}, then read /v1/jobs/{id}/results.",
+    'server\'s VITSERVE_JOB_ROOT (JSON lines, multipart field `manifest`, or JSON `{"paths": [...]}`). '
+    "Answers 202 with the job at once; poll GET /v1/jobs/{id}, then read /v1/jobs/{id}/results.",
 )
 async def create_job(request: Request, top_k: int = Query(5, description="classes per image in the results")):
     state = request.app.state
@@ -161,13 +185,19 @@ async def create_job(request: Request, top_k: int = Query(5, description="classe
     try:
         kind, items = await _read_input(request, workdir)
         if not items:
-            raise BadRequest("the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, "
-                             ".tif, .tiff)")
+            raise BadRequest(
+                "the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, .tif, .tiff)"
+            )
         if len(items) > state.settings.max_job_images:
             raise PayloadTooLarge(f"{len(items)} images; the limit is {state.settings.max_job_images}")
-        job = await asyncio.to_thread(runner.store.create_job, job_id, kind=kind,
-                                      top_k=min(top_k, state.metadata.num_classes),
-                                      model=state.metadata.architecture, items=items)
+        job = await asyncio.to_thread(
+            runner.store.create_job,
+            job_id,
+            kind=kind,
+            top_k=min(top_k, state.metadata.num_classes),
+            model=state.metadata.architecture,
+            items=items,
+        )
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -193,14 +223,20 @@ async def cancel_job(request: Request, job_id: str) -> dict:
 @router.get(
     "/{job_id}/results",
     summary="The job's results so far, in submission order",
-    description="JSON lines `{\"path\", \"labels\", \"scores\"}` or `{\"path\", \"error\": {\"code\", \"message\"}}`; "
-                "CSV with `Accept: text/csv` (path, label_1, score_1, ..., error_code, error). Images not scored "
-                "yet are absent; the X-Job-State header says whether more will come.",
+    description='JSON lines `{"path", "labels", "scores"}` or `{"path", "error": {"code", "message"}}`; '
+    "CSV with `Accept: text/csv` (path, label_1, score_1, ..., error_code, error). Images not scored "
+    "yet are absent; the X-Job-State header says whether more will come.",
     # Document what is really sent (FastAPI would otherwise promise application/json).
     response_class=StreamingResponse,
-    responses={200: {"description": "one result row per line",
-                     "content": {"application/x-ndjson": {"schema": {"type": "string"}},
-                                 "text/csv": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {
+            "description": "one result row per line",
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
 async def job_results(request: Request, job_id: str):
     runner = _runner(request)
@@ -238,4 +274,3 @@ async def job_results(request: Request, job_id: str):
     if as_csv:
         return StreamingResponse(csv_rows(), media_type="text/csv; charset=utf-8", headers=headers)
     return StreamingResponse(jsonl(), media_type="application/x-ndjson", headers=headers)
-

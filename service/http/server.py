@@ -15,8 +15,8 @@ import sys
 
 import uvicorn
 
-from service.http.app import create_app, wait_for_idle
 from service.core.settings import Settings
+from service.http.app import create_app, wait_for_idle
 
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
@@ -41,8 +41,11 @@ class DrainingServer(uvicorn.Server):
         if self.should_exit or not self.servers:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
-        print(f"vitserve: serving {self.service_app.state.metadata.architecture} on http://{host}:{port} "
-              f"(API docs: http://{host}:{port}/docs)", flush=True)
+        print(
+            f"vitserve: serving {self.service_app.state.metadata.architecture} on http://{host}:{port} "
+            f"(API docs: http://{host}:{port}/docs)",
+            flush=True,
+        )
 
     def handle_exit(self, sig, frame) -> None:
         if self._drain_started or self._loop is None or not self.started:
@@ -71,9 +74,15 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings, *, engine=None) -> int:
     """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
     app = create_app(settings, engine=engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.log_level == "debug", lifespan="on",
-                            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+    )
     server = DrainingServer(config, app)
     server.run()
     if not server.started:

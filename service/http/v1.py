@@ -16,16 +16,25 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from service.runtime.postprocess import top_k as top_k_of
 from service.http.inference import classify_bytes, request_deadline, require_ready
+from service.runtime.postprocess import top_k as top_k_of
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 health_router = APIRouter(tags=["health"])
 
-IMAGE_TYPES = ("image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/gif", "image/bmp",
-               "image/x-ms-bmp", "image/tiff", "application/octet-stream")
+IMAGE_TYPES = (
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/tiff",
+    "application/octet-stream",
+)
 _ACCEPTED = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff or multipart/form-data"
-
 
 
 # Response schemas, for the OpenAPI docs: routes return JSONResponse directly (no per-request
@@ -75,19 +84,55 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 
 # The bodies are read by hand (raw image bytes or multipart, streamed under the byte limit), so
 # FastAPI cannot infer them; describe them for /docs.
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
-    **{t: _BINARY for t in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
-}}}
-_BATCH_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "object", "required": ["data"], "properties": {
-            "id": {"type": "string"}, "data": {"type": "string", "description": "base64 (or a data: URL)"}}}},
-        "top_k": {"type": "integer", "default": 5}}}},
-}}}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{t: _BINARY for t in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["data"],
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "data": {"type": "string", "description": "base64 (or a data: URL)"},
+                                },
+                            },
+                        },
+                        "top_k": {"type": "integer", "default": 5},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _media_type(request: Request) -> str:
@@ -123,7 +168,7 @@ async def _upload_bytes(upload: Any, field: str) -> bytes:
     "/classify",
     summary="Classify one image",
     description="Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
-                "or as multipart/form-data field `file`. Returns the top-k classes.",
+    "or as multipart/form-data field `file`. Returns the top-k classes.",
     response_model=ClassifyResponse,
     responses=_ERRORS,
     openapi_extra=_CLASSIFY_BODY,
@@ -146,11 +191,13 @@ async def classify(request: Request, top_k: int = Query(5, description="how many
     else:
         raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send {_ACCEPTED}")
     logits, timing_ms = await classify_bytes(request, data, deadline=deadline)
-    return JSONResponse({
-        "model": state.metadata.architecture,
-        "predictions": top_k_of(logits, state.metadata.labels, k),
-        "timing_ms": timing_ms,
-    })
+    return JSONResponse(
+        {
+            "model": state.metadata.architecture,
+            "predictions": top_k_of(logits, state.metadata.labels, k),
+            "timing_ms": timing_ms,
+        }
+    )
 
 
 def _decode_base64(value: Any, item_id: str) -> bytes:
@@ -176,8 +223,9 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
         try:
             uploads = form.getlist("files")
             if not uploads:
-                raise BadRequest(f"multipart body needs one or more file fields named 'files' "
-                                 f"(got {sorted(form.keys())})")
+                raise BadRequest(
+                    f"multipart body needs one or more file fields named 'files' (got {sorted(form.keys())})"
+                )
             if len(uploads) > limit:
                 raise PayloadTooLarge(f"too many images: {len(uploads)} > max_batch_images={limit}")
             items = []
@@ -188,8 +236,10 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
         finally:
             await form.close()
     if media_type != "application/json":
-        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported here; send "
-                                   "multipart/form-data with 'files' or application/json with 'images'")
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'!r} is not supported here; send "
+            "multipart/form-data with 'files' or application/json with 'images'"
+        )
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -217,15 +267,16 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
 @router.post(
     "/classify/batch",
     summary="Classify many images in one request",
-    description="multipart/form-data with many `files`, or JSON `{\"images\": [{\"id\": str, \"data\": base64}], "
-                "\"top_k\": 5}`. Every image goes through the batcher concurrently and gets its own result or "
-                "its own error; one bad image never fails the others.",
+    description='multipart/form-data with many `files`, or JSON `{"images": [{"id": str, "data": base64}], '
+    '"top_k": 5}`. Every image goes through the batcher concurrently and gets its own result or '
+    "its own error; one bad image never fails the others.",
     response_model=BatchResponse,
     responses=_ERRORS,
     openapi_extra=_BATCH_BODY,
 )
-async def classify_batch(request: Request,
-                         top_k: int | None = Query(None, description="overrides the JSON top_k")) -> Response:
+async def classify_batch(
+    request: Request, top_k: int | None = Query(None, description="overrides the JSON top_k")
+) -> Response:
     started = time.perf_counter()
     state = require_ready(request)
     deadline = request_deadline(state)
@@ -244,11 +295,13 @@ async def classify_batch(request: Request,
     outcomes = await asyncio.gather(*(one(item_id, data) for item_id, data in items))
     timings = [t for _, t in outcomes if t is not None]
     # Per-stage figures are the slowest image's (what the caller waited for); total is wall time.
-    timing_ms = {stage: round(max((t[stage] for t in timings), default=0.0), 3)
-                 for stage in ("queue", "preprocess", "inference")}
+    timing_ms = {
+        stage: round(max((t[stage] for t in timings), default=0.0), 3) for stage in ("queue", "preprocess", "inference")
+    }
     timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
-    return JSONResponse({"model": state.metadata.architecture, "results": [r for r, _ in outcomes],
-                         "timing_ms": timing_ms})
+    return JSONResponse(
+        {"model": state.metadata.architecture, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
+    )
 
 
 @router.get("/models", summary="The served model: labels, pre-processing, providers, batching")

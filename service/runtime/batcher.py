@@ -77,9 +77,17 @@ class Batcher:
             smaller bounds how long an online request can wait behind a job batch already running.
     """
 
-    def __init__(self, engine: BatchEngine, *, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
-                 max_queue_size: int = 256, on_batch: BatchObserver | None = None,
-                 low_priority_idle_ms: float = 20.0, low_priority_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: BatchEngine,
+        *,
+        max_batch_size: int = 8,
+        max_queue_delay_ms: float = 5.0,
+        max_queue_size: int = 256,
+        on_batch: BatchObserver | None = None,
+        low_priority_idle_ms: float = 20.0,
+        low_priority_batch_size: int | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_ms < 0:
@@ -160,8 +168,9 @@ class Batcher:
         return self._in_flight
 
     # -- requests ----------------------------------------------------------------------------
-    async def submit(self, pixels: np.ndarray, *, deadline: float | None = None,
-                     timings: dict | None = None) -> np.ndarray:
+    async def submit(
+        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+    ) -> np.ndarray:
         """Queue one image (3, H, W) and wait for its logits (K,) float32.
 
         Args:
@@ -190,8 +199,10 @@ class Batcher:
             async with asyncio.timeout(max(remaining, 0.0)):
                 return await item.future
         except TimeoutError:
-            raise DeadlineExceeded(f"no answer within the request deadline "
-                                   f"({(deadline - item.enqueued_at) * 1000:.0f} ms in the queue and engine)") from None
+            raise DeadlineExceeded(
+                f"no answer within the request deadline "
+                f"({(deadline - item.enqueued_at) * 1000:.0f} ms in the queue and engine)"
+            ) from None
         finally:
             # Client gone (task cancelled) or timed out: mark the item so the consumer skips it.
             if not item.future.done():
@@ -206,8 +217,10 @@ class Batcher:
             raise self._overloaded()
 
     def _overloaded(self) -> Overloaded:
-        return Overloaded(f"queue full ({self.max_queue_size} images waiting); retry later",
-                          retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size))
+        return Overloaded(
+            f"queue full ({self.max_queue_size} images waiting); retry later",
+            retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size),
+        )
 
     async def submit_low(self, pixels: np.ndarray) -> np.ndarray:
         """Queue one image (3, H, W) in the low-priority lane and wait for its logits (K,) float32.
@@ -230,8 +243,9 @@ class Batcher:
                 item.future.cancel()
 
     # -- the consumer ------------------------------------------------------------------------
-    def _take(self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None,
-              limit: int | None = None) -> None:
+    def _take(
+        self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None, limit: int | None = None
+    ) -> None:
         """Move waiting items into ``batch`` (up to the limit), answering dead ones on the spot."""
         queue = queue or self._queue
         assert queue is not None
@@ -320,8 +334,9 @@ class Batcher:
         one batch instead of splitting into a batch of one plus the others. A lone client (batches
         of one) never waits.
         """
-        return (self._last_online_batch > 1
-                and arrived_at - self._last_online_end_s < max(self._last_batch_s, self.max_queue_delay_s))
+        return self._last_online_batch > 1 and arrived_at - self._last_online_end_s < max(
+            self._last_batch_s, self.max_queue_delay_s
+        )
 
     async def _run(self, batch: list[_Item], queue: asyncio.Queue | None = None) -> None:
         queue = queue or self._queue
@@ -330,8 +345,9 @@ class Batcher:
         self._in_flight = len(batch)
         started = time.monotonic()
         try:
-            logits = await loop.run_in_executor(self._executor, _stack_and_run, self.engine,
-                                                [item.pixels for item in batch])
+            logits = await loop.run_in_executor(
+                self._executor, _stack_and_run, self.engine, [item.pixels for item in batch]
+            )
         except asyncio.CancelledError:
             # stop(drain=False) cancelled us mid-batch: nobody will resolve these otherwise.
             for item in batch:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from service.core.onnx_facts import CUDA_PROVIDER as CUDA
 from service.runtime.gpu_options import GpuOptions, pinned_array, plan_chunks
 
 log = logging.getLogger("vitserve.engine")
-
-CUDA = "CUDAExecutionProvider"
 
 
 @dataclass
@@ -54,10 +53,22 @@ class BucketRunner:
         device: "cuda" or "cpu", where the bound buffers live.
     """
 
-    def __init__(self, model_path: str | os.PathLike, session: ort.InferenceSession, options: GpuOptions, *,
-                 session_options: Callable[[], ort.SessionOptions], providers: Sequence[str],
-                 provider_options: Callable[[str, bool], dict[str, str]], input_name: str, output_name: str,
-                 input_shape: tuple[int, int, int], input_dtype: np.dtype, io_binding: bool, device: str) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        session: ort.InferenceSession,
+        options: GpuOptions,
+        *,
+        session_options: Callable[[], ort.SessionOptions],
+        providers: Sequence[str],
+        provider_options: Callable[[str, bool], dict[str, str]],
+        input_name: str,
+        output_name: str,
+        input_shape: tuple[int, int, int],
+        input_dtype: np.dtype,
+        io_binding: bool,
+        device: str,
+    ) -> None:
         if not options.batch_buckets:
             raise ValueError("BucketRunner needs at least one batch bucket")
         self.sizes = options.batch_buckets
@@ -85,15 +96,18 @@ class BucketRunner:
         session, cuda_graph = self._dynamic_session, False
         if self._options.per_bucket_sessions:
             session, cuda_graph = self._fixed_batch_session(size, allow_graph)
-        bucket = _Bucket(size=size, session=session, host=self._host_buffer(size) if host is None else host,
-                         cuda_graph=cuda_graph)
+        bucket = _Bucket(
+            size=size, session=session, host=self._host_buffer(size) if host is None else host, cuda_graph=cuda_graph
+        )
         if self._io_binding:
-            bucket.device_input = ort.OrtValue.ortvalue_from_shape_and_type(bucket.host.shape, self._input_dtype,
-                                                                            self._device, 0)
+            bucket.device_input = ort.OrtValue.ortvalue_from_shape_and_type(
+                bucket.host.shape, self._input_dtype, self._device, 0
+            )
             num_classes = self._num_classes if isinstance(self._num_classes, int) else None
             if num_classes is not None:
                 bucket.device_output = ort.OrtValue.ortvalue_from_shape_and_type(
-                    (size, num_classes), self._output_dtype, self._device, 0)
+                    (size, num_classes), self._output_dtype, self._device, 0
+                )
             bucket.binding = session.io_binding()
             bucket.binding.bind_ortvalue_input(self._input_name, bucket.device_input)
             if bucket.device_output is not None:
@@ -115,16 +129,22 @@ class BucketRunner:
             elif batch_dim != size:
                 raise ValueError(f"the model's batch size is fixed at {batch_dim}; bucket {size} cannot run")
             try:
-                session = ort.InferenceSession(self._model_path, sess_options=opts, providers=self._providers,
-                                               provider_options=[self._provider_options(p, cuda_graph)
-                                                                 for p in self._providers])
+                session = ort.InferenceSession(
+                    self._model_path,
+                    sess_options=opts,
+                    providers=self._providers,
+                    provider_options=[self._provider_options(p, cuda_graph) for p in self._providers],
+                )
                 return session, cuda_graph
             except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail
                 if not cuda_graph:
                     raise
                 # ORT refuses a graph when any node sits outside the CUDA provider.
-                log.warning("no CUDA graph for batch bucket %d (%s); that bucket runs without one", size,
-                            str(exc).splitlines()[0][:300])
+                log.warning(
+                    "no CUDA graph for batch bucket %d (%s); that bucket runs without one",
+                    size,
+                    str(exc).splitlines()[0][:300],
+                )
         raise AssertionError("unreachable")
 
     def _host_buffer(self, size: int) -> np.ndarray:
@@ -153,8 +173,10 @@ class BucketRunner:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, K) float32 logits, as padded runs of the bucket sizes."""
-        outputs = [self._run_bucket(self._buckets[size], batch[start:stop])
-                   for start, stop, size in plan_chunks(len(batch), self.sizes)]
+        outputs = [
+            self._run_bucket(self._buckets[size], batch[start:stop])
+            for start, stop, size in plan_chunks(len(batch), self.sizes)
+        ]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _run_bucket(self, bucket: _Bucket, part: np.ndarray) -> np.ndarray:
@@ -168,8 +190,11 @@ class BucketRunner:
                 raise
             # Capture happens on an early run, not at session creation: a failure there (an
             # allocation or a CPU node during capture) costs this bucket its graph, not the service.
-            log.warning("CUDA graph of batch bucket %d failed (%s); that bucket runs without one", bucket.size,
-                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            log.warning(
+                "CUDA graph of batch bucket %d failed (%s); that bucket runs without one",
+                bucket.size,
+                str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+            )
             bucket = self._buckets[bucket.size] = self._make_bucket(bucket.size, allow_graph=False, host=bucket.host)
             return self._execute(bucket, n)
 

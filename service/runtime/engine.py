@@ -27,17 +27,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
+from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
 from service.runtime.buckets import BucketRunner
 from service.runtime.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
-from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 
 log = logging.getLogger("vitserve.engine")
 
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+TENSORRT, CUDA, CPU = TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER
 GPU_PROVIDERS = (TENSORRT, CUDA)
-_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 _PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 # Device input buffers kept for batch sizes run without buckets, least recently used dropped first:
 # one per size for ever would hold sum(1..max_batch_size) images of device memory.
@@ -70,7 +68,9 @@ def parse_providers(spec: str | Sequence[str] | None) -> list[str] | None:
     for item in items:
         name = _PROVIDER_ALIASES.get(item.lower(), item)
         if name not in known:
-            raise EngineError(f"unknown ONNX Runtime provider {item!r}; known: tensorrt, cuda, cpu or one of {sorted(known)}")
+            raise EngineError(
+                f"unknown ONNX Runtime provider {item!r}; known: tensorrt, cuda, cpu or one of {sorted(known)}"
+            )
         out.append(name)
     return out
 
@@ -116,10 +116,18 @@ class Engine:
             (service/runtime/gpu_options.py); None = none of them.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, spec_options: SpecOptions | None = None,
-                 providers: Sequence[str] | str | None = None,
-                 intra_op_threads: int = 0, allow_spinning: bool = False, log_placement: bool = True,
-                 io_binding: bool | None = None, gpu_options: GpuOptions | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        spec_options: SpecOptions | None = None,
+        providers: Sequence[str] | str | None = None,
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+        log_placement: bool = True,
+        io_binding: bool | None = None,
+        gpu_options: GpuOptions | None = None,
+    ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise EngineError(f"model file not found: {self.model_path}")
@@ -159,28 +167,49 @@ class Engine:
         self._io_binding = self.session.io_binding() if use_binding else None
         self._device_inputs: dict[int, ort.OrtValue] = {}  # batch size -> reused device buffer
         if self.on_gpu is False and any(p in GPU_PROVIDERS for p in requested):
-            log.warning("GPU providers %s were requested but the session runs on %s",
-                        [p for p in requested if p in GPU_PROVIDERS], self.providers)
+            log.warning(
+                "GPU providers %s were requested but the session runs on %s",
+                [p for p in requested if p in GPU_PROVIDERS],
+                self.providers,
+            )
         if self.spec.num_classes is None:  # symbolic class axis: one probe run tells the real count
-            (probe,) = self.session.run([self.output_name], {self.input_name: self._layout(
-                np.zeros((self.max_static_batch or 1, *self.input_shape), self.input_dtype))})
+            (probe,) = self.session.run(
+                [self.output_name],
+                {
+                    self.input_name: self._layout(
+                        np.zeros((self.max_static_batch or 1, *self.input_shape), self.input_dtype)
+                    )
+                },
+            )
             if probe.ndim != 2:
-                raise EngineError(f"{self.model_path}: output {self.output_name} gave shape {probe.shape}; vitserve "
-                                  "reads 2-D logits [N, num_classes]")
+                raise EngineError(
+                    f"{self.model_path}: output {self.output_name} gave shape {probe.shape}; vitserve "
+                    "reads 2-D logits [N, num_classes]"
+                )
             try:
                 check_label_count(probe.shape[1], self.metadata.num_classes, self.model_path, self.output_name)
             except ModelSpecError as exc:
                 raise EngineError(str(exc)) from exc
-        log.info("loaded %s (%s, %s, %d classes) on %s with %d intra-op threads", self.model_path,
-                 self.metadata.architecture, self.metadata.precision, self.metadata.num_classes, self.providers,
-                 self.intra_op_threads)
+        log.info(
+            "loaded %s (%s, %s, %d classes) on %s with %d intra-op threads",
+            self.model_path,
+            self.metadata.architecture,
+            self.metadata.precision,
+            self.metadata.num_classes,
+            self.providers,
+            self.intra_op_threads,
+        )
         log.info("model spec, value (source): %s", self.spec.log_text())
         self._buckets = self._bucket_runner(use_binding) if self.gpu_options.batch_buckets else None
         # TensorRT builds for one profile of batch sizes; larger batches are split to fit it.
         self._max_chunk = trt_max_batch(self.gpu_options) if self.providers[0] == TENSORRT else None
         if self.max_static_batch == 1:
-            log.warning("%s: input %s has a fixed batch of 1: batching is turned off (max_batch_size 1); export it "
-                        "with a dynamic batch axis to batch requests", self.model_path, self.input_name)
+            log.warning(
+                "%s: input %s has a fixed batch of 1: batching is turned off (max_batch_size 1); export it "
+                "with a dynamic batch axis to batch requests",
+                self.model_path,
+                self.input_name,
+            )
 
     def _session_options(self, profile_dir: str | None = None) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -202,15 +231,22 @@ class Engine:
         self._profile_dir = tempfile.mkdtemp(prefix="vitserve-ort-") if self._log_placement else None
         while remaining:
             try:
-                return ort.InferenceSession(str(self.model_path), sess_options=self._session_options(self._profile_dir),
-                                            providers=remaining,
-                                            provider_options=[self._provider_options(p) for p in remaining])
+                return ort.InferenceSession(
+                    str(self.model_path),
+                    sess_options=self._session_options(self._profile_dir),
+                    providers=remaining,
+                    provider_options=[self._provider_options(p) for p in remaining],
+                )
             except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail for provider trouble
                 errors.append(f"{remaining[0]}: {exc}")
                 if remaining[0] == CPU or len(remaining) == 1:
                     break
-                log.warning("provider %s failed to initialise (%s); trying %s", remaining[0],
-                            str(exc).splitlines()[0][:200], remaining[1:])
+                log.warning(
+                    "provider %s failed to initialise (%s); trying %s",
+                    remaining[0],
+                    str(exc).splitlines()[0][:200],
+                    remaining[1:],
+                )
                 remaining = remaining[1:]
         raise EngineError(f"cannot create an ONNX Runtime session for {self.model_path}: " + " | ".join(errors))
 
@@ -228,12 +264,24 @@ class Engine:
 
     def _bucket_runner(self, use_binding: bool) -> BucketRunner:
         if self.channels_last or self.max_static_batch is not None:
-            raise EngineError(f"{self.model_path}: batch_buckets need a channels-first graph with a dynamic batch "
-                              "axis (this one pads to its fixed batch already)")
-        return BucketRunner(self.model_path, self.session, self.gpu_options, session_options=self._session_options,
-                            providers=self.providers, provider_options=self._provider_options,
-                            input_name=self.input_name, output_name=self.output_name, input_shape=self.input_shape,
-                            input_dtype=self.input_dtype, io_binding=use_binding, device=self._device)
+            raise EngineError(
+                f"{self.model_path}: batch_buckets need a channels-first graph with a dynamic batch "
+                "axis (this one pads to its fixed batch already)"
+            )
+        return BucketRunner(
+            self.model_path,
+            self.session,
+            self.gpu_options,
+            session_options=self._session_options,
+            providers=self.providers,
+            provider_options=self._provider_options,
+            input_name=self.input_name,
+            output_name=self.output_name,
+            input_shape=self.input_shape,
+            input_dtype=self.input_dtype,
+            io_binding=use_binding,
+            device=self._device,
+        )
 
     @property
     def cuda_graph_buckets(self) -> list[int]:
@@ -250,7 +298,9 @@ class Engine:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) pixels -> (N, K) float32 logits. Not thread-safe by design: one caller."""
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
-            raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}")
+            raise ValueError(
+                f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}"
+            )
         if self._buckets is not None:
             if self._profile_dir is not None:  # placement is read from one run of the dynamic session
                 self.session.run([self.output_name], {self.input_name: np.asarray(batch, dtype=self.input_dtype)})
@@ -258,10 +308,10 @@ class Engine:
             return self._buckets.run(batch)
         if self._max_chunk is not None and batch.shape[0] > self._max_chunk:
             step = self._max_chunk
-            return np.concatenate([self.run(batch[i:i + step]) for i in range(0, len(batch), step)])
+            return np.concatenate([self.run(batch[i : i + step]) for i in range(0, len(batch), step)])
         fixed = self.max_static_batch
         if fixed is not None and batch.shape[0] != fixed:
-            return np.concatenate([self._run_padded(batch[i:i + fixed], fixed) for i in range(0, len(batch), fixed)])
+            return np.concatenate([self._run_padded(batch[i : i + fixed], fixed) for i in range(0, len(batch), fixed)])
         feed = self._layout(np.asarray(batch, dtype=self.input_dtype))
         if self._io_binding is not None:
             logits = self._run_bound(feed)
@@ -350,11 +400,14 @@ class Engine:
         self.placement = {provider: dict(sorted(ops.items())) for provider, ops in placement.items()}
         for provider, ops in self.placement.items():
             log.info("node placement: %s ran %s", provider, ", ".join(f"{op} x{n}" for op, n in ops.items()))
-        attention_on_cpu = sum(self.placement.get(CPU, {}).get(op, 0) for op in _ATTENTION_OPS)
+        attention_on_cpu = sum(self.placement.get(CPU, {}).get(op, 0) for op in FUSED_ATTENTION_OP_TYPES)
         if self.on_gpu and attention_on_cpu:
-            log.warning("!!! %d attention node(s) ran on the CPU although the session uses %s: expect a large "
-                        "slowdown (check the opset, the dtype and onnxruntime's CUDA support for Attention) !!!",
-                        attention_on_cpu, self.providers[0])
+            log.warning(
+                "!!! %d attention node(s) ran on the CPU although the session uses %s: expect a large "
+                "slowdown (check the opset, the dtype and onnxruntime's CUDA support for Attention) !!!",
+                attention_on_cpu,
+                self.providers[0],
+            )
 
     def describe(self) -> dict:
         """A JSON-friendly view for /v1/models and logs."""

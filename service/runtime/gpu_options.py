@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.core.onnx_facts import CUDA_PROVIDER
+
 log = logging.getLogger("vitserve.engine")
 
 # Without buckets, TensorRT still needs one optimisation profile: batches up to this size, larger
@@ -88,8 +90,10 @@ class GpuOptions:
         if tuple(parse_buckets(self.batch_buckets)) != tuple(self.batch_buckets):
             raise GpuOptionsError(f"batch_buckets must be sorted unique positive sizes, got {self.batch_buckets}")
         if self.cuda_graphs and not self.batch_buckets:
-            raise GpuOptionsError("cuda_graphs needs batch_buckets: a CUDA graph replays one fixed shape, so "
-                                  "every batch must be padded to a captured size")
+            raise GpuOptionsError(
+                "cuda_graphs needs batch_buckets: a CUDA graph replays one fixed shape, so "
+                "every batch must be padded to a captured size"
+            )
 
     @property
     def per_bucket_sessions(self) -> bool:
@@ -126,8 +130,9 @@ def cuda_provider_options(*, cuda_graph: bool = False, device_id: int = 0) -> di
     return options
 
 
-def tensorrt_provider_options(options: GpuOptions, *, input_name: str, image_shape: Sequence[int],
-                              device_id: int = 0) -> dict[str, str]:
+def tensorrt_provider_options(
+    options: GpuOptions, *, input_name: str, image_shape: Sequence[int], device_id: int = 0
+) -> dict[str, str]:
     """TensorRT provider options: caches, precision, and one profile spanning the served batch sizes.
 
     ``image_shape`` is one input's shape without the batch axis, in the graph's layout: (3, H, W).
@@ -147,12 +152,14 @@ def tensorrt_provider_options(options: GpuOptions, *, input_name: str, image_sha
     }
     if options.trt_cache_dir is not None:
         cache = str(Path(options.trt_cache_dir).expanduser())
-        trt.update({
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": cache,
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": cache,
-        })
+        trt.update(
+            {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": cache,
+            }
+        )
     return trt
 
 
@@ -202,7 +209,7 @@ def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
     memory_type = getattr(ort, "OrtDeviceMemoryType", None)
     if get_devices is not None and memory_type is not None:
         for device in get_devices():
-            if device.ep_name != "CUDAExecutionProvider":
+            if device.ep_name != CUDA_PROVIDER:
                 continue
             try:
                 info = device.memory_info(memory_type.HOST_ACCESSIBLE)
@@ -241,8 +248,12 @@ def is_pinned(array: np.ndarray) -> bool:
     """Whether CUDA reports ``array``'s memory as page-locked host memory (False without CUDA)."""
 
     class PointerAttributes(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
-                    ("hostPointer", ctypes.c_void_p)]
+        _fields_ = [
+            ("type", ctypes.c_int),
+            ("device", ctypes.c_int),
+            ("devicePointer", ctypes.c_void_p),
+            ("hostPointer", ctypes.c_void_p),
+        ]
 
     try:
         runtime = _cuda_runtime()

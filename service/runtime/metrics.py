@@ -44,23 +44,34 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("vitserve_requests_total", "HTTP requests answered", ["route", "method", "status"],
-                                registry=r)
-        self.latency = Histogram("vitserve_request_duration_seconds", "HTTP request latency",
-                                 ["route", "method", "status"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.requests = Counter(
+            "vitserve_requests_total", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "vitserve_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.in_flight_requests = Gauge("vitserve_requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("vitserve_queue_depth", "images waiting in the batcher queue", registry=r)
-        self.batch_size = Histogram("vitserve_batch_size", "images per engine run", buckets=_BATCH_BUCKETS,
-                                    registry=r)
-        self.inference = Histogram("vitserve_inference_seconds", "engine run time per batch",
-                                   buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.preprocess = Histogram("vitserve_preprocess_seconds", "decode + resize + normalise time per image",
-                                    buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("vitserve_batch_size", "images per engine run", buckets=_BATCH_BUCKETS, registry=r)
+        self.inference = Histogram(
+            "vitserve_inference_seconds", "engine run time per batch", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.preprocess = Histogram(
+            "vitserve_preprocess_seconds",
+            "decode + resize + normalise time per image",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.images = Counter("vitserve_images_total", "images classified", registry=r)
         self.image_errors = Counter("vitserve_image_errors_total", "images rejected or failed", ["code"], registry=r)
         self._rate = RateWindow(10.0)
-        self.images_per_second = Gauge("vitserve_images_per_second", "images classified per second (last 10 s)",
-                                       registry=r)
+        self.images_per_second = Gauge(
+            "vitserve_images_per_second", "images classified per second (last 10 s)", registry=r
+        )
         self.images_per_second.set_function(self._rate.rate)
         self.ready = Gauge("vitserve_ready", "1 when warmed up and accepting requests", registry=r)
 

@@ -88,8 +88,9 @@ def decode_image(data: bytes, *, max_pixels: int, min_short_side: int | None = N
     except InvalidImage:
         raise
     except UnidentifiedImageError:
-        raise InvalidImage("not an image: the bytes are not in any format this server decodes "
-                           "(JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+        raise InvalidImage(
+            "not an image: the bytes are not in any format this server decodes (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise InvalidImage(f"image over the pixel limit: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.batcher import Batcher
 from service.core.errors import InferenceFailed, NotReady, Overloaded, ServiceError
+from service.core.metadata import ModelMetadata
+from service.core.settings import Settings
+from service.runtime.batcher import Batcher
+from service.runtime.preprocess import load_pixels
+from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
 from service.scoring.rows import error_row, prediction_row
 from service.scoring.sources import Forbidden, read_limited, resolve_under_root
-from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
-from service.core.metadata import ModelMetadata
-from service.runtime.preprocess import load_pixels
-from service.core.settings import Settings
 
 log = logging.getLogger("vitserve.jobs")
 
@@ -55,8 +55,15 @@ class JobRunner:
         decode_threads: threads decoding job images.
     """
 
-    def __init__(self, settings: Settings, batcher: Batcher, metadata: ModelMetadata, *,
-                 is_ready: Callable[[], bool], decode_threads: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        batcher: Batcher,
+        metadata: ModelMetadata,
+        *,
+        is_ready: Callable[[], bool],
+        decode_threads: int,
+    ) -> None:
         self.settings = settings
         self.batcher = batcher
         self.metadata = metadata
@@ -158,9 +165,13 @@ class JobRunner:
         job = current
         if job.model != self.metadata.architecture:
             # Restarted with another model: finishing with it would mix two models' answers in one job.
-            await asyncio.to_thread(store.finish, job.id, FAILED,
-                                    f"the job was submitted to model {job.model!r}; this server now serves "
-                                    f"{self.metadata.architecture!r} (resubmit the job)")
+            await asyncio.to_thread(
+                store.finish,
+                job.id,
+                FAILED,
+                f"the job was submitted to model {job.model!r}; this server now serves "
+                f"{self.metadata.architecture!r} (resubmit the job)",
+            )
             self._cleanup(job.id)
             return
         await asyncio.to_thread(store.mark_running, job.id)
@@ -235,8 +246,9 @@ class JobRunner:
             log.info("job %s cancelled", job.id)
         elif await asyncio.to_thread(store.finish, job.id, DONE):
             done = store.get_job(job.id)
-            log.info("job %s done: %d scored, %d failed", job.id, done.scored if done else -1,
-                     done.failed if done else -1)
+            log.info(
+                "job %s done: %d scored, %d failed", job.id, done.scored if done else -1, done.failed if done else -1
+            )
         self._rate_start.pop(job.id, None)
         self._cleanup(job.id)
 

@@ -110,17 +110,21 @@ class JobStore:
             self._db.close()
 
     # -- jobs --------------------------------------------------------------------------------
-    def create_job(self, job_id: str, *, kind: str, top_k: int, model: str,
-                   items: Sequence[tuple[str, str]]) -> JobRecord:
+    def create_job(
+        self, job_id: str, *, kind: str, top_k: int, model: str, items: Sequence[tuple[str, str]]
+    ) -> JobRecord:
         """Insert a queued job and its items ((path, file) in scoring order) in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO jobs (id, state, kind, top_k, model, total, created_at) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 (job_id, QUEUED, kind, top_k, model, len(items), time.time()))
-                self._db.executemany("INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",
-                                     ((job_id, seq, path, file) for seq, (path, file) in enumerate(items)))
+                self._db.execute(
+                    "INSERT INTO jobs (id, state, kind, top_k, model, total, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, kind, top_k, model, len(items), time.time()),
+                )
+                self._db.executemany(
+                    "INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",
+                    ((job_id, seq, path, file) for seq, (path, file) in enumerate(items)),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -137,29 +141,35 @@ class JobStore:
     def unfinished_jobs(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: what the runner works through (also after a restart)."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) "
-                                    "ORDER BY created_at, id", (QUEUED, RUNNING)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at, id", (QUEUED, RUNNING)
+            ).fetchall()
         return [JobRecord(*row) for row in rows]
 
     def mark_running(self, job_id: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) "
-                             "WHERE id = ? AND state IN (?, ?)", (RUNNING, time.time(), job_id, QUEUED, RUNNING))
+            self._db.execute(
+                "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN (?, ?)",
+                (RUNNING, time.time(), job_id, QUEUED, RUNNING),
+            )
 
     def finish(self, job_id: str, state: str = DONE, error: str | None = None) -> bool:
         """Move an unfinished job to a final state; False when it had already finished (e.g. cancelled)."""
         assert state in FINISHED_STATES
         with self._lock:
-            cursor = self._db.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? "
-                                      "WHERE id = ? AND state IN (?, ?)",
-                                      (state, time.time(), error, job_id, QUEUED, RUNNING))
+            cursor = self._db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state IN (?, ?)",
+                (state, time.time(), error, job_id, QUEUED, RUNNING),
+            )
         return cursor.rowcount == 1
 
     # -- items -------------------------------------------------------------------------------
     def pending_items(self, job_id: str, after_seq: int, limit: int) -> list[PendingItem]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, path, file FROM items WHERE job_id = ? AND status = ? AND seq > ? "
-                                    "ORDER BY seq LIMIT ?", (job_id, PENDING, after_seq, limit)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, path, file FROM items WHERE job_id = ? AND status = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, PENDING, after_seq, limit),
+            ).fetchall()
         return [PendingItem(*row) for row in rows]
 
     def record_results(self, job_id: str, results: Iterable[tuple[int, dict]]) -> int:
@@ -175,15 +185,18 @@ class JobStore:
                     status = ERROR if "error" in row else SCORED
                     cursor = self._db.execute(
                         "UPDATE items SET status = ?, result = ? WHERE job_id = ? AND seq = ? AND status = ?",
-                        (status, json.dumps(row, ensure_ascii=False), job_id, seq, PENDING))
+                        (status, json.dumps(row, ensure_ascii=False), job_id, seq, PENDING),
+                    )
                     if cursor.rowcount == 1:
                         if status == ERROR:
                             failed += 1
                         else:
                             scored += 1
                 if scored or failed:
-                    self._db.execute("UPDATE jobs SET scored = scored + ?, failed = failed + ? WHERE id = ?",
-                                     (scored, failed, job_id))
+                    self._db.execute(
+                        "UPDATE jobs SET scored = scored + ?, failed = failed + ? WHERE id = ?",
+                        (scored, failed, job_id),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -193,5 +206,7 @@ class JobStore:
     def results(self, job_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
         """(seq, JSON result row) of finished items after ``after_seq``, in submission order."""
         with self._lock:
-            return self._db.execute("SELECT seq, result FROM items WHERE job_id = ? AND seq > ? AND status != ? "
-                                    "ORDER BY seq LIMIT ?", (job_id, after_seq, PENDING, limit)).fetchall()
+            return self._db.execute(
+                "SELECT seq, result FROM items WHERE job_id = ? AND seq > ? AND status != ? ORDER BY seq LIMIT ?",
+                (job_id, after_seq, PENDING, limit),
+            ).fetchall()

@@ -31,11 +31,18 @@ from typing import TextIO
 import numpy as np
 
 from service.core.errors import ServiceError
-from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
-from service.scoring.sources import (ArchiveLimits, archive_kind, is_image_name, iter_archive, list_archive,
-                                  manifest_paths, read_limited)
 from service.core.metadata import Preprocessing
 from service.runtime.preprocess import load_pixels
+from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
+from service.scoring.sources import (
+    ArchiveLimits,
+    archive_kind,
+    is_image_name,
+    iter_archive,
+    list_archive,
+    manifest_paths,
+    read_limited,
+)
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -142,8 +149,10 @@ class ResultWriter:
                 else:
                     reader = csv.DictReader(f)
                     if reader.fieldnames != csv_header(self.top_k):
-                        raise ScoringError(f"{self.path}: its columns {reader.fieldnames} do not match --top-k "
-                                           f"{self.top_k}; resume with the same --top-k")
+                        raise ScoringError(
+                            f"{self.path}: its columns {reader.fieldnames} do not match --top-k "
+                            f"{self.top_k}; resume with the same --top-k"
+                        )
                     self.done.update(row["path"] for row in reader)
         self._file = open(self.path, "a" if existing else "w", encoding="utf-8", newline="")
         if self.format == ".csv":
@@ -175,9 +184,15 @@ class ResultWriter:
         except ModuleNotFoundError:
             raise ScoringError("parquet output needs pyarrow: pip install 'vitserve[ray]'") from None
         self._pa, self._pq = pa, pq
-        self._schema = pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())),
-                                  ("scores", pa.list_(pa.float64())), ("error_code", pa.string()),
-                                  ("error", pa.string())])
+        self._schema = pa.schema(
+            [
+                ("path", pa.string()),
+                ("labels", pa.list_(pa.string())),
+                ("scores", pa.list_(pa.float64())),
+                ("error_code", pa.string()),
+                ("error", pa.string()),
+            ]
+        )
         # Parquet files cannot be appended to: write a new file (old rows first) and swap it in at close.
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._parquet = pq.ParquetWriter(self._partial, self._schema)
@@ -253,8 +268,9 @@ def read_results(path: Path) -> list[dict]:
 
 
 # -- decoding (runs in worker processes: module-level, picklable) ------------------------------
-def decode_one(name: str, source: str | bytes, preprocessing: Preprocessing, max_pixels: int,
-               max_file_bytes: int) -> tuple[str, np.ndarray | tuple[str, str]]:
+def decode_one(
+    name: str, source: str | bytes, preprocessing: Preprocessing, max_pixels: int, max_file_bytes: int
+) -> tuple[str, np.ndarray | tuple[str, str]]:
     """(name, pixels (3, S, S) float32) or (name, (error code, message)); never raises for bad images."""
     try:
         data = source if isinstance(source, bytes) else read_limited(Path(source), max_file_bytes)
@@ -337,8 +353,7 @@ class Progress:
         width = 30
         filled = int(width * self.done / self.total) if self.total else width
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{rate:7.1f} img/s  ETA {eta_text}")
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:7.1f} img/s  ETA {eta_text}"
         self.stream.write(("\r" + line + ("\n" if final else "")) if self._tty else line + "\n")
         self.stream.flush()
 
@@ -376,10 +391,22 @@ def cpu_seconds_so_far() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers: int = 0, top_k: int = 5,
-          resume: bool = False, providers: str | None = None, intra_op_threads: int = 0,
-          max_pixels: int = DEFAULT_MAX_PIXELS, progress_stream: TextIO | None = sys.stderr,
-          engine_factory: Callable | None = None, spec_options=None) -> Summary:
+def score(
+    spec: str,
+    output: Path,
+    *,
+    model: Path,
+    batch_size: int = 8,
+    workers: int = 0,
+    top_k: int = 5,
+    resume: bool = False,
+    providers: str | None = None,
+    intra_op_threads: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress_stream: TextIO | None = sys.stderr,
+    engine_factory: Callable | None = None,
+    spec_options=None,
+) -> Summary:
     """Score every image of ``spec`` into ``output``; see the module docstring.
 
     Args:
@@ -405,8 +432,13 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
         if engine_factory is None:
             from service.runtime.engine import Engine
 
-            engine = Engine(model, spec_options=spec_options, providers=providers or None,
-                            intra_op_threads=intra_op_threads, log_placement=False)
+            engine = Engine(
+                model,
+                spec_options=spec_options,
+                providers=providers or None,
+                intra_op_threads=intra_op_threads,
+                log_placement=False,
+            )
         else:
             engine = engine_factory(model)
         meta = engine.metadata
@@ -427,8 +459,10 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
             def run_batch() -> None:
                 nonlocal scored, failed
                 logits = iter(engine.run(np.stack(batch_pixels)) if batch_pixels else ())  # (N, K)
-                rows = [prediction_row(name, next(logits), meta.labels, k) if isinstance(item, np.ndarray) else item
-                        for name, item in pending]
+                rows = [
+                    prediction_row(name, next(logits), meta.labels, k) if isinstance(item, np.ndarray) else item
+                    for name, item in pending
+                ]
                 writer.write(rows)
                 scored += len(batch_pixels)
                 failed += len(rows) - len(batch_pixels)
@@ -448,8 +482,9 @@ def score(spec: str, output: Path, *, model: Path, batch_size: int = 8, workers:
 
             try:
                 for name, source in iter_sources(inputs, wanted):
-                    in_flight.append(pool.submit(decode_one, name, source, meta.preprocessing, max_pixels,
-                                                 DEFAULT_MAX_FILE_BYTES))
+                    in_flight.append(
+                        pool.submit(decode_one, name, source, meta.preprocessing, max_pixels, DEFAULT_MAX_FILE_BYTES)
+                    )
                     while len(in_flight) >= window:
                         collect(in_flight.popleft())
                 while in_flight:

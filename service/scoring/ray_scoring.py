@@ -25,17 +25,27 @@ from typing import TextIO
 
 import numpy as np
 
-from service.scoring.rows import error_row, prediction_row
 from service.core.metadata import ModelMetadata, Preprocessing
 from service.core.model_spec import graph_io_from_session, resolve_spec
-from service.scoring.offline import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, Progress, ResultWriter, ScoringError,
-                             Summary, iter_sources, resolve_inputs)
+from service.core.onnx_facts import CPU_PROVIDER
+from service.scoring.offline import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    Progress,
+    ResultWriter,
+    ScoringError,
+    Summary,
+    iter_sources,
+    resolve_inputs,
+)
+from service.scoring.rows import error_row, prediction_row
 
 _ARCHIVE_ITEMS_PER_BLOCK = 256
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocessing: Preprocessing,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], preprocessing: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """Ray Data task: {"path", "bytes"} -> {"path", "pixels" (N, 3, S, S), "error_code", "error"}.
 
     A stateless function, so Ray runs it as tasks fused with the read (and shares CPU slots with
@@ -55,8 +65,12 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessing: Preprocessing,
             pixels.append(np.zeros((3, size, size), dtype=np.float32))
             codes.append(outcome[0])
             messages.append(outcome[1])
-    return {"path": np.asarray(batch["path"], dtype=object), "pixels": np.stack(pixels),
-            "error_code": np.asarray(codes, dtype=object), "error": np.asarray(messages, dtype=object)}
+    return {
+        "path": np.asarray(batch["path"], dtype=object),
+        "pixels": np.stack(pixels),
+        "error_code": np.asarray(codes, dtype=object),
+        "error": np.asarray(messages, dtype=object),
+    }
 
 
 class Scorer:
@@ -81,8 +95,11 @@ class Scorer:
         logits = self.engine.run(batch["pixels"][ok]) if ok.any() else np.empty((0, 0), np.float32)  # (n_ok, K)
         rows, scored = [], iter(logits)
         for path, good, code, message in zip(batch["path"], ok, batch["error_code"], batch["error"]):
-            row = prediction_row(str(path), next(scored), self.labels, self.top_k) if good else \
-                error_row(str(path), str(code), str(message))
+            row = (
+                prediction_row(str(path), next(scored), self.labels, self.top_k)
+                if good
+                else error_row(str(path), str(code), str(message))
+            )
             rows.append(json.dumps(row, ensure_ascii=False))
         return {"row": np.asarray(rows, dtype=object)}
 
@@ -93,15 +110,25 @@ def read_metadata(model: Path) -> ModelMetadata:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), sess_options=options, providers=[CPU_PROVIDER])
     # Our metadata, or a foreign file's <model>.json sidecar: what each actor's Engine resolves too.
     return resolve_spec(model, graph_io_from_session(session)).metadata
 
 
-def score_with_ray(spec: str, output: Path, *, model: Path, address: str | None = None, batch_size: int = 8,
-                   top_k: int = 5, resume: bool = False, gpus_per_actor: float = 0.0, actors: int | None = None,
-                   providers: str | None = None,
-                   progress_stream: TextIO | None = sys.stderr) -> Summary:
+def score_with_ray(
+    spec: str,
+    output: Path,
+    *,
+    model: Path,
+    address: str | None = None,
+    batch_size: int = 8,
+    top_k: int = 5,
+    resume: bool = False,
+    gpus_per_actor: float = 0.0,
+    actors: int | None = None,
+    providers: str | None = None,
+    progress_stream: TextIO | None = sys.stderr,
+) -> Summary:
     """Score ``spec`` into ``output`` on Ray; same arguments and results as ``service.scoring.offline.score``.
 
     Args:
@@ -145,22 +172,30 @@ def score_with_ray(spec: str, output: Path, *, model: Path, address: str | None 
             if inputs.archive is None:
                 # Ray reports absolute paths; map them back to the names the results use.
                 name_of = {os.path.abspath(file): name for name, file in zip(inputs.names, inputs.files)}
-                files = [os.path.abspath(file) for name, file in zip(inputs.names, inputs.files)
-                         if name not in writer.done]
+                files = [
+                    os.path.abspath(file) for name, file in zip(inputs.names, inputs.files) if name not in writer.done
+                ]
                 dataset = ray.data.read_binary_files(files, include_paths=True)
             else:
                 # Archive members are read once, in order, by the driver; Ray takes it from there.
                 name_of = None
                 items = [{"path": name, "bytes": data} for name, data in iter_sources(inputs, set(todo))]
                 dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // _ARCHIVE_ITEMS_PER_BLOCK))
-            decoded = dataset.map_batches(decode_batch, fn_kwargs={"preprocessing": meta.preprocessing},
-                                          batch_size=batch_size, batch_format="numpy")
-            rows = decoded.map_batches(Scorer, fn_constructor_kwargs={"model": str(model), "top_k": k,
-                                                                      "providers": providers,
-                                                                      "intra_op_threads": 1},
-                                       batch_size=batch_size, batch_format="numpy",
-                                       compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                                       num_gpus=gpus_per_actor or None)
+            decoded = dataset.map_batches(
+                decode_batch,
+                fn_kwargs={"preprocessing": meta.preprocessing},
+                batch_size=batch_size,
+                batch_format="numpy",
+            )
+            rows = decoded.map_batches(
+                Scorer,
+                fn_constructor_kwargs={"model": str(model), "top_k": k, "providers": providers, "intra_op_threads": 1},
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+                num_gpus=gpus_per_actor or None,
+            )
             for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
                 out = []
                 for text in batch["row"]:

@@ -37,8 +37,15 @@ _COPY_CHUNK = 1 << 20
 # What a damaged or unsupported archive raises while it is read: a 400, never a 500. zlib/lzma
 # errors come from garbage in a member's compressed data (zipfile passes them through), and
 # NotImplementedError from zip members with a compression method or encryption zipfile lacks.
-_CORRUPT_ARCHIVE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
-                    NotImplementedError)
+_CORRUPT_ARCHIVE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,
+)
 
 
 class Forbidden(ServiceError):
@@ -79,7 +86,7 @@ def is_image_name(name: str) -> bool:
 
 
 def archive_kind(path: Path) -> str | None:
-    """"zip", "tar" (plain, gz, bz2 or xz) or None, from the file's content, not its name."""
+    """ "zip", "tar" (plain, gz, bz2 or xz) or None, from the file's content, not its name."""
     if zipfile.is_zipfile(path):
         return "zip"
     try:
@@ -125,8 +132,9 @@ class _Budget:
             raise PayloadTooLarge(f"archive expands past {self.limits.max_total_bytes} bytes in total")
         if self.total > self.limits.max_ratio * max(self.archive_bytes, 1 << 20):
             # The 1 MiB floor keeps tiny archives of incompressible photos clear of the ratio check.
-            raise PayloadTooLarge(f"archive expands more than {self.limits.max_ratio:g} times its size "
-                                  "(a decompression bomb?)")
+            raise PayloadTooLarge(
+                f"archive expands more than {self.limits.max_ratio:g} times its size (a decompression bomb?)"
+            )
 
 
 _Opener = Callable[[], BinaryIO]

@@ -39,8 +39,12 @@ STANDIN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 VAR_LIB_CONTAINERS = Path("/var/lib/containers")
 NETAVARK_TABLES = ("nat", "filter")
 # The chains netavark creates once and keeps after its last container is gone.
-NETAVARK_SCAFFOLD = {("nat", "NETAVARK-HOSTPORT-DNAT"), ("nat", "NETAVARK-HOSTPORT-MASQ"),
-                     ("nat", "NETAVARK-HOSTPORT-SETMARK"), ("filter", "NETAVARK_FORWARD")}
+NETAVARK_SCAFFOLD = {
+    ("nat", "NETAVARK-HOSTPORT-DNAT"),
+    ("nat", "NETAVARK-HOSTPORT-MASQ"),
+    ("nat", "NETAVARK-HOSTPORT-SETMARK"),
+    ("filter", "NETAVARK_FORWARD"),
+}
 # iptables: netavark only suggests it, but publishing a port needs it.
 APT_PACKAGES = ("podman", "buildah", "runc", "debootstrap", "iptables")
 
@@ -91,10 +95,7 @@ class Podman:
         conf = self.root / "conf"
         conf.mkdir(parents=True, exist_ok=True)
         (conf / "storage.conf").write_text(
-            "[storage]\n"
-            'driver = "overlay"\n'
-            f'graphroot = "{self.root / "storage"}"\n'
-            f'runroot = "{self.root / "run"}"\n'
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{self.root / "storage"}"\nrunroot = "{self.root / "run"}"\n'
         )
         (conf / "containers.conf").write_text(
             "[containers]\n"
@@ -126,23 +127,39 @@ class Podman:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def __call__(self, *args: str, timeout: float = 120, check: bool = True,
-                 input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, timeout: float = 120, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
         cmd = ["podman", *args]
         result = subprocess.run(cmd, env=self.env, capture_output=True, timeout=timeout, input=input)
-        out = subprocess.CompletedProcess(cmd, result.returncode, result.stdout.decode(errors="replace"),
-                                          result.stderr.decode(errors="replace"))
+        out = subprocess.CompletedProcess(
+            cmd, result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+        )
         if check and out.returncode != 0:
             raise PodmanError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
         return out
 
-    def build(self, context: Path, dockerfile: Path, tag: str, build_args: dict[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def build(
+        self, context: Path, dockerfile: Path, tag: str, build_args: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
         """Build with the flags this machine needs; the CA bundle and pip.conf exist only during the build."""
-        args = ["build", "--isolation", "chroot", "--format", "docker", "--pull=never", "--layers",
-                "-f", str(dockerfile), "-t", tag,
-                "-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
-                "-v", f"{self.root / 'conf' / 'pip.conf'}:/etc/pip.conf:ro"]
+        args = [
+            "build",
+            "--isolation",
+            "chroot",
+            "--format",
+            "docker",
+            "--pull=never",
+            "--layers",
+            "-f",
+            str(dockerfile),
+            "-t",
+            tag,
+            "-v",
+            f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
+            "-v",
+            f"{self.root / 'conf' / 'pip.conf'}:/etc/pip.conf:ro",
+        ]
         for key, value in (build_args or {}).items():
             args += ["--build-arg", f"{key}={value}"]
         return self(*args, str(context), timeout=timeout)
@@ -268,8 +285,11 @@ def standin_tarball(cache_dir: Path, suite: str = "bookworm", packages: Sequence
 def import_standin(podman: Podman, tarball: Path, tags: Sequence[str]) -> None:
     """Import the stand-in root and tag it with the exact names the Dockerfiles' FROM lines use."""
     # The same image config a python:3.x-slim image carries that matters to a build or a run.
-    changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "ENV LANG=C.UTF-8", 'CMD ["python3"]']
+    changes = [
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "ENV LANG=C.UTF-8",
+        'CMD ["python3"]',
+    ]
     args = ["import"]
     for change in changes:
         args += ["--change", change]
@@ -287,11 +307,31 @@ class Container:
     port: int
 
     @classmethod
-    def start(cls, podman: Podman, image: str, name: str, env: dict[str, str] | None = None,
-              volumes: Sequence[str] = (), stop_timeout_s: int = 30, extra: Sequence[str] = ()) -> Container:
+    def start(
+        cls,
+        podman: Podman,
+        image: str,
+        name: str,
+        env: dict[str, str] | None = None,
+        volumes: Sequence[str] = (),
+        stop_timeout_s: int = 30,
+        extra: Sequence[str] = (),
+    ) -> Container:
         port = free_port()
-        args = ["run", "--detach", "--pull=never", "--name", name, "--network", podman.network(),
-                "--publish", f"127.0.0.1:{port}:8000", "--stop-timeout", str(stop_timeout_s), *extra]
+        args = [
+            "run",
+            "--detach",
+            "--pull=never",
+            "--name",
+            name,
+            "--network",
+            podman.network(),
+            "--publish",
+            f"127.0.0.1:{port}:8000",
+            "--stop-timeout",
+            str(stop_timeout_s),
+            *extra,
+        ]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
         for volume in volumes:

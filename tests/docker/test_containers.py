@@ -37,14 +37,19 @@ RUNTIME_UID = "10001"
 
 def test_dockerfiles_pass_hadolint_at_error_level(tmp_path):
     hadolint = tool("hadolint")
-    result = subprocess.run([hadolint, "--failure-threshold", "error", *map(str, DOCKERFILES.values())],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "error", *map(str, DOCKERFILES.values())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     # The same invocation must be able to fail: a relative WORKDIR is one of hadolint's errors.
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian:bookworm-slim\nWORKDIR app\n")
-    result = subprocess.run([hadolint, "--failure-threshold", "error", str(bad)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "error", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0 and "DL3000" in result.stdout
 
 
@@ -52,8 +57,7 @@ def compose_config(files: list[Path], *extra: str, env: dict[str, str] | None = 
     args = [str(tool("docker-compose"))]
     for f in files:
         args += ["-f", str(f)]
-    return subprocess.run([*args, "config", *extra], capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env=env)
+    return subprocess.run([*args, "config", *extra], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
 
 
 def seconds(duration: str) -> float:
@@ -126,9 +130,9 @@ def host_reference(model: Path, data: bytes, k: int) -> list[dict]:
     import onnxruntime as ort
 
     from service.core.metadata import ModelMetadata
+    from service.core.settings import Settings
     from service.runtime.postprocess import top_k
     from service.runtime.preprocess import load_pixels
-    from service.core.settings import Settings
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
@@ -144,11 +148,15 @@ def start_service(podman: Podman, image: BuiltImage, name: str) -> Container:
     docker-compose.yml runs it: a model mounted from the host's models/, read-only root, no capabilities."""
     if image.flavour == "cpu":
         return Container.start(podman, image.tag, name, stop_timeout_s=STOP_GRACE_S)
-    return Container.start(podman, image.tag, name, stop_timeout_s=STOP_GRACE_S,
-                           env={"VITSERVE_MODEL": f"/models/{DEMO_MODEL.relative_to(REPO / 'models')}"},
-                           volumes=[f"{REPO / 'models'}:/models:ro"],
-                           extra=["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-                                  "--security-opt", "no-new-privileges"])
+    return Container.start(
+        podman,
+        image.tag,
+        name,
+        stop_timeout_s=STOP_GRACE_S,
+        env={"VITSERVE_MODEL": f"/models/{DEMO_MODEL.relative_to(REPO / 'models')}"},
+        volumes=[f"{REPO / 'models'}:/models:ro"],
+        extra=["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"],
+    )
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -159,14 +167,18 @@ def image(request) -> BuiltImage:
 @pytest.mark.slow
 def test_runtime_image_has_no_torch_and_runs_as_non_root(podman: Podman, standin: list[str], image: BuiltImage):
     base = podman.image_size_bytes(standin[0])
-    print(f"\n{image.flavour} image: {image.size_bytes / 1e6:.0f} MB, of which {(image.size_bytes - base) / 1e6:.0f} MB "
-          f"above the {base / 1e6:.0f} MB stand-in base")
+    print(
+        f"\n{image.flavour} image: {image.size_bytes / 1e6:.0f} MB, of which {(image.size_bytes - base) / 1e6:.0f} MB "
+        f"above the {base / 1e6:.0f} MB stand-in base"
+    )
     assert podman.inspect(image.tag, "{{.Config.User}}") == f"{RUNTIME_UID}:{RUNTIME_UID}"
     assert podman.inspect(image.tag, "{{.Config.StopSignal}}") == "SIGTERM"
     assert "healthcheck.py" in podman.inspect(image.tag, "{{json .Config.Healthcheck}}")
-    probe = ("import importlib.metadata as m, json, os; "
-             "print(json.dumps({'dists': sorted(d.metadata['Name'].lower() for d in m.distributions()), "
-             "'uid': os.getuid(), 'pip_conf': os.path.getsize('/etc/pip.conf') if os.path.exists('/etc/pip.conf') else 0}))")
+    probe = (
+        "import importlib.metadata as m, json, os; "
+        "print(json.dumps({'dists': sorted(d.metadata['Name'].lower() for d in m.distributions()), "
+        "'uid': os.getuid(), 'pip_conf': os.path.getsize('/etc/pip.conf') if os.path.exists('/etc/pip.conf') else 0}))"
+    )
     result = podman("run", "--rm", "--pull=never", "--entrypoint", "python", image.tag, "-c", probe)
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     dists = set(facts["dists"])
@@ -206,8 +218,9 @@ def test_container_is_healthy_and_classifies_from_the_host(podman: Podman, image
             assert correct >= 9, f"{correct}/10 rendered digits classified correctly"
 
             photo = photo_jpeg("astronaut")
-            response = client.post("/v1/classify", params={"top_k": 3}, content=photo,
-                                   headers={"Content-Type": "image/jpeg"})
+            response = client.post(
+                "/v1/classify", params={"top_k": 3}, content=photo, headers={"Content-Type": "image/jpeg"}
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             expected = host_reference(DEMO_MODEL, photo, k=3)
@@ -246,8 +259,9 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(podman: Podman, imag
         def classify() -> None:
             try:
                 with httpx.Client(timeout=STOP_GRACE_S) as client:
-                    r = client.post(f"{container.url}/v1/classify", content=payload,
-                                    headers={"Content-Type": "image/png"})
+                    r = client.post(
+                        f"{container.url}/v1/classify", content=payload, headers={"Content-Type": "image/png"}
+                    )
                     answers.append((r.status_code, r.json()))
             except BaseException as exc:  # a dropped connection is the failure this test looks for
                 answers.append(exc)
@@ -263,8 +277,9 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(podman: Podman, imag
         def stop() -> None:
             start = time.monotonic()
             # podman stop sends the image's STOPSIGNAL, then SIGKILL after the grace period.
-            stop_result["rc"] = podman("stop", "--time", str(STOP_GRACE_S), container.name,
-                                       timeout=STOP_GRACE_S + 30, check=False).returncode
+            stop_result["rc"] = podman(
+                "stop", "--time", str(STOP_GRACE_S), container.name, timeout=STOP_GRACE_S + 30, check=False
+            ).returncode
             stop_result["seconds"] = time.monotonic() - start
 
         stopper = threading.Thread(target=stop)
@@ -275,8 +290,9 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(podman: Podman, imag
             while client.get("/readyz").status_code != 503:
                 assert time.monotonic() < deadline, "readiness never turned 503 after SIGTERM"
                 time.sleep(0.05)
-            refused = client.post("/v1/classify", content=rendered_digits()[0][1],
-                                  headers={"Content-Type": "image/png"})
+            refused = client.post(
+                "/v1/classify", content=rendered_digits()[0][1], headers={"Content-Type": "image/png"}
+            )
             assert refused.status_code == 503, refused.text
 
         for t in clients:

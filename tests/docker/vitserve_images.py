@@ -85,5 +85,3 @@ def build_image(podman: Podman, flavour: str, build_args: dict[str, str]) -> Bui
     image = BuiltImage(flavour, tag, time.monotonic() - start, podman.image_size_bytes(tag))
     print(f"\nbuilt {image}", flush=True)
     return image
-
-

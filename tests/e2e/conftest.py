@@ -18,8 +18,15 @@ import pytest
 from live_server import free_port, stop_server, wait_ready
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -42,9 +49,11 @@ def e2e_model(tmp_path_factory) -> Path:
 
 def _install_chromium() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "install", "-y", "chromium"],
-                    ["apt-get", "update"],  # a fresh machine may have no package lists yet
-                    ["apt-get", "install", "-y", "chromium"]):
+    for command in (
+        ["apt-get", "install", "-y", "chromium"],
+        ["apt-get", "update"],  # a fresh machine may have no package lists yet
+        ["apt-get", "install", "-y", "chromium"],
+    ):
         if os.path.exists(CHROMIUM):
             return
         subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=600, check=False)
@@ -89,10 +98,31 @@ class ServiceProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-             "--port", str(self.port), "--max-batch-size", "4", "--preprocess-threads", "2",
-             "--intra-op-threads", "1", "--log-level", "warning"],
-            cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--max-batch-size",
+                "4",
+                "--preprocess-threads",
+                "2",
+                "--intra-op-threads",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         wait_ready(self.url, self.process, self.log_path, timeout_s)

@@ -44,8 +44,12 @@ def test_sigkill_mid_job_then_restart_scores_every_image_exactly_once(e2e_model,
         os.link(broken if i % BROKEN_EVERY == 7 else source, root / name)  # hard links: no disk per copy
         paths.append(name)
 
-    env = {"VITSERVE_DATA_DIR": str(tmp_path / "data"), "VITSERVE_JOB_ROOT": str(root),
-           "VITSERVE_JOB_DECODE_THREADS": "1", "VITSERVE_JOB_MAX_IN_FLIGHT": "8"}
+    env = {
+        "VITSERVE_DATA_DIR": str(tmp_path / "data"),
+        "VITSERVE_JOB_ROOT": str(root),
+        "VITSERVE_JOB_DECODE_THREADS": "1",
+        "VITSERVE_JOB_MAX_IN_FLIGHT": "8",
+    }
     first = start_service(e2e_model, **env)
     with httpx.Client(base_url=first.url, timeout=30) as client:
         created = client.post("/v1/jobs?top_k=3", json={"paths": paths})
@@ -65,8 +69,9 @@ def test_sigkill_mid_job_then_restart_scores_every_image_exactly_once(e2e_model,
         job = wait_for_job(client, job_id, timeout_s=120)
         response = client.get(f"/v1/jobs/{job_id}/results")
         rows = [json.loads(line) for line in response.text.splitlines()]
-        reference = client.post("/v1/classify?top_k=3", content=source.read_bytes(),
-                                headers={"content-type": "image/png"}).json()["predictions"]
+        reference = client.post(
+            "/v1/classify?top_k=3", content=source.read_bytes(), headers={"content-type": "image/png"}
+        ).json()["predictions"]
     second.stop()
 
     broken_count = sum(1 for i in range(IMAGES) if i % BROKEN_EVERY == 7)

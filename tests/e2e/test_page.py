@@ -12,8 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.http.errors import install_error_handlers
 from service.http import page
+from service.http.errors import install_error_handlers
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,17 @@ def test_index_is_html_with_a_strict_content_security_policy(client):
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
     assert response.headers["x-content-type-options"] == "nosniff"
     html = response.text
-    for needed in ('id="file-input"', 'id="drop-zone"', 'id="canvas"', 'id="classify-drawing"', 'id="clear-drawing"',
-                   'id="api-key"', 'id="results"', 'id="timing"', 'id="model-name"'):
+    for needed in (
+        'id="file-input"',
+        'id="drop-zone"',
+        'id="canvas"',
+        'id="classify-drawing"',
+        'id="clear-drawing"',
+        'id="api-key"',
+        'id="results"',
+        'id="timing"',
+        'id="model-name"',
+    ):
         assert needed in html
 
 
@@ -56,8 +65,16 @@ def test_every_reference_stays_on_this_server():
     assert listed == {"index.html", "app.js", "style.css"}, "a new static file must be added to page._ASSETS"
 
 
-@pytest.mark.parametrize("path", ["/static/index.html.bak", "/static/..%2Fapp.py", "/static/%2e%2e/settings.py",
-                                  "/static/../routes/page.py", "/static/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/index.html.bak",
+        "/static/..%2Fapp.py",
+        "/static/%2e%2e/settings.py",
+        "/static/../routes/page.py",
+        "/static/",
+    ],
+)
 def test_nothing_else_is_served(client, path):
     response = client.get(path)
     assert response.status_code == 404

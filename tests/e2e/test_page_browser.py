@@ -46,20 +46,31 @@ def page(browser, service):
     page.on("request", lambda request: page.requests_seen.append(request.url))
     page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
     # Chromium logs every 4xx answer as "Failed to load resource"; those are expected here.
-    page.on("console", lambda msg: msg.type == "error" and "Failed to load resource" not in msg.text
-            and page.problems.append(f"console: {msg.text}"))
+    page.on(
+        "console",
+        lambda msg: (
+            msg.type == "error"
+            and "Failed to load resource" not in msg.text
+            and page.problems.append(f"console: {msg.text}")
+        ),
+    )
     yield page
     context.close()
 
 
 def v1_rows(service, data: bytes, content_type: str) -> list[list[str]]:
     """What the page should show for these bytes, computed through the API directly."""
-    response = httpx.post(f"{service.url}/v1/classify?top_k=5", content=data,
-                          headers={"Content-Type": content_type, "Authorization": f"Bearer {API_KEY}"})
+    response = httpx.post(
+        f"{service.url}/v1/classify?top_k=5",
+        content=data,
+        headers={"Content-Type": content_type, "Authorization": f"Bearer {API_KEY}"},
+    )
     assert response.status_code == 200, response.text
     # label, the percentage printed, the bar's width in percent
-    return [[p["label"], f"{100 * p['probability']:.1f}%", round(100 * p["probability"], 1)]
-            for p in response.json()["predictions"]]
+    return [
+        [p["label"], f"{100 * p['probability']:.1f}%", round(100 * p["probability"], 1)]
+        for p in response.json()["predictions"]
+    ]
 
 
 def shown_rows(page) -> list[list[str]]:
@@ -80,19 +91,23 @@ def drop_or_paste(page, event: str, data: bytes, filename: str) -> None:
              const transfer = new DataTransfer();
              transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
              return transfer;
-           }""", [base64.b64encode(data).decode(), filename])
+           }""",
+        [base64.b64encode(data).decode(), filename],
+    )
     if event == "drop":
         page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
     else:
-        page.evaluate("t => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))",
-                      transfer)
+        page.evaluate(
+            "t => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: t, bubbles: true}))", transfer
+        )
 
 
 def test_page_end_to_end(page, service, tmp_path):
     from playwright.sync_api import expect
 
     architecture = httpx.get(f"{service.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()[
-        "architecture"]
+        "architecture"
+    ]
 
     # Without the key the page loads (it is public) but the API answers 401: the page says so.
     page.goto(service.url + "/")
@@ -155,8 +170,11 @@ def test_page_end_to_end(page, service, tmp_path):
 
     # The server's error JSON is shown as is.
     broken = b"this is not a PNG at all"
-    expected = httpx.post(f"{service.url}/v1/classify?top_k=5", content=broken,
-                          headers={"Content-Type": "image/png", "Authorization": f"Bearer {API_KEY}"})
+    expected = httpx.post(
+        f"{service.url}/v1/classify?top_k=5",
+        content=broken,
+        headers={"Content-Type": "image/png", "Authorization": f"Bearer {API_KEY}"},
+    )
     assert expected.status_code == 422
     page.set_input_files("#file-input", files=[{"name": "broken.png", "mimeType": "image/png", "buffer": broken}])
     wait_status(page, expected.json()["error"]["message"])

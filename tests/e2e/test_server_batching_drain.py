@@ -56,8 +56,13 @@ def slow_server(tmp_path: Path, delay_s: float, **settings):
     repo_root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo_root), VITSERVE_API_KEY="")
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, str(script), str(delay_s), *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, cwd=repo_root)
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(delay_s), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=repo_root,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process, log_path)
@@ -75,8 +80,9 @@ def grey_png(level: int) -> bytes:
 
 
 def classify(base: str, level: int, timeout: float = 30) -> httpx.Response:
-    return httpx.post(f"{base}/v1/classify?top_k=1", content=grey_png(level), headers={"Content-Type": "image/png"},
-                      timeout=timeout)
+    return httpx.post(
+        f"{base}/v1/classify?top_k=1", content=grey_png(level), headers={"Content-Type": "image/png"}, timeout=timeout
+    )
 
 
 def metric(text: str, name: str) -> float:
@@ -160,8 +166,10 @@ def test_requests_of_clients_that_left_are_not_run(tmp_path):
             for level in (0, 25, 50):  # three clients send a request and hang up while it is queued
                 body = grey_png(level)
                 with socket.create_connection(("127.0.0.1", port)) as sock:
-                    sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                    sock.sendall(
+                        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body
+                    )
                     time.sleep(0.05)
             assert busy.result().status_code == 200
         time.sleep(0.6)
@@ -177,8 +185,10 @@ def test_sigterm_finishes_a_request_whose_body_is_still_uploading(tmp_path):
     with slow_server(tmp_path, 0.1) as (base, process, log_path):
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
-            conn.sendall(b"POST /v1/classify?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10])
+            conn.sendall(
+                b"POST /v1/classify?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10]
+            )
             while metric(httpx.get(f"{base}/metrics").text, "vitserve_requests_in_flight") < 1:
                 time.sleep(0.01)  # the server has admitted the request and waits for its body
             process.send_signal(signal.SIGTERM)

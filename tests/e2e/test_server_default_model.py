@@ -29,8 +29,9 @@ def test_default_settings_serve_the_bundled_digits_model(tmp_path):
     env["VITSERVE_PORT"] = str(port)
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=tmp_path, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process, log_path)  # within a minute, as `make run` promises
@@ -40,8 +41,9 @@ def test_default_settings_serve_the_bundled_digits_model(tmp_path):
             ink = (255 - image / 16 * 255).astype(np.uint8)  # the model reads dark ink on white
             buf = io.BytesIO()
             Image.fromarray(ink).resize((32, 32), Image.Resampling.BICUBIC).convert("RGB").save(buf, "PNG")
-            r = httpx.post(f"{base}/v1/classify?top_k=1", content=buf.getvalue(),
-                           headers={"Content-Type": "image/png"}, timeout=30)
+            r = httpx.post(
+                f"{base}/v1/classify?top_k=1", content=buf.getvalue(), headers={"Content-Type": "image/png"}, timeout=30
+            )
             assert r.status_code == 200, r.text
             correct += r.json()["predictions"][0]["label"] == str(target)
         # A wiring check (some of these digits were in the training set); held-out accuracy

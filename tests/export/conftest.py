@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from export_testlib import export, make_model
+
 from model.export import torch_to_onnx
 from model.verify import photo_inputs, random_inputs
 from model.vit import VisionTransformer

@@ -30,5 +30,14 @@ def make_model(seed: int = 0) -> VisionTransformer:
 
 
 def export(model: VisionTransformer, path, precision: str, **kwargs):
-    return export_model(model, model.config, path, labels=LABELS, preprocessing=Preprocessing.timm_eval(224),
-                        source=SOURCE, weights_sha256=SHA, precision=precision, **kwargs)
+    return export_model(
+        model,
+        model.config,
+        path,
+        labels=LABELS,
+        preprocessing=Preprocessing.timm_eval(224),
+        source=SOURCE,
+        weights_sha256=SHA,
+        precision=precision,
+        **kwargs,
+    )

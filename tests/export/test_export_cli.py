@@ -32,8 +32,9 @@ def test_export_then_verify_a_random_checkpoint(tmp_path, capsys):
 
 def _vitserve(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
+    )
 
 
 def test_verify_on_a_corrupt_file_exits_2_with_a_message_not_a_traceback(tmp_path):

@@ -18,8 +18,21 @@ pytestmark = [
 ]
 
 
-HEAVY_OPS = frozenset({"Attention", "MultiHeadAttention", "MatMul", "Gemm", "Conv", "LayerNormalization",
-                       "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "Erf"})
+HEAVY_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "MatMul",
+        "Gemm",
+        "Conv",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "Gelu",
+        "BiasGelu",
+        "FastGelu",
+        "Erf",
+    }
+)
 
 
 def cuda_session(path, profile_dir=None):

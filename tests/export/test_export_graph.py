@@ -6,12 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from export_testlib import DEPTH, LABELS, SHA, SOURCE, export, make_model
 
 from model.export import ExportError, export_model, resolve_precision, save_model, torch_to_onnx
 from model.verify import ExportFileError, graph_stats, inspect_export
 from service.core.metadata import ModelMetadata, Preprocessing
-
-from export_testlib import DEPTH, LABELS, SHA, SOURCE, export, make_model
 
 
 def run(path, pixels: np.ndarray) -> np.ndarray:
@@ -67,8 +66,10 @@ def test_int8_top1_agreement_is_reported_and_bounded(exports, fixed_inputs, torc
     logits = run(exports["int8"].path, fixed_inputs)
     agreement = float((logits.argmax(1) == torch_logits.argmax(1)).mean())
     scale = np.abs(torch_logits).max()
-    print(f"int8 top-1 agreement {agreement:.2f}, max abs diff {np.abs(logits - torch_logits).max():.3g} "
-          f"(logit scale {scale:.2f})")
+    print(
+        f"int8 top-1 agreement {agreement:.2f}, max abs diff {np.abs(logits - torch_logits).max():.3g} "
+        f"(logit scale {scale:.2f})"
+    )
     assert agreement >= 0.75
     assert np.abs(logits - torch_logits).max() <= 0.2 * scale
     assert exports["int8"].file_bytes < 0.5 * exports["fp32"].file_bytes
@@ -78,11 +79,12 @@ def test_int8_top1_agreement_is_reported_and_bounded(exports, fixed_inputs, torc
 def test_dynamic_batch_rows_equal_batch_one(exports, fixed_inputs, precision):
     session = ort.InferenceSession(str(exports[precision].path), providers=["CPUExecutionProvider"])
     pixels = np.concatenate([fixed_inputs, fixed_inputs[:5]])  # 17 rows
-    single = np.concatenate([session.run(["logits"], {"pixel_values": pixels[i:i + 1]})[0] for i in range(17)])
+    single = np.concatenate([session.run(["logits"], {"pixel_values": pixels[i : i + 1]})[0] for i in range(17)])
     atol = 1e-5 if precision == "fp32" else 1e-2
     for batch in (1, 3, 17):
-        out = np.concatenate([session.run(["logits"], {"pixel_values": pixels[i:i + batch]})[0]
-                              for i in range(0, 17, batch)])
+        out = np.concatenate(
+            [session.run(["logits"], {"pixel_values": pixels[i : i + batch]})[0] for i in range(0, 17, batch)]
+        )
         assert out.shape == (17, len(LABELS))
         np.testing.assert_allclose(out, single, rtol=0, atol=atol)
 
@@ -157,13 +159,19 @@ def test_bad_requests_fail_before_exporting(tmp_path, tiny_model):
     with pytest.raises(ExportError, match="opset 26 is newer than this exporter converts to"):
         export(tiny_model, tmp_path / "x.onnx", "fp32", opset=26)
     with pytest.raises(ExportError, match="3 labels for a head with 10 classes"):
-        export_model(tiny_model, tiny_model.config, tmp_path / "x.onnx", labels=["a", "b", "c"],
-                     preprocessing=Preprocessing.timm_eval(224))
+        export_model(
+            tiny_model,
+            tiny_model.config,
+            tmp_path / "x.onnx",
+            labels=["a", "b", "c"],
+            preprocessing=Preprocessing.timm_eval(224),
+        )
     headless = make_model()
     headless.reset_head(0)
     with pytest.raises(ExportError, match="no classification head"):
-        export_model(headless, headless.config, tmp_path / "x.onnx", labels=[],
-                     preprocessing=Preprocessing.timm_eval(224))
+        export_model(
+            headless, headless.config, tmp_path / "x.onnx", labels=[], preprocessing=Preprocessing.timm_eval(224)
+        )
     assert not (tmp_path / "x.onnx").exists()
 
 

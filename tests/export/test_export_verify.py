@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from export_testlib import DEPTH, make_model
 from onnx import TensorProto, helper
 
-from export_testlib import DEPTH, make_model
 from model.export import save_model
 from model.verify import (
     TOLERANCES,

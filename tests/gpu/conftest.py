@@ -4,7 +4,6 @@ GPU engine options (test_gpu_options.py) runs everywhere."""
 from __future__ import annotations
 
 import pytest
-
 from gpu_testlib import cuda_unavailable_reason
 
 

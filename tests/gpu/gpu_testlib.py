@@ -60,8 +60,16 @@ def model_path(precision: str, tmp_dir: Path) -> Path:
 
     loaded = import_checkpoint(f"random:{GPU_MODEL}")
     path = tmp_dir / f"vit_b16_{precision}.onnx"
-    export_model(loaded.model, loaded.config, path, labels=loaded.labels, preprocessing=loaded.preprocessing,
-                 source=loaded.source, weights_sha256=loaded.weights_sha256, precision=precision)
+    export_model(
+        loaded.model,
+        loaded.config,
+        path,
+        labels=loaded.labels,
+        preprocessing=loaded.preprocessing,
+        source=loaded.source,
+        weights_sha256=loaded.weights_sha256,
+        precision=precision,
+    )
     return path
 
 

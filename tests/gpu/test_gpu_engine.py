@@ -17,14 +17,25 @@ import re
 
 import numpy as np
 import pytest
-
 from gpu_testlib import model_path, photo_batch, report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
-HEAVY_OPS = frozenset({*ATTENTION_OPS, "MatMul", "Gemm", "Conv", "LayerNormalization", "SkipLayerNormalization",
-                       "Gelu", "BiasGelu", "FastGelu", "Erf"})
+HEAVY_OPS = frozenset(
+    {
+        *ATTENTION_OPS,
+        "MatMul",
+        "Gemm",
+        "Conv",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "Gelu",
+        "BiasGelu",
+        "FastGelu",
+        "Erf",
+    }
+)
 # ORT's fused attention kernels: flash (onnxruntime::flash::flash_fwd_*), memory-efficient
 # (cutlass fmha / AttentionKernel), cuDNN's SDPA (cudnn ... sdpa / fmha).
 FUSED_ATTENTION_KERNEL = re.compile(r"flash|fmha|AttentionKernel|attention_kernel|efficient_attention|sdpa", re.I)
@@ -61,8 +72,11 @@ def test_fp16_matches_fp32_on_photographs(models, fp16_engine, photos):
     fp32 = cuda_engine(models["fp32"], log_placement=False)
     reference = fp32.run(photos)
     logits = fp16_engine.run(photos)
-    report("fp16 vs fp32", f"fp16 vs fp32 on {len(photos)} photos: max |diff| {np.abs(logits - reference).max():.2e}, "
-                         f"top-1 {logits.argmax(1).tolist()} vs {reference.argmax(1).tolist()}")
+    report(
+        "fp16 vs fp32",
+        f"fp16 vs fp32 on {len(photos)} photos: max |diff| {np.abs(logits - reference).max():.2e}, "
+        f"top-1 {logits.argmax(1).tolist()} vs {reference.argmax(1).tolist()}",
+    )
     np.testing.assert_array_equal(logits.argmax(1), reference.argmax(1))
     assert np.abs(logits - reference).max() <= 1e-2
 
@@ -77,8 +91,12 @@ def test_every_attention_node_runs_on_cuda(fp16_engine):
 
 
 def test_no_host_copies_inside_the_graph(fp16_engine):
-    copies = {f"{provider}: {op}": n for provider, ops in fp16_engine.placement.items() for op, n in ops.items()
-              if op.startswith("Memcpy")}
+    copies = {
+        f"{provider}: {op}": n
+        for provider, ops in fp16_engine.placement.items()
+        for op, n in ops.items()
+        if op.startswith("Memcpy")
+    }
     assert not copies, copies
 
 
@@ -93,8 +111,10 @@ def test_attention_runs_as_fused_kernels(fp16_engine, photos):
         fp16_engine.run(photos)
         torch.cuda.synchronize()
     kernels = [e.key for e in trace.key_averages() if e.device_type == DeviceType.CUDA]
-    report("GPU kernels (torch profiler)",
-           f"GPU activity of one fp16 run, batch {len(photos)}:\n  " + "\n  ".join(sorted(kernels)))
+    report(
+        "GPU kernels (torch profiler)",
+        f"GPU activity of one fp16 run, batch {len(photos)}:\n  " + "\n  ".join(sorted(kernels)),
+    )
     fused = [k for k in kernels if FUSED_ATTENTION_KERNEL.search(k)]
     assert fused, f"no fused attention kernel among {sorted(kernels)}"
     unfused = [k for k in kernels if "softmax" in k.lower()]
@@ -104,8 +124,11 @@ def test_attention_runs_as_fused_kernels(fp16_engine, photos):
 def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_engine, photos):
     from service.runtime.gpu_options import GpuOptions, is_pinned
 
-    engine = cuda_engine(models["fp16"], log_placement=False,
-                         gpu_options=GpuOptions(batch_buckets=(1, 8, 32), cuda_graphs=True, pinned_host_memory=True))
+    engine = cuda_engine(
+        models["fp16"],
+        log_placement=False,
+        gpu_options=GpuOptions(batch_buckets=(1, 8, 32), cuda_graphs=True, pinned_host_memory=True),
+    )
     engine.warmup([1])
     report("CUDA graph buckets", repr({k: v for k, v in engine.describe().items() if k != "placement"}))
     assert engine.cuda_graph_buckets == [1, 8, 32], engine.describe()
@@ -113,8 +136,9 @@ def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_en
     assert is_pinned(engine.input_buffer(8))
     rng = np.random.default_rng(3)
     for n in (1, 5, 8, 6, 33, 70):  # replays with new data, padded runs, and splits over buckets
-        batch = np.concatenate([photos, rng.standard_normal((max(0, n - len(photos)), *photos.shape[1:]),
-                                                            dtype=np.float32)])[:n]
+        batch = np.concatenate(
+            [photos, rng.standard_normal((max(0, n - len(photos)), *photos.shape[1:]), dtype=np.float32)]
+        )[:n]
         expected = fp16_engine.run(batch)
         got = engine.run(batch)
         assert got.shape == expected.shape
@@ -145,7 +169,10 @@ def test_device_memory_is_flat_over_varying_batches(models, buckets):
     warm = used_mib_after(range(1, 65))  # every size once
     settled = used_mib_after(rng.integers(1, 65, size=150))  # the arena may still settle once here
     after = used_mib_after(rng.integers(1, 65, size=300))
-    report("device memory", f"buckets {buckets or 'none'}: {warm:.0f} MiB in use after every size once, "
-                            f"{settled:.0f} after 150 random batches, {after:.0f} after 300 more")
+    report(
+        "device memory",
+        f"buckets {buckets or 'none'}: {warm:.0f} MiB in use after every size once, "
+        f"{settled:.0f} after 150 random batches, {after:.0f} after 300 more",
+    )
     assert after - settled <= 32, f"device memory grew by {after - settled:.1f} MiB over 300 batches"
     assert settled - warm <= 256, f"device memory grew by {settled - warm:.1f} MiB after every size had run"

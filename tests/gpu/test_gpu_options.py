@@ -8,13 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_testlib import cuda_unavailable_reason
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpu_testlib import cuda_unavailable_reason
-from service.runtime.gpu_options import (GpuOptions, GpuOptionsError, cuda_provider_options, parse_buckets, pinned_array,
-                                 plan_chunks, tensorrt_provider_options)
 from service.core.settings import Settings
+from service.runtime.gpu_options import (
+    GpuOptions,
+    GpuOptionsError,
+    cuda_provider_options,
+    parse_buckets,
+    pinned_array,
+    plan_chunks,
+    tensorrt_provider_options,
+)
 
 bucket_sets = st.lists(st.integers(1, 300), min_size=1, max_size=6, unique=True).map(lambda b: tuple(sorted(b)))
 
@@ -63,8 +70,11 @@ def test_cuda_provider_options():
 
 
 def test_tensorrt_provider_options(tmp_path):
-    options = tensorrt_provider_options(GpuOptions(batch_buckets=(1, 8, 32), trt_cache_dir=tmp_path),
-                                        input_name="pixel_values", image_shape=(3, 224, 224))
+    options = tensorrt_provider_options(
+        GpuOptions(batch_buckets=(1, 8, 32), trt_cache_dir=tmp_path),
+        input_name="pixel_values",
+        image_shape=(3, 224, 224),
+    )
     assert options["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
     assert options["trt_profile_opt_shapes"] == "pixel_values:32x3x224x224"
     assert options["trt_profile_max_shapes"] == "pixel_values:32x3x224x224"
@@ -85,8 +95,9 @@ def test_settings_give_gpu_options(monkeypatch, tmp_path):
     assert Settings(batch_buckets="", cuda_graphs=False, trt_cache_dir="").gpu_options() == GpuOptions()
 
 
-@pytest.mark.parametrize("bad", [dict(cuda_graphs=True, batch_buckets=""), dict(batch_buckets="1,0"),
-                                 dict(batch_buckets="eight")])
+@pytest.mark.parametrize(
+    "bad", [dict(cuda_graphs=True, batch_buckets=""), dict(batch_buckets="1,0"), dict(batch_buckets="eight")]
+)
 def test_settings_reject_bad_gpu_options(monkeypatch, bad):
     for key in ("VITSERVE_BATCH_BUCKETS", "VITSERVE_CUDA_GRAPHS"):
         monkeypatch.delenv(key, raising=False)
@@ -117,15 +128,29 @@ def tiny_export(tmp_path_factory) -> Path:
     from model.vit import build_vit
     from service.core.metadata import Preprocessing
 
-    config = ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10,
-                       name="vit_test_patch8_32")
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        num_classes=10,
+        name="vit_test_patch8_32",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_vit(config).eval()
         torch.nn.init.normal_(model.head.weight, std=1.0)
     path = tmp_path_factory.mktemp("bucket_model") / "tiny.onnx"
-    export_model(model, config, path, labels=[f"c{i}" for i in range(10)],
-                 preprocessing=Preprocessing.timm_eval(32), source="tests/gpu")
+    export_model(
+        model,
+        config,
+        path,
+        labels=[f"c{i}" for i in range(10)],
+        preprocessing=Preprocessing.timm_eval(32),
+        source="tests/gpu",
+    )
     return path
 
 
@@ -142,8 +167,12 @@ def test_bucketed_runs_equal_unpadded_runs(tiny_export, batches, io_binding, sta
     from service.runtime.engine import Engine
 
     plain = Engine(tiny_export, providers="cpu", log_placement=False)
-    bucketed = Engine(tiny_export, providers="cpu", io_binding=io_binding,
-                      gpu_options=GpuOptions(batch_buckets=(1, 4, 8), static_shapes=static_shapes))
+    bucketed = Engine(
+        tiny_export,
+        providers="cpu",
+        io_binding=io_binding,
+        gpu_options=GpuOptions(batch_buckets=(1, 4, 8), static_shapes=static_shapes),
+    )
     assert set(bucketed.warmup([2])) == {1, 2, 4, 8}  # every bucket is warmed, plus what was asked
     for batch in batches:  # 3 -> padded to 4, 11 -> 8 + 3 padded to 4, 20 -> 8 + 8 + 4
         expected = plain.run(batch)
@@ -176,14 +205,18 @@ def test_buckets_refuse_a_fixed_batch_graph(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from service.runtime.engine import Engine, EngineError
     from service.core.metadata import ModelMetadata, Preprocessing
+    from service.runtime.engine import Engine, EngineError
 
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["pixel_values"], ["pooled"], axes=[2, 3], keepdims=0),
-         helper.make_node("Identity", ["pooled"], ["logits"])], "fixed",
+        [
+            helper.make_node("ReduceMean", ["pixel_values"], ["pooled"], axes=[2, 3], keepdims=0),
+            helper.make_node("Identity", ["pooled"], ["logits"]),
+        ],
+        "fixed",
         [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [4, 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 3])])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     meta = ModelMetadata(architecture="fixed", labels=("a", "b", "c"), preprocessing=Preprocessing.timm_eval(16))
     helper.set_model_props(model, meta.to_props())
@@ -203,8 +236,12 @@ def test_a_bucket_whose_cuda_graph_fails_runs_without_one(tiny_export, batches, 
             raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
 
     plain = Engine(tiny_export, providers="cpu", log_placement=False)
-    engine = Engine(tiny_export, providers="cpu", log_placement=False,
-                    gpu_options=GpuOptions(batch_buckets=(1, 4), static_shapes=True))
+    engine = Engine(
+        tiny_export,
+        providers="cpu",
+        log_placement=False,
+        gpu_options=GpuOptions(batch_buckets=(1, 4), static_shapes=True),
+    )
     broken = engine._buckets._buckets[4]
     broken.session, broken.cuda_graph = CaptureFails(), True  # what a CUDA bucket whose capture fails looks like
     np.testing.assert_allclose(engine.run(batches[1]), plain.run(batches[1]), rtol=1e-5, atol=1e-5)
@@ -218,8 +255,12 @@ def test_engine_builds_tensorrt_options_from_the_graph(tiny_export, tmp_path):
     """TensorRT's profile needs the input's name and shape before its session exists (read from a CPU one)."""
     from service.runtime.engine import TENSORRT, Engine
 
-    engine = Engine(tiny_export, providers="cpu", log_placement=False,
-                    gpu_options=GpuOptions(batch_buckets=(1, 8), trt_cache_dir=tmp_path))
+    engine = Engine(
+        tiny_export,
+        providers="cpu",
+        log_placement=False,
+        gpu_options=GpuOptions(batch_buckets=(1, 8), trt_cache_dir=tmp_path),
+    )
     options = engine._provider_options(TENSORRT)
     assert options["trt_profile_min_shapes"] == "pixel_values:1x3x32x32"
     assert options["trt_profile_max_shapes"] == "pixel_values:8x3x32x32"
@@ -230,8 +271,19 @@ def test_serve_flags_reach_the_gpu_settings():
     from service.cli import build_parser
     from service.cli.serve import build_settings
 
-    args = build_parser().parse_args(["serve", "--batch-buckets", "1,8", "--cuda-graphs", "true",
-                                      "--pinned-host-memory", "true", "--trt-cache-dir", "/tmp/trt"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--batch-buckets",
+            "1,8",
+            "--cuda-graphs",
+            "true",
+            "--pinned-host-memory",
+            "true",
+            "--trt-cache-dir",
+            "/tmp/trt",
+        ]
+    )
     settings = build_settings(args)
     assert (settings.batch_buckets, settings.cuda_graphs, settings.pinned_host_memory) == ("1,8", True, True)
     assert str(settings.trt_cache_dir) == "/tmp/trt"

@@ -74,9 +74,9 @@ def write_paper_npz(timm_model: torch.nn.Module, path: Path) -> Path:
         out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
         out[p + "LayerNorm_2/scale"], out[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
         for j, n in enumerate(("query", "key", "value")):
-            w = sd[b + "attn.qkv.weight"][j * D:(j + 1) * D]  # (D_out, D_in)
+            w = sd[b + "attn.qkv.weight"][j * D : (j + 1) * D]  # (D_out, D_in)
             out[f"{mha}{n}/kernel"] = w.T.reshape(D, heads, hd)  # Flax DenseGeneral (in, heads, head_dim)
-            out[f"{mha}{n}/bias"] = sd[b + "attn.qkv.bias"][j * D:(j + 1) * D].reshape(heads, hd)
+            out[f"{mha}{n}/bias"] = sd[b + "attn.qkv.bias"][j * D : (j + 1) * D].reshape(heads, hd)
         out[mha + "out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, hd, D)
         out[mha + "out/bias"] = sd[b + "attn.proj.bias"]
         for r in range(2):

@@ -20,7 +20,9 @@ NAME, ARGS = "vit_tiny_patch16_224", {"depth": 2}
 def state_dict():
     """A timm-named state dict (ours are timm's names), tiny: the point is the error, not the model."""
     torch.manual_seed(0)
-    return {k: v.clone() for k, v in VisionTransformer(config_from_name(NAME, depth=2, num_classes=4)).state_dict().items()}
+    return {
+        k: v.clone() for k, v in VisionTransformer(config_from_name(NAME, depth=2, num_classes=4)).state_dict().items()
+    }
 
 
 def truncate(path, keep=0.5):
@@ -45,16 +47,21 @@ def test_truncated_pth(state_dict, tmp_path):
 
 def test_truncated_npz(tmp_path):
     path = tmp_path / "w.npz"
-    np.savez(path, **{"embedding/kernel": np.zeros((16, 16, 3, 192), np.float32),
-                      "cls": np.zeros((1, 1, 192), np.float32)})
+    np.savez(
+        path, **{"embedding/kernel": np.zeros((16, 16, 3, 192), np.float32), "cls": np.zeros((1, 1, 192), np.float32)}
+    )
     with pytest.raises(CheckpointError, match=r"cannot read \.npz checkpoint .*w\.npz"):
         import_checkpoint(truncate(path, 0.7), model_name=NAME, model_args=ARGS)
 
 
 def test_truncated_weights_in_a_hugging_face_dir(tmp_path):
     import transformers
-    model = transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3))
+
+    model = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3
+        )
+    )
     model.save_pretrained(tmp_path)
     truncate(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
@@ -65,13 +72,17 @@ def test_wrong_shape_names_key_expected_and_got(state_dict, tmp_path):
     bad = dict(state_dict)
     bad["blocks.1.attn.qkv.weight"] = bad["blocks.1.attn.qkv.weight"][:, :100].contiguous()
     save_file(bad, str(tmp_path / "w.safetensors"))
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight \(expected \(576, 192\), got \(576, 100\)\)"):
+    with pytest.raises(
+        CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight \(expected \(576, 192\), got \(576, 100\)\)"
+    ):
         import_checkpoint(tmp_path / "w.safetensors", model_name=NAME, model_args=ARGS)
 
 
 def test_wrong_architecture_name(state_dict, tmp_path):
     save_file(state_dict, str(tmp_path / "w.safetensors"))
-    with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.weight \(expected \(384, 3, 16, 16\), got \(192, 3, 16, 16\)\)"):
+    with pytest.raises(
+        CheckpointError, match=r"patch_embed\.proj\.weight \(expected \(384, 3, 16, 16\), got \(192, 3, 16, 16\)\)"
+    ):
         import_checkpoint(tmp_path / "w.safetensors", model_name="vit_small_patch16_224", model_args=ARGS)
 
 

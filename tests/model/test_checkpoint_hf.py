@@ -15,10 +15,25 @@ from model.checkpoint import import_checkpoint
 
 # name -> ViTConfig kwargs of transformers; small widths, the point is the mapping, not the size.
 CASES = {
-    "224-p16": dict(image_size=224, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=128, id2label={i: f"bird {i}" for i in range(5)}),
-    "384-p32-eps1e-6": dict(image_size=384, patch_size=32, hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
-                            intermediate_size=256, num_labels=4, layer_norm_eps=1e-6),
+    "224-p16": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        id2label={i: f"bird {i}" for i in range(5)},
+    ),
+    "384-p32-eps1e-6": dict(
+        image_size=384,
+        patch_size=32,
+        hidden_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=256,
+        num_labels=4,
+        layer_norm_eps=1e-6,
+    ),
 }
 
 
@@ -43,7 +58,10 @@ def test_parity_with_transformers(case, tmp_path, photo_arrays):
     cfg = ref.config
     assert loaded.config.image_size == cfg.image_size and loaded.config.norm_eps == cfg.layer_norm_eps
     assert (loaded.config.embed_dim, loaded.config.depth, loaded.config.num_heads) == (
-        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads)
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+    )
     x = photo_batch(photo_arrays, cfg.image_size)
     with torch.no_grad():
         assert max_abs_diff(loaded.model(x), logits(ref, x)) <= PARITY_ATOL
@@ -57,8 +75,12 @@ def test_pytorch_model_bin_and_processor_config(tmp_path, photo_arrays):
     ref = reference("384-p32-eps1e-6")
     ref.config.save_pretrained(tmp_path)
     torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
-    processor = transformers.ViTImageProcessor(size={"height": 384, "width": 384}, resample=3,
-                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor = transformers.ViTImageProcessor(
+        size={"height": 384, "width": 384},
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     processor.save_pretrained(tmp_path)
     loaded = import_checkpoint(tmp_path)
 
@@ -140,9 +162,18 @@ def test_config_of_google_vit_base():
     from model.convert.hf import config_from_hf, labels_from_hf
 
     config_json = {
-        "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_act": "gelu",
-        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-        "image_size": 224, "patch_size": 16, "num_channels": 3, "layer_norm_eps": 1e-12, "qkv_bias": True,
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_act": "gelu",
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "image_size": 224,
+        "patch_size": 16,
+        "num_channels": 3,
+        "layer_norm_eps": 1e-12,
+        "qkv_bias": True,
         "id2label": {str(i): f"name {i}" for i in range(1000)},
     }
     config = config_from_hf(config_json, where="config.json")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import timm
+import torch
 from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize, write_paper_npz
 
 from model.checkpoint import CheckpointError, import_checkpoint
@@ -51,5 +51,4 @@ def test_pre_logits_layer_is_named_not_dropped(paper_npz, tmp_path):
     arrays["pre_logits/kernel"] = np.zeros((192, 192), np.float32)
     np.savez(tmp_path / "with_pre_logits.npz", **arrays)
     with pytest.raises(CheckpointError, match="unexpected keys: pre_logits/kernel"):
-        import_checkpoint(tmp_path / "with_pre_logits.npz", model_name="vit_tiny_patch16_224",
-                          model_args={"depth": 2})
+        import_checkpoint(tmp_path / "with_pre_logits.npz", model_name="vit_tiny_patch16_224", model_args={"depth": 2})

@@ -6,8 +6,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-import torch
 import timm
+import torch
 from checkpoint_testlib import PARITY_ATOL, max_abs_diff, photo_batch, randomize
 from safetensors.torch import save_file
 from timm.models import load_checkpoint, save_for_hf
@@ -22,8 +22,10 @@ CASES = {
     "S16-384": ("vit_small_patch16_384", dict(depth=2, num_classes=10)),
     "B32-224": ("vit_base_patch32_224", dict(depth=1, num_classes=5)),
     "avg-fc_norm": ("vit_tiny_patch16_224", dict(depth=2, num_classes=7, global_pool="avg")),
-    "gap-no-cls": ("vit_small_patch32_224", dict(depth=2, num_classes=6, class_token=False, global_pool="avg",
-                                                 fc_norm=False)),
+    "gap-no-cls": (
+        "vit_small_patch32_224",
+        dict(depth=2, num_classes=6, class_token=False, global_pool="avg", fc_norm=False),
+    ),
 }
 
 
@@ -88,8 +90,9 @@ def test_weights_hash_is_stable_across_formats(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     hub = import_checkpoint(save(ref, "hub", tmp_path / "a"))
-    pth = import_checkpoint(save(ref, "pth", tmp_path / "b"), model_name="vit_tiny_patch16_224",
-                            model_args={"depth": 2})
+    pth = import_checkpoint(
+        save(ref, "pth", tmp_path / "b"), model_name="vit_tiny_patch16_224", model_args={"depth": 2}
+    )
     assert hub.weights_sha256 == pth.weights_sha256 and len(hub.weights_sha256) == 64
     other = import_checkpoint(save(reference("avg-fc_norm"), "hub", tmp_path / "b"))
     assert other.weights_sha256 != hub.weights_sha256
@@ -138,11 +141,13 @@ def test_labels_of_the_same_size_keep_the_head(tmp_path, photo_arrays):
 
 def test_thousand_classes_without_names_get_imagenet_labels(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", depth=1).eval()
-    loaded = import_checkpoint(save(model, "safetensors", tmp_path), model_name="vit_tiny_patch16_224",
-                               model_args={"depth": 1})
+    loaded = import_checkpoint(
+        save(model, "safetensors", tmp_path), model_name="vit_tiny_patch16_224", model_args={"depth": 1}
+    )
     assert loaded.labels == imagenet1k_labels() and loaded.labels[0] == "tench, Tinca tinca"
-    reset = import_checkpoint(tmp_path / "weights.safetensors", model_name="vit_tiny_patch16_224",
-                              model_args={"depth": 1}, num_classes=1000)
+    reset = import_checkpoint(
+        tmp_path / "weights.safetensors", model_name="vit_tiny_patch16_224", model_args={"depth": 1}, num_classes=1000
+    )
     assert reset.labels == imagenet1k_labels()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_testlib import randomize
 from PIL import Image
 
 from model.checkpoint import import_checkpoint
@@ -23,10 +24,16 @@ from model.probe import fit_ridge
 from model.vit import VisionTransformer
 from service.core.metadata import Preprocessing
 
-from checkpoint_testlib import randomize
-
-TINY = ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5,
-                 name="vit_test_patch8_32")
+TINY = ViTConfig(
+    image_size=32,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    mlp_dim=64,
+    num_classes=5,
+    name="vit_test_patch8_32",
+)
 TINY_PREPROCESSING = Preprocessing(32, 32, "shortest", "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
@@ -50,7 +57,7 @@ def photo_crops(tmp_path_factory, photo_arrays) -> Path:
         for i in range(8):
             side = int(rng.integers(120, 220))
             y, x = (int(rng.integers(0, photo.shape[k] - side)) for k in (0, 1))
-            crop = Image.fromarray(photo[y:y + side, x:x + side])
+            crop = Image.fromarray(photo[y : y + side, x : x + side])
             crop.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
     return root
 
@@ -102,8 +109,9 @@ def test_ridge_probe_separates_clusters_and_picks_lambda_by_cv():
 
 def test_linear_mode_fits_head_on_frozen_backbone(base_dir, tmp_path):
     data = colour_dataset(tmp_path / "colours")
-    result = finetune(str(base_dir), data, tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.25),
-                      log=lambda line: None)
+    result = finetune(
+        str(base_dir), data, tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.25), log=lambda line: None
+    )
     assert result.classes == ("blue", "green", "grey", "red")
     assert result.num_val == 12 and result.val_accuracy == 1.0
     base, tuned = load_native(base_dir), load_native(tmp_path / "out")
@@ -144,8 +152,9 @@ def _dataset_loss(loaded, data: Path) -> float:
 
 @pytest.mark.slow
 def test_full_mode_at_another_resolution_lowers_loss_loads_and_exports(base_dir, photo_crops, tmp_path):
-    options = FinetuneOptions(mode="full", epochs=2, batch_size=4, lr=3e-3, warmup_fraction=0.0, augment=False,
-                              val_split=0.25, seed=0)
+    options = FinetuneOptions(
+        mode="full", epochs=2, batch_size=4, lr=3e-3, warmup_fraction=0.0, augment=False, val_split=0.25, seed=0
+    )
     out = tmp_path / "tuned"
     result = finetune(str(base_dir), photo_crops, out, options, num_classes=3, image_size=48, log=lambda line: None)
     losses = [h["train_loss"] for h in result.history]
@@ -221,8 +230,9 @@ def test_resume_refuses_changed_options_and_missing_state(base_dir, photo_crops,
     with pytest.raises(FinetuneError, match=r"batch_size \(8 -> 16\)"):
         finetune(str(base_dir), photo_crops, tmp_path / "run", changed, resume=True, log=lambda line: None)
     with pytest.raises(FinetuneError, match="--image-size 32, got 48"):
-        finetune(str(base_dir), photo_crops, tmp_path / "run", options, image_size=48, resume=True,
-                 log=lambda line: None)
+        finetune(
+            str(base_dir), photo_crops, tmp_path / "run", options, image_size=48, resume=True, log=lambda line: None
+        )
     with pytest.raises(FinetuneError, match="nothing to resume"):
         finetune(str(base_dir), photo_crops, tmp_path / "elsewhere", options, resume=True, log=lambda line: None)
 
@@ -240,8 +250,21 @@ def test_cli_linear_probe_then_export_reads_it(base_dir, photo_crops, tmp_path, 
     from service.cli import main
 
     out = tmp_path / "probe"
-    code = main(["finetune", str(base_dir), str(photo_crops), "-o", str(out), "--mode", "linear",
-                 "--val-split", "0.25", "--num-classes", "3"])
+    code = main(
+        [
+            "finetune",
+            str(base_dir),
+            str(photo_crops),
+            "-o",
+            str(out),
+            "--mode",
+            "linear",
+            "--val-split",
+            "0.25",
+            "--num-classes",
+            "3",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"wrote {out}" in captured.out and "val accuracy" in captured.out

@@ -110,14 +110,23 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, budget):
 
 
 def test_finetune_reports_skipped_images_and_class_count_mismatch(tmp_path):
-    config = ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=2,
-                       name="vit_test_patch8_32")
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=2,
+        name="vit_test_patch8_32",
+    )
     base = save_native(tmp_path / "base", VisionTransformer(config), config, ["x", "y"], P32)
     root = folder(tmp_path / "d", {"cat": 4, "dog": 4})
     (root / "dog" / "corrupt.png").write_bytes(b"garbage")
     lines: list[str] = []
-    result = finetune(str(base), root, tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.0),
-                      log=lines.append)
+    result = finetune(
+        str(base), root, tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.0), log=lines.append
+    )
     assert [Path(p).name for p, _ in result.skipped] == ["corrupt.png"]
     assert any("skipped 1 unreadable image(s)" in line and "corrupt.png" in line for line in lines)
     with pytest.raises(DatasetError, match=r"--num-classes is 3 but the dataset has 2 classes: cat, dog"):
@@ -162,15 +171,28 @@ def test_decode_uses_the_service_preprocessing(tmp_path):
 
 
 def test_finetune_reads_a_csv_dataset(tmp_path):
-    config = ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_dim=32, num_classes=2,
-                       name="vit_test_patch8_32")
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        num_classes=2,
+        name="vit_test_patch8_32",
+    )
     base = save_native(tmp_path / "base", VisionTransformer(config), config, ["x", "y"], P32)
     rows = ["path,label"]
     for i in range(6):
         write_image(tmp_path / "imgs" / f"{i}.png", colour=(250, 250, 250) if i % 2 else (10, 10, 10))
         rows.append(f"imgs/{i}.png,{'light' if i % 2 else 'dark'}")
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    result = finetune(str(base), tmp_path / "data.csv", tmp_path / "out", FinetuneOptions(mode="linear", val_split=0.0),
-                      log=lambda line: None)
+    result = finetune(
+        str(base),
+        tmp_path / "data.csv",
+        tmp_path / "out",
+        FinetuneOptions(mode="linear", val_split=0.0),
+        log=lambda line: None,
+    )
     assert result.classes == ("dark", "light") and result.num_train == 6
     assert result.history[0]["train_accuracy"] == 1.0

@@ -22,8 +22,15 @@ def saved(tmp_path):
     config = config_from_name("S/32", depth=2, num_classes=3)
     model = randomize(VisionTransformer(config), seed=7)
     prep = Preprocessing.timm_eval(224, crop_pct=0.95, interpolation="bilinear")
-    directory = save_native(tmp_path / "ckpt", model, config, LABELS, prep, source="timm:vit_small_patch32_224",
-                            extra={"epochs": 3, "dataset": "pets"})
+    directory = save_native(
+        tmp_path / "ckpt",
+        model,
+        config,
+        LABELS,
+        prep,
+        source="timm:vit_small_patch32_224",
+        extra={"epochs": 3, "dataset": "pets"},
+    )
     return directory, model, config, prep
 
 

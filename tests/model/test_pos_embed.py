@@ -9,7 +9,6 @@ from timm.layers import resample_abs_pos_embed
 from model.pos_embed import resample_pos_embed
 
 
-
 @pytest.mark.parametrize(
     ("old", "new", "prefix"),
     [(14, 24, 1), (14, 10, 1), (24, 14, 1), (7, 12, 0), (14, 14, 1)],

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from reliability_lib import PHOTOS, SERVICE_FIXTURES, Guarded, LiveServer, photo_bytes
 
 
@@ -51,8 +50,11 @@ def guarded(reliability_model, tmp_path_factory):
     (job_root / "escape.jpg").symlink_to(outside / "secret.jpg")  # a symlink out of the root
     (job_root / "escape-dir").symlink_to(outside, target_is_directory=True)
     api_key = "rk-" + secrets.token_hex(16)
-    server = LiveServer(reliability_model, base, {"VITSERVE_API_KEY": api_key, "VITSERVE_JOB_ROOT": str(job_root),
-                                                  "VITSERVE_DATA_DIR": str(base / "data")})
+    server = LiveServer(
+        reliability_model,
+        base,
+        {"VITSERVE_API_KEY": api_key, "VITSERVE_JOB_ROOT": str(job_root), "VITSERVE_DATA_DIR": str(base / "data")},
+    )
     try:
         server.wait_ready()
         yield Guarded(server, api_key, job_root, base / "data", outside)

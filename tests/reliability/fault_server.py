@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
+from service.core.settings import Settings
 from service.http.app import _build_engine as build_engine
 from service.http.server import serve
-from service.core.settings import Settings
 
 
 class FaultInjectingEngine:

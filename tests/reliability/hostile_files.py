@@ -22,8 +22,12 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height RGB pixels, followed by a few bytes of data."""
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def jpeg_claiming(photo_jpeg: bytes, width: int, height: int) -> bytes:
@@ -31,8 +35,8 @@ def jpeg_claiming(photo_jpeg: bytes, width: int, height: int) -> bytes:
     data = bytearray(photo_jpeg)
     sof = data.find(b"\xff\xc0")
     assert sof > 0, "not a baseline JPEG"
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")  # SOF0: length(2) precision(1) height(2) width(2)
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")  # SOF0: length(2) precision(1) height(2) width(2)
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -47,10 +51,10 @@ def corrupt_png(photo_png: bytes) -> bytes:
     """Valid header and chunk CRCs, garbage compressed pixel data."""
     data = bytearray(photo_png)
     idat = data.find(b"IDAT")
-    length = int.from_bytes(data[idat - 4:idat], "big")
+    length = int.from_bytes(data[idat - 4 : idat], "big")
     garbage = bytes((i * 97 + 13) % 256 for i in range(length))
-    data[idat + 4:idat + 4 + length] = garbage
-    data[idat + 4 + length:idat + 8 + length] = zlib.crc32(b"IDAT" + garbage).to_bytes(4, "big")
+    data[idat + 4 : idat + 4 + length] = garbage
+    data[idat + 4 + length : idat + 8 + length] = zlib.crc32(b"IDAT" + garbage).to_bytes(4, "big")
     return bytes(data)
 
 
@@ -93,8 +97,14 @@ def corrupt_zip(entries: dict[str, bytes]) -> bytes:
     return bytes(data)
 
 
-def tar_with(entries: dict[str, bytes], *, symlinks: dict[str, str] | None = None,
-             hardlinks: dict[str, str] | None = None, fifos: tuple[str, ...] = (), gzip: bool = False) -> bytes:
+def tar_with(
+    entries: dict[str, bytes],
+    *,
+    symlinks: dict[str, str] | None = None,
+    hardlinks: dict[str, str] | None = None,
+    fifos: tuple[str, ...] = (),
+    gzip: bool = False,
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gzip else "w") as archive:
         for name, data in entries.items():
@@ -137,6 +147,6 @@ def zip_patched(entries: dict[str, bytes], *, method: int | None = None, encrypt
             if encrypted:
                 data[at + flag_at] |= 0x1
             if method is not None:
-                data[at + method_at:at + method_at + 2] = method.to_bytes(2, "little")
+                data[at + method_at : at + method_at + 2] = method.to_bytes(2, "little")
             at = data.find(signature, at + 4)
     return bytes(data)

@@ -50,8 +50,15 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def _closed_loop(url: str, request: Callable[[int], dict], clients: int, duration_s: float,
-                       timeout_s: float, backoff_s: float, total: int | None) -> LoadResult:
+async def _closed_loop(
+    url: str,
+    request: Callable[[int], dict],
+    clients: int,
+    duration_s: float,
+    timeout_s: float,
+    backoff_s: float,
+    total: int | None,
+) -> LoadResult:
     outcomes: list[Outcome] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
@@ -83,8 +90,16 @@ async def _closed_loop(url: str, request: Callable[[int], dict], clients: int, d
         return LoadResult(outcomes, time.monotonic() - started)
 
 
-def closed_loop(url: str, request: Callable[[int], dict], *, clients: int, duration_s: float,
-                timeout_s: float = 30.0, backoff_s: float = 0.05, total: int | None = None) -> LoadResult:
+def closed_loop(
+    url: str,
+    request: Callable[[int], dict],
+    *,
+    clients: int,
+    duration_s: float,
+    timeout_s: float = 30.0,
+    backoff_s: float = 0.05,
+    total: int | None = None,
+) -> LoadResult:
     """Run ``clients`` closed-loop clients for ``duration_s`` (or until ``total`` requests were sent);
     ``request(n)`` gives the httpx ``request`` kwargs (method, url, ...) of a client's n-th request."""
     return asyncio.run(_closed_loop(url, request, clients, duration_s, timeout_s, backoff_s, total))

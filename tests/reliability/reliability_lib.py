@@ -8,7 +8,6 @@ RELIABILITY_FUZZ_CASES (schemathesis cases per operation and mode), RELIABILITY_
 RELIABILITY_OVERLOAD_SECONDS (overload duration).
 """
 
-
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +34,9 @@ def scale(name: str, ci_default: int) -> int:
 
 def _service_test_fixtures():
     """tests/service/conftest.py as a module: reuse its tiny-ViT exporter and photo encoder."""
-    spec = importlib.util.spec_from_file_location("vitserve_service_conftest_reliability",
-                                                  REPO / "tests" / "service" / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "vitserve_service_conftest_reliability", REPO / "tests" / "service" / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -67,14 +67,22 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"
-        settings = {"VITSERVE_MODEL": str(model), "VITSERVE_HOST": "127.0.0.1", "VITSERVE_PORT": str(self.port),
-                    "VITSERVE_LOG_LEVEL": "warning", "VITSERVE_INTRA_OP_THREADS": "1",
-                    "VITSERVE_PREPROCESS_THREADS": "2", "VITSERVE_DATA_DIR": str(workdir / "data"),
-                    "VITSERVE_API_KEY": "", "VITSERVE_JOB_ROOT": ""}
+        settings = {
+            "VITSERVE_MODEL": str(model),
+            "VITSERVE_HOST": "127.0.0.1",
+            "VITSERVE_PORT": str(self.port),
+            "VITSERVE_LOG_LEVEL": "warning",
+            "VITSERVE_INTRA_OP_THREADS": "1",
+            "VITSERVE_PREPROCESS_THREADS": "2",
+            "VITSERVE_DATA_DIR": str(workdir / "data"),
+            "VITSERVE_API_KEY": "",
+            "VITSERVE_JOB_ROOT": "",
+        }
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **settings, **env}
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, str(FAULT_SERVER)], cwd=REPO, env=full_env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, str(FAULT_SERVER)], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     @property
     def pid(self) -> int:
@@ -150,7 +158,6 @@ class Guarded:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-
 STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
 
 
@@ -159,8 +166,9 @@ def server_paths(guarded: Guarded) -> list[str]:
     return [str(REPO), str(guarded.data_dir), str(guarded.outside), sys.prefix, "site-packages", "/proc/"]
 
 
-def assert_clean_error(guarded: Guarded, response: httpx.Response, status: int, code: str | None = None,
-                       sent: bytes = b"") -> None:
+def assert_clean_error(
+    guarded: Guarded, response: httpx.Response, status: int, code: str | None = None, sent: bytes = b""
+) -> None:
     """The documented status and code, our JSON error shape, no stack trace, no server-side path.
 
     /v2 routes answer in the Open Inference Protocol's shape ``{"error": "<message>"}`` (no code);

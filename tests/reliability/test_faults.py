@@ -18,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
-from reliability_lib import STACK_TRACE, photo_bytes
 from load_generator import LOST, REFUSED, closed_loop
+from PIL import Image
+from reliability_lib import STACK_TRACE, photo_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +43,9 @@ def grey_jpeg(level: int, side: int = 48) -> bytes:
 
 
 def classify(server, data: bytes, timeout: float = 30) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/classify?top_k=1", content=data, timeout=timeout,
-                      headers={"Content-Type": "image/jpeg"})
+    return httpx.post(
+        f"{server.url}/v1/classify?top_k=1", content=data, timeout=timeout, headers={"Content-Type": "image/jpeg"}
+    )
 
 
 def raw_connection(server) -> socket.socket:
@@ -53,13 +53,18 @@ def raw_connection(server) -> socket.socket:
 
 
 def request_head(path: str, length: int, content_type: str = "image/jpeg") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def test_engine_failing_on_one_batch_fails_only_that_batch(start_server):
-    server = start_server(VITSERVE_MAX_BATCH_SIZE=4, VITSERVE_MAX_QUEUE_DELAY_MS=20,
-                          RELIABILITY_ENGINE_DELAY_S=0.05, RELIABILITY_FAIL_BATCHES="3")
+    server = start_server(
+        VITSERVE_MAX_BATCH_SIZE=4,
+        VITSERVE_MAX_QUEUE_DELAY_MS=20,
+        RELIABILITY_ENGINE_DELAY_S=0.05,
+        RELIABILITY_FAIL_BATCHES="3",
+    )
     images = [grey_jpeg(level) for level in range(0, 240, 10)]  # 24 requests, ~6+ batches
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda data: classify(server, data), images))
@@ -89,7 +94,7 @@ def test_slow_clients_do_not_hold_up_the_others(start_server):
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         for conn in slow:
-            conn.sendall(body[sent:sent + 64])
+            conn.sendall(body[sent : sent + 64])
         sent += 64
         started = time.monotonic()
         assert classify(server, grey_jpeg(100)).status_code == 200
@@ -107,8 +112,10 @@ def test_slow_clients_do_not_hold_up_the_others(start_server):
             data += chunk
         answers.append(data.split(b"\r\n", 1)[0])
         conn.close()
-    print(f"\n16 slow uploads held open 3 s: {len(fast_latencies)} fast requests meanwhile, "
-          f"max {max(fast_latencies) * 1000:.0f} ms")
+    print(
+        f"\n16 slow uploads held open 3 s: {len(fast_latencies)} fast requests meanwhile, "
+        f"max {max(fast_latencies) * 1000:.0f} ms"
+    )
     assert answers == [b"HTTP/1.1 200 OK"] * 16
     assert max(fast_latencies) < 1.0
 
@@ -142,8 +149,10 @@ def test_clients_leaving_mid_upload_and_mid_wait_leak_nothing(start_server):
     time.sleep(1.0)  # let the server notice and clean up
     after = metrics(server)
     ran = metric(after, "vitserve_batch_size_sum") - metric(before, "vitserve_batch_size_sum")
-    print(f"\n30 uploads cut in half, 6 clients gone while queued: {ran:.0f} image(s) ran; "
-          f"fds {fds} -> {server.settled_fds(fds)}, threads {threads} -> {server.threads()}")
+    print(
+        f"\n30 uploads cut in half, 6 clients gone while queued: {ran:.0f} image(s) ran; "
+        f"fds {fds} -> {server.settled_fds(fds)}, threads {threads} -> {server.threads()}"
+    )
     assert ran <= 2  # the keeper, and at most one leaver already taken into the engine
     assert metric(after, "vitserve_requests_in_flight") == 0
     # +1 thread at most: a pool may still start one lazily; a leak per request would add 36.
@@ -182,12 +191,19 @@ def _zip_of(images: dict[str, bytes]) -> bytes:
 
 
 def test_sigkill_during_a_scoring_job_resumes_without_loss_or_duplicates(start_server, tmp_path):
-    env = {"VITSERVE_MAX_BATCH_SIZE": 4, "VITSERVE_DATA_DIR": str(tmp_path / "jobs-data"),
-           "RELIABILITY_ENGINE_DELAY_S": 0.05}
+    env = {
+        "VITSERVE_MAX_BATCH_SIZE": 4,
+        "VITSERVE_DATA_DIR": str(tmp_path / "jobs-data"),
+        "RELIABILITY_ENGINE_DELAY_S": 0.05,
+    }
     images = {f"img/{i:03d}.jpg": grey_jpeg(i * 2) for i in range(120)}
     server = start_server(**env)
-    created = httpx.post(f"{server.url}/v1/jobs?top_k=3", content=_zip_of(images), timeout=60,
-                         headers={"Content-Type": "application/zip"})
+    created = httpx.post(
+        f"{server.url}/v1/jobs?top_k=3",
+        content=_zip_of(images),
+        timeout=60,
+        headers={"Content-Type": "application/zip"},
+    )
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
     deadline = time.monotonic() + 60
@@ -204,14 +220,22 @@ def test_sigkill_during_a_scoring_job_resumes_without_loss_or_duplicates(start_s
     while (job := httpx.get(f"{restarted.url}/v1/jobs/{job_id}", timeout=10).json())["state"] != "done":
         assert time.monotonic() < deadline, job
         time.sleep(0.1)
-    rows = [json.loads(line) for line in
-            httpx.get(f"{restarted.url}/v1/jobs/{job_id}/results", timeout=30).text.splitlines()]
-    print(f"\nSIGKILL at {done}/{len(images)} scored; after restart: {len(rows)} rows, state {job['state']}, "
-          f"scored {job['scored']}, failed {job['failed']}")
+    rows = [
+        json.loads(line)
+        for line in httpx.get(f"{restarted.url}/v1/jobs/{job_id}/results", timeout=30).text.splitlines()
+    ]
+    print(
+        f"\nSIGKILL at {done}/{len(images)} scored; after restart: {len(rows)} rows, state {job['state']}, "
+        f"scored {job['scored']}, failed {job['failed']}"
+    )
     assert [row["path"] for row in rows] == sorted(images)  # every image once, in order: none lost, none doubled
     assert job["scored"] == len(images) and job["failed"] == 0 and job["done"] == job["total"] == len(images)
     # And the resumed results are the model's answers: spot-check against /v1/classify.
     for row in rows[::30]:
-        online = httpx.post(f"{restarted.url}/v1/classify?top_k=3", content=images[row["path"]], timeout=30,
-                            headers={"Content-Type": "image/jpeg"}).json()["predictions"]
+        online = httpx.post(
+            f"{restarted.url}/v1/classify?top_k=3",
+            content=images[row["path"]],
+            timeout=30,
+            headers={"Content-Type": "image/jpeg"},
+        ).json()["predictions"]
         assert row["labels"] == [p["label"] for p in online]

@@ -20,11 +20,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from reliability_lib import scale
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
-
-from reliability_lib import scale
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +41,9 @@ def _operations(guarded):
 def _real_path_parameters(guarded) -> dict[str, str]:
     """The served model's name and version, and the id of a real (manifest) job."""
     model = httpx.get(f"{guarded.url}/v1/models", headers=guarded.auth, timeout=10).json()["name"]
-    job = httpx.post(f"{guarded.url}/v1/jobs", json={"paths": ["astronaut.jpg", "coffee.jpg"]},
-                     headers=guarded.auth, timeout=30)
+    job = httpx.post(
+        f"{guarded.url}/v1/jobs", json={"paths": ["astronaut.jpg", "coffee.jpg"]}, headers=guarded.auth, timeout=30
+    )
     assert job.status_code == 202, job.text
     return {"model_name": model, "model_version": "1", "job_id": job.json()["id"]}
 
@@ -63,8 +63,13 @@ def test_every_operation_survives_generated_requests(guarded):
         for mode, path_parameters in passes:
             seen = statuses.setdefault(operation.label, Counter())
 
-            @settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=CASES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters))
             def fuzz(case):
                 response = case.call(base_url=guarded.url, headers=guarded.auth, timeout=30)

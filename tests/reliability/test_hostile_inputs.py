@@ -15,10 +15,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hostile_files as hostile
 import httpx
 import pytest
-
-import hostile_files as hostile
 from reliability_lib import assert_clean_error, photo_bytes
 
 pytestmark = pytest.mark.slow
@@ -29,13 +28,19 @@ PEAK_RSS_LIMIT_MIB = 700
 
 
 def post_image(guarded, data: bytes, content_type: str = "image/png") -> httpx.Response:
-    return httpx.post(f"{guarded.url}/v1/classify", content=data, timeout=60,
-                      headers={**guarded.auth, "Content-Type": content_type})
+    return httpx.post(
+        f"{guarded.url}/v1/classify", content=data, timeout=60, headers={**guarded.auth, "Content-Type": content_type}
+    )
 
 
 def post_job(guarded, data: bytes, content_type: str = "application/zip", **kwargs) -> httpx.Response:
-    return httpx.post(f"{guarded.url}/v1/jobs", content=data, timeout=120,
-                      headers={**guarded.auth, "Content-Type": content_type}, **kwargs)
+    return httpx.post(
+        f"{guarded.url}/v1/jobs",
+        content=data,
+        timeout=120,
+        headers={**guarded.auth, "Content-Type": content_type},
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +77,12 @@ def test_images_that_cannot_be_classified_get_422(guarded, jpeg, png):
 
 
 def test_bombs_inside_a_json_batch_fail_only_their_own_item(guarded, jpeg):
-    images = [{"id": "bomb", "data": base64.b64encode(hostile.png_claiming(50_000, 50_000)).decode()},
-              {"id": "empty-jpeg", "data": base64.b64encode(jpeg[:10]).decode()},
-              {"id": "photo", "data": base64.b64encode(jpeg).decode()}]
-    response = httpx.post(f"{guarded.url}/v1/classify/batch", json={"images": images}, headers=guarded.auth,
-                          timeout=60)
+    images = [
+        {"id": "bomb", "data": base64.b64encode(hostile.png_claiming(50_000, 50_000)).decode()},
+        {"id": "empty-jpeg", "data": base64.b64encode(jpeg[:10]).decode()},
+        {"id": "photo", "data": base64.b64encode(jpeg).decode()},
+    ]
+    response = httpx.post(f"{guarded.url}/v1/classify/batch", json={"images": images}, headers=guarded.auth, timeout=60)
     assert response.status_code == 200, response.text
     results = {r["id"]: r for r in response.json()["results"]}
     assert results["bomb"]["error"]["code"] == results["empty-jpeg"]["error"]["code"] == "invalid_image"
@@ -95,15 +101,20 @@ def test_largest_allowed_decompression_is_served_with_bounded_memory(guarded):
 def test_huge_multipart_part_counts_are_refused(guarded):
     # Too many image files for /v1 is 413 (more images than max_batch_images); too many parts
     # otherwise is a malformed request, 400. Parsing stops at the limit: thousands are never spooled.
-    files = {"/v1/classify/batch": ("files", 5000, 413, "payload_too_large"),
-             "/v1/classify": ("file", 2000, 413, "payload_too_large"),
-             "/v1/jobs": ("file", 2000, 400, "bad_request")}
+    files = {
+        "/v1/classify/batch": ("files", 5000, 413, "payload_too_large"),
+        "/v1/classify": ("file", 2000, 413, "payload_too_large"),
+        "/v1/jobs": ("file", 2000, 400, "bad_request"),
+    }
     for path, (field, count, status, code) in files.items():
-        for parts, expected in (([(field, f"{i}.png", b"x") for i in range(count)], (status, code)),
-                                ([(f"field{i}", None, b"v") for i in range(5000)], (400, "bad_request"))):
+        for parts, expected in (
+            ([(field, f"{i}.png", b"x") for i in range(count)], (status, code)),
+            ([(f"field{i}", None, b"v") for i in range(5000)], (400, "bad_request")),
+        ):
             body, content_type = hostile.multipart(parts)
-            response = httpx.post(f"{guarded.url}{path}", content=body, timeout=60,
-                                  headers={**guarded.auth, "Content-Type": content_type})
+            response = httpx.post(
+                f"{guarded.url}{path}", content=body, timeout=60, headers={**guarded.auth, "Content-Type": content_type}
+            )
             assert_clean_error(guarded, response, *expected)
             assert "too many" in response.json()["error"]["message"].lower(), response.text
 
@@ -112,32 +123,80 @@ def test_hostile_archives_get_their_documented_4xx(guarded, jpeg, tmp_path):
     escape_target = guarded.data_dir.parent / "escaped.jpg"
     cases = {
         "zip bomb (150 MB of zeros)": (hostile.zip_bomb(150 << 20), "application/zip", 413, "payload_too_large"),
-        "zip entry ../../escaped.jpg": (hostile.zip_with({"../../escaped.jpg": jpeg}), "application/zip", 422,
-                                        "unsafe_archive"),
-        "zip entry with absolute path": (hostile.zip_with({str(escape_target): jpeg}), "application/zip", 422,
-                                         "unsafe_archive"),
-        "zip entry with backslashes": (hostile.zip_with({"..\\..\\escaped.jpg": jpeg}), "application/zip", 422,
-                                       "unsafe_archive"),
-        "zip symlink member": (hostile.zip_with({"a.jpg": jpeg}, symlinks={"link.jpg": "/etc/passwd"}),
-                               "application/zip", 422, "unsafe_archive"),
-        "zip duplicate names": (hostile.zip_with({"a.jpg": jpeg, "./a.jpg": jpeg}), "application/zip", 422,
-                                "unsafe_archive"),
-        "zip with corrupt deflate data": (hostile.corrupt_zip({"a.jpg": b"\x00" * 100_000}), "application/zip",
-                                          400, "bad_request"),
-        "zip member with compression method 99 (AES)": (hostile.zip_patched({"a.jpg": jpeg}, method=99),
-                                                         "application/zip", 400, "bad_request"),
-        "encrypted zip member": (hostile.zip_patched({"a.jpg": jpeg}, encrypted=True), "application/zip", 400,
-                                 "bad_request"),
+        "zip entry ../../escaped.jpg": (
+            hostile.zip_with({"../../escaped.jpg": jpeg}),
+            "application/zip",
+            422,
+            "unsafe_archive",
+        ),
+        "zip entry with absolute path": (
+            hostile.zip_with({str(escape_target): jpeg}),
+            "application/zip",
+            422,
+            "unsafe_archive",
+        ),
+        "zip entry with backslashes": (
+            hostile.zip_with({"..\\..\\escaped.jpg": jpeg}),
+            "application/zip",
+            422,
+            "unsafe_archive",
+        ),
+        "zip symlink member": (
+            hostile.zip_with({"a.jpg": jpeg}, symlinks={"link.jpg": "/etc/passwd"}),
+            "application/zip",
+            422,
+            "unsafe_archive",
+        ),
+        "zip duplicate names": (
+            hostile.zip_with({"a.jpg": jpeg, "./a.jpg": jpeg}),
+            "application/zip",
+            422,
+            "unsafe_archive",
+        ),
+        "zip with corrupt deflate data": (
+            hostile.corrupt_zip({"a.jpg": b"\x00" * 100_000}),
+            "application/zip",
+            400,
+            "bad_request",
+        ),
+        "zip member with compression method 99 (AES)": (
+            hostile.zip_patched({"a.jpg": jpeg}, method=99),
+            "application/zip",
+            400,
+            "bad_request",
+        ),
+        "encrypted zip member": (
+            hostile.zip_patched({"a.jpg": jpeg}, encrypted=True),
+            "application/zip",
+            400,
+            "bad_request",
+        ),
         "truncated zip": (hostile.zip_with({"a.jpg": jpeg})[:-40], "application/zip", 400, "bad_request"),
-        "tar entry ../escaped.jpg": (hostile.tar_with({"../escaped.jpg": jpeg}), "application/x-tar", 422,
-                                     "unsafe_archive"),
-        "tar symlink out": (hostile.tar_with({}, symlinks={"link.jpg": "/etc/passwd"}), "application/x-tar", 422,
-                            "unsafe_archive"),
-        "tar hard link out": (hostile.tar_with({}, hardlinks={"link.jpg": "/etc/passwd"}), "application/x-tar",
-                              422, "unsafe_archive"),
+        "tar entry ../escaped.jpg": (
+            hostile.tar_with({"../escaped.jpg": jpeg}),
+            "application/x-tar",
+            422,
+            "unsafe_archive",
+        ),
+        "tar symlink out": (
+            hostile.tar_with({}, symlinks={"link.jpg": "/etc/passwd"}),
+            "application/x-tar",
+            422,
+            "unsafe_archive",
+        ),
+        "tar hard link out": (
+            hostile.tar_with({}, hardlinks={"link.jpg": "/etc/passwd"}),
+            "application/x-tar",
+            422,
+            "unsafe_archive",
+        ),
         "tar fifo": (hostile.tar_with({}, fifos=("pipe.jpg",)), "application/x-tar", 422, "unsafe_archive"),
-        "truncated tar.gz": (hostile.tar_with({"a.jpg": jpeg}, gzip=True)[:-200], "application/gzip", 400,
-                             "bad_request"),
+        "truncated tar.gz": (
+            hostile.tar_with({"a.jpg": jpeg}, gzip=True)[:-200],
+            "application/gzip",
+            400,
+            "bad_request",
+        ),
         "0-byte archive": (b"", "application/zip", 400, "bad_request"),
         "1-byte archive": (b"P", "application/zip", 400, "bad_request"),
         "archive without images": (hostile.zip_with({"notes.txt": b"hi"}), "application/zip", 400, "bad_request"),
@@ -161,10 +220,19 @@ def job_files_of_accepted_jobs(guarded, folder: Path) -> bool:
 
 def test_manifest_paths_cannot_leave_the_job_root(guarded):
     secret = guarded.outside / "secret.jpg"
-    for path in ["../outside/secret.jpg", str(secret), "/etc/passwd", "escape.jpg", "escape-dir/secret.jpg",
-                 "astronaut.jpg\x00.png", "./../outside/secret.jpg"]:
-        for body, content_type in [(json.dumps({"paths": [path]}).encode(), "application/json"),
-                                   (json.dumps(path).encode() + b"\n", "application/x-ndjson")]:
+    for path in [
+        "../outside/secret.jpg",
+        str(secret),
+        "/etc/passwd",
+        "escape.jpg",
+        "escape-dir/secret.jpg",
+        "astronaut.jpg\x00.png",
+        "./../outside/secret.jpg",
+    ]:
+        for body, content_type in [
+            (json.dumps({"paths": [path]}).encode(), "application/json"),
+            (json.dumps(path).encode() + b"\n", "application/x-ndjson"),
+        ]:
             response = post_job(guarded, body, content_type)
             assert_clean_error(guarded, response, 403, "forbidden", sent=body)
 

@@ -13,10 +13,9 @@ import re
 
 import httpx
 import pytest
-from PIL import Image
-
-from reliability_lib import scale
 from load_generator import LOST, closed_loop, percentile
+from PIL import Image
+from reliability_lib import scale
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +42,13 @@ def metric(text: str, sample: str) -> float:
 
 
 def test_four_times_the_queue_is_refused_fast_and_costs_no_throughput(start_server):
-    server = start_server(VITSERVE_MAX_BATCH_SIZE=BATCH, VITSERVE_MAX_QUEUE_SIZE=QUEUE,
-                          VITSERVE_MAX_QUEUE_DELAY_MS=2, VITSERVE_REQUEST_TIMEOUT_S=DEADLINE_S,
-                          RELIABILITY_ENGINE_DELAY_S=ENGINE_DELAY_S)
+    server = start_server(
+        VITSERVE_MAX_BATCH_SIZE=BATCH,
+        VITSERVE_MAX_QUEUE_SIZE=QUEUE,
+        VITSERVE_MAX_QUEUE_DELAY_MS=2,
+        VITSERVE_REQUEST_TIMEOUT_S=DEADLINE_S,
+        RELIABILITY_ENGINE_DELAY_S=ENGINE_DELAY_S,
+    )
     body = small_jpeg()
 
     def request(_: int) -> dict:
@@ -53,11 +56,13 @@ def test_four_times_the_queue_is_refused_fast_and_costs_no_throughput(start_serv
 
     unloaded = closed_loop(server.url, request, clients=QUEUE, duration_s=SECONDS / 2, timeout_s=DEADLINE_S + 5)
     loaded = closed_loop(server.url, request, clients=4 * QUEUE, duration_s=SECONDS, timeout_s=DEADLINE_S + 5)
-    figures = (f"unloaded ({QUEUE} clients): {unloaded.rate(200):.1f} answers/s, statuses {unloaded.statuses()}; "
-               f"overloaded ({4 * QUEUE} clients, {SECONDS} s): {loaded.rate(200):.1f} accepted/s, "
-               f"statuses {loaded.statuses()}, 200 p99 {percentile(loaded.latencies(200), 0.99) * 1000:.0f} ms, "
-               f"429 p50/p99 client-side {percentile(loaded.latencies(429), 0.5) * 1000:.1f}/"
-               f"{percentile(loaded.latencies(429), 0.99) * 1000:.1f} ms")
+    figures = (
+        f"unloaded ({QUEUE} clients): {unloaded.rate(200):.1f} answers/s, statuses {unloaded.statuses()}; "
+        f"overloaded ({4 * QUEUE} clients, {SECONDS} s): {loaded.rate(200):.1f} accepted/s, "
+        f"statuses {loaded.statuses()}, 200 p99 {percentile(loaded.latencies(200), 0.99) * 1000:.0f} ms, "
+        f"429 p50/p99 client-side {percentile(loaded.latencies(429), 0.5) * 1000:.1f}/"
+        f"{percentile(loaded.latencies(429), 0.99) * 1000:.1f} ms"
+    )
     print("\n" + figures)
     assert set(unloaded.statuses()) == {200}, figures
     assert set(loaded.statuses()) <= {200, 429, 503} and LOST not in loaded.statuses(), figures

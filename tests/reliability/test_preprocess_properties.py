@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
 from reliability_lib import scale
+
 from service.core.errors import InvalidImage
 from service.core.metadata import Preprocessing
 from service.runtime.preprocess import load_pixels
@@ -24,22 +24,53 @@ from service.runtime.preprocess import load_pixels
 EXAMPLES = scale("RELIABILITY_PROPERTY_EXAMPLES", 150)
 # Pillow warns on odd but readable TIFF tags; that is not an error of ours.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-POLICIES = [Preprocessing.timm_eval(32, 0.875, "bicubic"),
-            Preprocessing(image_size=24, resize_size=24, resize_mode="squash", interpolation="bilinear",
-                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))]
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+POLICIES = [
+    Preprocessing.timm_eval(32, 0.875, "bicubic"),
+    Preprocessing(
+        image_size=24,
+        resize_size=24,
+        resize_mode="squash",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+]
 MAX_PIXELS = 2_000_000
 
 # Real file signatures, so random tails reach each decoder's header and data parsing.
-MAGIC = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\xff\xd8\xff", b"GIF89a", b"GIF87a",
-         b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"RIFF\x10\x00\x00\x00WEBPVP8L"]
+MAGIC = [
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+    b"\xff\xd8\xff",
+    b"GIF89a",
+    b"GIF87a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"RIFF\x10\x00\x00\x00WEBPVP8L",
+]
 # Pillow modes an uploaded file can decode to, and the formats that can carry each.
 MODE_FORMATS = {
-    "1": ["PNG", "BMP", "TIFF", "GIF"], "L": ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"],
-    "P": ["PNG", "BMP", "TIFF", "GIF"], "RGB": ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"],
-    "RGBA": ["PNG", "TIFF", "WEBP"], "LA": ["PNG", "TIFF"], "CMYK": ["JPEG", "TIFF"], "I;16": ["PNG", "TIFF"],
-    "I": ["PNG", "TIFF"], "F": ["TIFF"], "YCbCr": ["JPEG"], "PA": ["PNG"],
+    "1": ["PNG", "BMP", "TIFF", "GIF"],
+    "L": ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"],
+    "P": ["PNG", "BMP", "TIFF", "GIF"],
+    "RGB": ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"],
+    "RGBA": ["PNG", "TIFF", "WEBP"],
+    "LA": ["PNG", "TIFF"],
+    "CMYK": ["JPEG", "TIFF"],
+    "I;16": ["PNG", "TIFF"],
+    "I": ["PNG", "TIFF"],
+    "F": ["TIFF"],
+    "YCbCr": ["JPEG"],
+    "PA": ["PNG"],
 }
 
 
@@ -113,6 +144,7 @@ def test_any_valid_image_gives_pixels_and_any_truncation_is_clean(p, case, cut):
 def test_pixel_limit_is_checked_from_the_header(width, height):
     """A PNG header claiming width x height with a few bytes of data: over the limit it is refused
     from the header alone (no allocation), under it the missing data is a clean InvalidImage."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 

@@ -15,16 +15,23 @@ import time
 
 import httpx
 import pytest
-
 from reliability_lib import REPO, SERVICE_FIXTURES, assert_clean_error, photo_bytes
+
 from service.http import app as service_app
 
 pytestmark = pytest.mark.slow
 
 SERVICE = REPO / "service"
-WRONG_CREDENTIALS = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong-key"},
-                     {"Authorization": "Basic {key}"}, {"Authorization": "{key}"}, {"Authorization": "Bearer {key}x"},
-                     {"Authorization": "Bearer {short}"}, {"X-API-Key": "{key}"}]
+WRONG_CREDENTIALS = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer wrong-key"},
+    {"Authorization": "Basic {key}"},
+    {"Authorization": "{key}"},
+    {"Authorization": "Bearer {key}x"},
+    {"Authorization": "Bearer {short}"},
+    {"X-API-Key": "{key}"},
+]
 
 
 def _operations(guarded) -> list[tuple[str, str]]:
@@ -58,13 +65,17 @@ def test_every_guarded_route_needs_the_key(guarded):
 def test_the_key_comparison_is_hmac_compare_digest():
     """Code review, made executable: the only comparison of the key is hmac.compare_digest."""
     tree = ast.parse((SERVICE / "app.py").read_text())
-    digest_calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-                    and ast.unparse(node.func) == "hmac.compare_digest"]
+    digest_calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "hmac.compare_digest"
+    ]
     assert digest_calls and any("api_key" in ast.unparse(call) for call in digest_calls)
     for path in SERVICE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
-                                                     for op in node.ops):
+            if isinstance(node, ast.Compare) and any(
+                isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops
+            ):
                 assert "api_key" not in ast.unparse(node), f"{path}: non-constant-time key check {ast.unparse(node)}"
 
 
@@ -89,19 +100,35 @@ def test_compare_digest_is_what_runs(monkeypatch):
     assert (b"not-the-key", b"the-key") in calls and (b"the-key", b"the-key") in calls
 
 
-_NETWORK_MODULES = {"urllib.request", "urllib3", "requests", "httpx", "aiohttp", "http.client", "ftplib",
-                    "smtplib", "socket", "tritonclient"}
+_NETWORK_MODULES = {
+    "urllib.request",
+    "urllib3",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "http.client",
+    "ftplib",
+    "smtplib",
+    "socket",
+    "tritonclient",
+}
 
 
 def test_service_code_has_no_network_client():
     """No module of service/ imports anything that could open an outgoing connection."""
     for path in SERVICE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
-                assert name not in _NETWORK_MODULES and not name.startswith(("urllib.request", "http.client")), \
+                assert name not in _NETWORK_MODULES and not name.startswith(("urllib.request", "http.client")), (
                     f"{path.relative_to(REPO)} imports {name}"
+                )
 
 
 def test_no_route_fetches_a_client_given_url(guarded):
@@ -131,19 +158,33 @@ def test_no_route_fetches_a_client_given_url(guarded):
         requests = [
             ("/v1/classify", {"content": url.encode(), "headers": {**h, "Content-Type": "image/jpeg"}}),
             ("/v1/classify?url=" + url, {"content": b"", "headers": {**h, "Content-Type": "image/jpeg"}}),
-            ("/v1/classify/batch", {"json": {"images": [{"id": "u", "data": url}, {"id": "v", "url": url}]},
-                                    "headers": h}),
+            (
+                "/v1/classify/batch",
+                {"json": {"images": [{"id": "u", "data": url}, {"id": "v", "url": url}]}, "headers": h},
+            ),
             ("/v1/jobs", {"json": {"paths": [url]}, "headers": h}),
             ("/v1/jobs", {"content": (url + "\n").encode(), "headers": {**h, "Content-Type": "application/x-ndjson"}}),
-            (f"/v2/models/{model}/infer", {"json": {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
-                                                                "data": [url]}]}, "headers": h}),
+            (
+                f"/v2/models/{model}/infer",
+                {
+                    "json": {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [url]}]},
+                    "headers": h,
+                },
+            ),
         ]
         for path, kwargs in requests:
             response = httpx.post(f"{guarded.url}{path}", timeout=30, **kwargs)
             assert response.status_code in (200, 202, 400, 403, 404, 422), (path, response.text)
         # A job naming the URL, had it been accepted, would be scored in the background: give it time.
-        assert httpx.post(f"{guarded.url}/v1/classify", content=photo_bytes("rocket"), timeout=30,
-                          headers={**h, "Content-Type": "image/jpeg"}).status_code == 200
+        assert (
+            httpx.post(
+                f"{guarded.url}/v1/classify",
+                content=photo_bytes("rocket"),
+                timeout=30,
+                headers={**h, "Content-Type": "image/jpeg"},
+            ).status_code
+            == 200
+        )
         stop.wait(1.0)
     finally:
         stop.set()

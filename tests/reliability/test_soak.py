@@ -11,13 +11,12 @@ import base64
 import io
 import itertools
 
+import hostile_files as hostile
 import httpx
 import pytest
-from PIL import Image
-
-import hostile_files as hostile
-from reliability_lib import PHOTOS, photo_bytes, scale
 from load_generator import closed_loop
+from PIL import Image
+from reliability_lib import PHOTOS, photo_bytes, scale
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +38,15 @@ def mixed_requests(model: str) -> list[tuple[dict, int]]:
     jpegs = [_resized(name, 160, "JPEG") for name in PHOTOS]
     png = _resized("coffee", 120, "PNG")
     image = {"headers": {"Content-Type": "image/jpeg"}}
-    v2 = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
-                      "data": [base64.b64encode(jpegs[1]).decode()]}]}
-    batch = {"images": [{"id": "good", "data": base64.b64encode(jpegs[2]).decode()},
-                        {"id": "bad", "data": base64.b64encode(b"not an image").decode()}]}
+    v2 = {
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpegs[1]).decode()]}]
+    }
+    batch = {
+        "images": [
+            {"id": "good", "data": base64.b64encode(jpegs[2]).decode()},
+            {"id": "bad", "data": base64.b64encode(b"not an image").decode()},
+        ]
+    }
     return [
         ({"url": "/v1/classify", "content": jpegs[0], **image}, 200),
         ({"url": "/v1/classify?top_k=3", "content": png, "headers": {"Content-Type": "image/png"}}, 200),
@@ -88,8 +92,9 @@ def test_mixed_requests_soak_without_leaks(start_server, tmp_path):
         wanted = sorted(expected[n] for n in range(first, sent))
         if statuses != wanted:
             mismatches.append((statuses, wanted))
-        samples.append((sent, server.rss_kib() / 1024, server.settled_fds(samples[0][2] if samples else 0),
-                        server.threads()))
+        samples.append(
+            (sent, server.rss_kib() / 1024, server.settled_fds(samples[0][2] if samples else 0), server.threads())
+        )
     jobs = httpx.get(f"{server.url}/metrics", timeout=10).text
     print(f"\nsoak: {sent} requests ({len(kinds)} kinds, {CLIENTS} clients); (sent, RSS MiB, fds, threads) per round:")
     for sample in samples:

@@ -15,8 +15,16 @@ TINY_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
-def export_tiny_vit(path: Path, *, image_size: int = 32, preprocessing: Preprocessing | None = None,
-                    seed: int = 0, depth: int = 2, embed_dim: int = 32, patch_size: int = 8):
+def export_tiny_vit(
+    path: Path,
+    *,
+    image_size: int = 32,
+    preprocessing: Preprocessing | None = None,
+    seed: int = 0,
+    depth: int = 2,
+    embed_dim: int = 32,
+    patch_size: int = 8,
+):
     """Export a random ViT (tiny by default) with model.export's public function; returns the torch model.
 
     The head is re-initialised with random weights: the paper's zero head would give all-equal
@@ -29,16 +37,28 @@ def export_tiny_vit(path: Path, *, image_size: int = 32, preprocessing: Preproce
     from model.vit import build_vit
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                       num_heads=2, mlp_dim=2 * embed_dim, num_classes=len(TINY_LABELS),
-                       name=f"vit_test_patch{patch_size}_{image_size}")
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=2,
+        mlp_dim=2 * embed_dim,
+        num_classes=len(TINY_LABELS),
+        name=f"vit_test_patch{patch_size}_{image_size}",
+    )
     model = build_vit(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=1.0)
         torch.nn.init.normal_(model.head.bias, std=0.1)
-    export_model(model, config, path, labels=TINY_LABELS,
-                 preprocessing=preprocessing or Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
-                 source="random-test-weights")
+    export_model(
+        model,
+        config,
+        path,
+        labels=TINY_LABELS,
+        preprocessing=preprocessing or Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
+        source="random-test-weights",
+    )
     return model
 
 
@@ -79,8 +99,11 @@ class FakeEngine:
     """
 
     def __init__(self, num_classes: int = 10, image_size: int = 32, delay_s: float = 0.0, fail_when=None) -> None:
-        self.metadata = ModelMetadata(architecture="fake_vit", labels=tuple(f"class{i}" for i in range(num_classes)),
-                                      preprocessing=Preprocessing.timm_eval(image_size, 0.875, "bilinear"))
+        self.metadata = ModelMetadata(
+            architecture="fake_vit",
+            labels=tuple(f"class{i}" for i in range(num_classes)),
+            preprocessing=Preprocessing.timm_eval(image_size, 0.875, "bilinear"),
+        )
         self.delay_s = delay_s
         self.fail_when = fail_when
         self.batch_sizes: list[int] = []

@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.http.app import create_app
 from service.core.settings import Settings
+from service.http.app import create_app
 
 
 def _wait_ready(client: TestClient, timeout_s: float = 5.0) -> None:
@@ -26,14 +26,19 @@ def test_api_key_guards_everything_but_probes_and_metrics(make_fake_engine, enco
         _wait_ready(client)
         for path in ("/healthz", "/readyz", "/metrics"):
             assert client.get(path).status_code == 200, path
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"},
-                        {"Authorization": "s3cret-key"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Basic s3cret-key"},
+            {"Authorization": "s3cret-key"},
+        ):
             r = client.post("/v1/classify", content=jpeg, headers={"Content-Type": "image/jpeg", **headers})
             assert r.status_code == 401, headers
             assert r.json()["error"]["code"] == "unauthorized" and r.headers["WWW-Authenticate"] == "Bearer"
         assert client.get("/v1/models").status_code == 401
-        ok = client.post("/v1/classify", content=jpeg,
-                         headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-key"})
+        ok = client.post(
+            "/v1/classify", content=jpeg, headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-key"}
+        )
         assert ok.status_code == 200 and ok.json()["model"] == "fake_vit"
         metrics = client.get("/metrics").text
         assert 'route="/v1/classify",status="401"' in metrics
@@ -53,8 +58,12 @@ def test_not_ready_until_warm_up_finishes(make_fake_engine, encode_photo):
         assert early.headers["Retry-After"] == "1"
         release.set()
         _wait_ready(client)
-        assert client.post("/v1/classify", content=encode_photo("coffee"),
-                           headers={"Content-Type": "image/jpeg"}).status_code == 200
+        assert (
+            client.post(
+                "/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"}
+            ).status_code
+            == 200
+        )
 
 
 def test_warm_up_covers_one_and_the_max_batch(make_fake_engine):
@@ -84,8 +93,12 @@ def test_inference_failure_is_a_json_500_and_the_app_recovers(make_fake_engine, 
         r = client.post("/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 500 and r.json()["error"]["code"] == "inference_failed"
         fail["on"] = False
-        assert client.post("/v1/classify", content=encode_photo("coffee"),
-                           headers={"Content-Type": "image/jpeg"}).status_code == 200
+        assert (
+            client.post(
+                "/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"}
+            ).status_code
+            == 200
+        )
 
 
 def test_top_k_larger_than_the_class_count_returns_every_class(make_fake_engine, encode_photo):
@@ -103,13 +116,16 @@ def test_validation_errors_use_the_same_json_shape(make_fake_engine):
         assert r.json()["error"]["code"] == "validation_error" and "top_k" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"max_batch_size": 0}, "max_batch_size"),
-    ({"max_queue_size": 4, "max_batch_size": 8}, "max_queue_size"),
-    ({"providers": "gpu"}, "unknown provider"),
-    ({"warmup_batch_sizes": "1,x"}, "warmup_batch_sizes"),
-    ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queue_size": 4, "max_batch_size": 8}, "max_queue_size"),
+        ({"providers": "gpu"}, "unknown provider"),
+        ({"warmup_batch_sizes": "1,x"}, "warmup_batch_sizes"),
+        ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
+    ],
+)
 def test_settings_are_validated_with_clear_messages(bad, match):
     with pytest.raises(ValueError, match=match):
         Settings(**bad)
@@ -140,8 +156,12 @@ def test_metrics_count_images_batches_and_rate(make_fake_engine, encode_photo):
     with TestClient(create_app(Settings(), engine=make_fake_engine())) as client:
         _wait_ready(client)
         for _ in range(3):
-            assert client.post("/v1/classify", content=encode_photo("rocket"),
-                               headers={"Content-Type": "image/jpeg"}).status_code == 200
+            assert (
+                client.post(
+                    "/v1/classify", content=encode_photo("rocket"), headers={"Content-Type": "image/jpeg"}
+                ).status_code
+                == 200
+            )
         client.post("/v1/classify", content=b"junk", headers={"Content-Type": "image/jpeg"})
         text = client.get("/metrics").text
 
@@ -177,9 +197,11 @@ def test_batch_json_accepts_wrapped_base64_and_data_urls(make_fake_engine, encod
     import textwrap
 
     encoded = base64.b64encode(encode_photo("coffee")).decode()
-    images = [{"id": "wrapped", "data": "\n".join(textwrap.wrap(encoded, 76))},
-              {"id": "url", "data": "data:image/jpeg;base64," + encoded},
-              {"id": "bad", "data": encoded[:100] + "*" + encoded[100:]}]
+    images = [
+        {"id": "wrapped", "data": "\n".join(textwrap.wrap(encoded, 76))},
+        {"id": "url", "data": "data:image/jpeg;base64," + encoded},
+        {"id": "bad", "data": encoded[:100] + "*" + encoded[100:]},
+    ]
     with TestClient(create_app(Settings(), engine=make_fake_engine())) as client:
         _wait_ready(client)
         results = client.post("/v1/classify/batch", json={"images": images}).json()["results"]

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from service.runtime.batcher import Batcher
 from service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.runtime.batcher import Batcher
 
 
 def image(marker: float, size: int = 4) -> np.ndarray:

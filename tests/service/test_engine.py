@@ -26,9 +26,17 @@ def test_logits_match_pytorch_on_photos_preprocessed_by_timm(engine, tiny_vit, p
 
     _, model = tiny_vit
     p = engine.metadata.preprocessing
-    reference = create_transform(**resolve_data_config({
-        "input_size": (3, p.image_size, p.image_size), "crop_pct": p.image_size / p.resize_size,
-        "interpolation": p.interpolation, "mean": p.mean, "std": p.std}))
+    reference = create_transform(
+        **resolve_data_config(
+            {
+                "input_size": (3, p.image_size, p.image_size),
+                "crop_pct": p.image_size / p.resize_size,
+                "interpolation": p.interpolation,
+                "mean": p.mean,
+                "std": p.std,
+            }
+        )
+    )
     timm_batch = torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in photos.values()])
     with torch.no_grad():
         expected = model(timm_batch).numpy()

@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from service.cli import main as cli_main
-from service.runtime.engine import Engine, EngineError
 from service.core.metadata import ModelMetadata, Preprocessing
 from service.core.model_spec import (
     ModelSpecError,
@@ -30,8 +29,9 @@ from service.core.model_spec import (
     resolve_spec,
     sidecar_path,
 )
-from service.runtime.preprocess import load_pixels
 from service.core.settings import Settings
+from service.runtime.engine import Engine, EngineError
+from service.runtime.preprocess import load_pixels
 
 SIZE = 8
 K = 5
@@ -50,9 +50,20 @@ def expected_logits(batch: np.ndarray) -> np.ndarray:
     return batch.reshape(len(batch), -1).astype(np.float64) @ w + b
 
 
-def build_classifier(path: Path, *, batch: int | str = "N", layout: str = "nchw", dtype: int = TensorProto.FLOAT,
-                     classes: int | str = K, output_rank: int = 2, input_rank: int = 4, extra_input: bool = False,
-                     extra_output: bool = False, props: dict[str, str] | None = None, height: int = SIZE) -> Path:
+def build_classifier(
+    path: Path,
+    *,
+    batch: int | str = "N",
+    layout: str = "nchw",
+    dtype: int = TensorProto.FLOAT,
+    classes: int | str = K,
+    output_rank: int = 2,
+    input_rank: int = 4,
+    extra_input: bool = False,
+    extra_output: bool = False,
+    props: dict[str, str] | None = None,
+    height: int = SIZE,
+) -> Path:
     """A linear classifier over all pixels (as ``expected_logits``), saved to ``path`` (opset 17, no metadata)."""
     w, b = _weights()
     if layout == "nhwc":  # the same function of the image: permute the weight rows to (H, W, C) order
@@ -61,10 +72,12 @@ def build_classifier(path: Path, *, batch: int | str = "N", layout: str = "nchw"
     if input_rank != 4:
         shape = [batch, 3 * SIZE * SIZE]
     inputs = [helper.make_tensor_value_info("image", dtype, shape)]
-    nodes = [helper.make_node("Cast", ["image"], ["image32"], to=TensorProto.FLOAT),
-             helper.make_node("Reshape", ["image32", "flat_shape"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "w"], ["scores"]),
-             helper.make_node("Add", ["scores", "b"], ["logits2d"])]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["image32"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["image32", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits2d"]),
+    ]
     out_shape = [batch, classes]
     if output_rank == 3:
         nodes.append(helper.make_node("Unsqueeze", ["logits2d", "axis2"], ["logits"]))
@@ -79,9 +92,12 @@ def build_classifier(path: Path, *, batch: int | str = "N", layout: str = "nchw"
     if extra_output:
         outputs.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 3 * SIZE * SIZE]))
         nodes.append(helper.make_node("Identity", ["flat"], ["features"]))
-    initializers = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
-                    numpy_helper.from_array(np.array([-1, 3 * SIZE * SIZE], np.int64), "flat_shape"),
-                    numpy_helper.from_array(np.array([2], np.int64), "axis2")]
+    initializers = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(b, "b"),
+        numpy_helper.from_array(np.array([-1, 3 * SIZE * SIZE], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
     graph = helper.make_graph(nodes, "foreign_classifier", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="elsewhere")
     model.ir_version = 8
@@ -129,10 +145,16 @@ def test_our_export_resolves_exactly_to_its_own_metadata(tiny_onnx, tmp_path):
     ours = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     spec = resolve_spec(tiny_onnx, graph_io_from_onnx(proto))
     assert spec.metadata == ours
-    assert {spec.sources[k] for k in ("name", "image_size", "resize", "resize_mode", "interpolation", "mean", "std",
-                                      "labels")} == {"metadata"}
-    assert (spec.input_name, spec.output_name, spec.input_layout, spec.batch_size) == ("pixel_values", "logits",
-                                                                                      "nchw", None)
+    assert {
+        spec.sources[k]
+        for k in ("name", "image_size", "resize", "resize_mode", "interpolation", "mean", "std", "labels")
+    } == {"metadata"}
+    assert (spec.input_name, spec.output_name, spec.input_layout, spec.batch_size) == (
+        "pixel_values",
+        "logits",
+        "nchw",
+        None,
+    )
     assert engine(tiny_onnx).metadata == ours
 
 
@@ -150,15 +172,32 @@ def test_metadata_wins_over_the_sidecar_and_a_flag_wins_over_both(tiny_onnx, tmp
 
 def test_sidecar_describes_a_foreign_file_and_flags_override_it(foreign, tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({"id2label": {str(i): n for i, n in enumerate(LABELS)}}))
-    sidecar_path(foreign).write_text(json.dumps({"mean": "inception", "std": [0.5, 0.5, 0.5], "labels": "names.json",
-                                                 "crop": 0.875, "interpolation": "bicubic", "name": "other_vit"}))
+    sidecar_path(foreign).write_text(
+        json.dumps(
+            {
+                "mean": "inception",
+                "std": [0.5, 0.5, 0.5],
+                "labels": "names.json",
+                "crop": 0.875,
+                "interpolation": "bicubic",
+                "name": "other_vit",
+            }
+        )
+    )
     spec = spec_of(foreign)
     p = spec.metadata.preprocessing
     assert spec.metadata.labels == LABELS and spec.metadata.architecture == "other_vit"
     # crop is timm's crop_pct: resize = floor(8 / 0.875) = 9 on the short side, then the centre 8x8
     assert (p.image_size, p.resize_size, p.resize_mode, p.interpolation) == (SIZE, 9, "shortest", "bicubic")
-    assert spec.sources == {**spec.sources, "mean": "sidecar", "labels": "sidecar", "resize": "sidecar",
-                            "image_size": "graph", "resize_mode": "default", "input_name": "graph"}
+    assert spec.sources == {
+        **spec.sources,
+        "mean": "sidecar",
+        "labels": "sidecar",
+        "resize": "sidecar",
+        "image_size": "graph",
+        "resize_mode": "default",
+        "input_name": "graph",
+    }
     spec = spec_of(foreign, SpecOptions.parse({"resize": "12", "mean": "0.4,0.4,0.4"}, where="flags"))
     assert spec.metadata.preprocessing.resize_size == 12 and spec.sources["resize"] == "flag"
     assert spec.metadata.preprocessing.mean == (0.4, 0.4, 0.4) and spec.sources["std"] == "sidecar"
@@ -169,8 +208,12 @@ def test_sidecar_describes_a_foreign_file_and_flags_override_it(foreign, tmp_pat
 def test_defaults_for_a_foreign_file_are_the_whole_image_bilinear(foreign, labels_txt):
     spec = spec_of(foreign, flags(labels_txt))
     p = spec.metadata.preprocessing
-    assert (p.resize_size, p.resize_mode, p.interpolation, spec.metadata.architecture) == (SIZE, "squash", "bilinear",
-                                                                                           "other")
+    assert (p.resize_size, p.resize_mode, p.interpolation, spec.metadata.architecture) == (
+        SIZE,
+        "squash",
+        "bilinear",
+        "other",
+    )
     assert [spec.sources[k] for k in ("resize", "resize_mode", "interpolation", "name")] == ["default"] * 4
 
 
@@ -183,8 +226,9 @@ def test_missing_description_names_every_field_and_how_to_give_it(tmp_path, labe
     assert "carries no vitserve metadata" in message and "vitserve.architecture" in message
     assert "--mean" in message and "VITSERVE_LABELS" in message and str(sidecar_path(dynamic)) in message
     with pytest.raises(ModelSpecError, match="not given: std$|not given: std\\."):
-        spec_of(dynamic, SpecOptions.parse({"mean": "imagenet", "labels": str(labels_txt), "image_size": 8},
-                                           where="flags"))
+        spec_of(
+            dynamic, SpecOptions.parse({"mean": "imagenet", "labels": str(labels_txt), "image_size": 8}, where="flags")
+        )
 
 
 def test_labels_files(tmp_path):
@@ -226,19 +270,35 @@ def test_settings_read_the_description_from_the_environment(monkeypatch, labels_
 # --- start-up validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "options", "message"), [
-    ({"input_rank": 2}, {}, "is not a 4-D image input"),
-    ({"output_rank": 3}, {}, "output logits \\[N, 5, 1\\] float32 is not 2-D"),
-    ({}, {"labels": "four.txt"}, "4 labels but output logits has 5 classes"),
-    ({"dtype": TensorProto.UINT8}, {}, "element type uint8"),
-    ({"extra_input": True}, {}, "has 2 inputs \\(image \\[N, 3, 8, 8\\] float32, mask \\[N, 8, 8\\] float32\\); pick "
-                                "one with --input-name"),
-    ({"extra_input": True}, {"input_name": "image"}, "needs more inputs than the image \\(mask\\)"),
-    ({"extra_output": True}, {}, "has 2 outputs \\(logits \\[N, 5\\] float32, features \\[N, 192\\] float32\\)"),
-    ({"extra_output": True}, {"output_name": "scores"}, "no output named 'scores'"),
-    ({}, {"image_size": "16"}, "fixed height of 8 but image_size is 16"),
-], ids=["input-not-4d", "output-not-2d", "label-count", "uint8-input", "several-inputs", "other-inputs-unfed",
-        "several-outputs", "unknown-output", "image-size-vs-graph"])
+@pytest.mark.parametrize(
+    ("kwargs", "options", "message"),
+    [
+        ({"input_rank": 2}, {}, "is not a 4-D image input"),
+        ({"output_rank": 3}, {}, "output logits \\[N, 5, 1\\] float32 is not 2-D"),
+        ({}, {"labels": "four.txt"}, "4 labels but output logits has 5 classes"),
+        ({"dtype": TensorProto.UINT8}, {}, "element type uint8"),
+        (
+            {"extra_input": True},
+            {},
+            "has 2 inputs \\(image \\[N, 3, 8, 8\\] float32, mask \\[N, 8, 8\\] float32\\); pick one with --input-name",
+        ),
+        ({"extra_input": True}, {"input_name": "image"}, "needs more inputs than the image \\(mask\\)"),
+        ({"extra_output": True}, {}, "has 2 outputs \\(logits \\[N, 5\\] float32, features \\[N, 192\\] float32\\)"),
+        ({"extra_output": True}, {"output_name": "scores"}, "no output named 'scores'"),
+        ({}, {"image_size": "16"}, "fixed height of 8 but image_size is 16"),
+    ],
+    ids=[
+        "input-not-4d",
+        "output-not-2d",
+        "label-count",
+        "uint8-input",
+        "several-inputs",
+        "other-inputs-unfed",
+        "several-outputs",
+        "unknown-output",
+        "image-size-vs-graph",
+    ],
+)
 def test_startup_validation_names_the_problem(tmp_path, labels_txt, kwargs, options, message):
     model = build_classifier(tmp_path / "bad.onnx", **kwargs)
     if options.get("labels") == "four.txt":
@@ -297,10 +357,18 @@ def test_fixed_batch_graph_is_padded_and_split(tmp_path, labels_txt):
 
 def test_fixed_batch_of_one_is_served_with_batching_off(tmp_path, labels_txt, encode_photo, caplog):
     model = build_classifier(tmp_path / "b1.onnx", batch=1)
-    settings = Settings(model=model, mean="0.5,0.5,0.5", std="0.5,0.5,0.5", labels=labels_txt, max_batch_size=8,
-                        intra_op_threads=1, preprocess_threads=2)
-    images = [("files", (f"{name}.png", encode_photo(name, "PNG"), "image/png")) for name in ("coffee", "chelsea",
-                                                                                               "rocket")]
+    settings = Settings(
+        model=model,
+        mean="0.5,0.5,0.5",
+        std="0.5,0.5,0.5",
+        labels=labels_txt,
+        max_batch_size=8,
+        intra_op_threads=1,
+        preprocess_threads=2,
+    )
+    images = [
+        ("files", (f"{name}.png", encode_photo(name, "PNG"), "image/png")) for name in ("coffee", "chelsea", "rocket")
+    ]
     from service.http.app import create_app
 
     with caplog.at_level(logging.WARNING), TestClient(create_app(settings)) as client:
@@ -355,8 +423,9 @@ def test_inspect_a_foreign_file(tmp_path, labels_txt, capsys):
     assert summary["servable"] is False and summary["missing"] == ["mean", "std", "labels"]
     assert summary["dynamic_batch"] is False and summary["opsets"] == {"ai.onnx": 17}
     assert summary["fused_attention_total"] == 0 and summary["precision"] == "fp32"
-    assert summary["precision_from"] == "initializers" and summary["other_metadata"] == {"producer.note":
-                                                                                          "from elsewhere"}
+    assert summary["precision_from"] == "initializers" and summary["other_metadata"] == {
+        "producer.note": "from elsewhere"
+    }
     assert "vitserve.architecture" in summary["vitserve_metadata_missing"]
     assert cli_main(["inspect", str(model), *HF_NORM, "--labels", str(labels_txt)]) == 0
     text = capsys.readouterr().out
@@ -369,17 +438,35 @@ def test_inspect_without_the_onnx_package_says_what_it_cannot_see(foreign, monke
     assert cli_main(["inspect", str(foreign), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)
     assert summary["reader"] == "onnxruntime" and "onnx package is not installed" in summary["note"]
-    assert "opsets" not in summary and summary["inputs"][0] == {"name": "image", "shape": ["N", 3, 8, 8],
-                                                                "dtype": "float32"}
+    assert "opsets" not in summary and summary["inputs"][0] == {
+        "name": "image",
+        "shape": ["N", 3, 8, 8],
+        "dtype": "float32",
+    }
     assert summary["precision"] == "fp32" and summary["precision_from"] == "input type"
 
 
 def test_export_from_onnx_embeds_the_description_once(tmp_path, labels_txt, capsys):
-    source = build_classifier(tmp_path / "nhwc.onnx", layout="nhwc", extra_output=True,
-                              props={"producer.note": "kept"})
+    source = build_classifier(tmp_path / "nhwc.onnx", layout="nhwc", extra_output=True, props={"producer.note": "kept"})
     out = tmp_path / "ours.onnx"
-    code = cli_main(["export", "--from-onnx", str(source), "-o", str(out), *HF_NORM, "--labels", str(labels_txt),
-                     "--output-name", "logits", "--crop", "0.8", "--interpolation", "bicubic"])
+    code = cli_main(
+        [
+            "export",
+            "--from-onnx",
+            str(source),
+            "-o",
+            str(out),
+            *HF_NORM,
+            "--labels",
+            str(labels_txt),
+            "--output-name",
+            "logits",
+            "--crop",
+            "0.8",
+            "--interpolation",
+            "bicubic",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["producer.note"] == "kept" and json.loads(props["vitserve.labels"]) == list(LABELS)

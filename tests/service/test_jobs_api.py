@@ -49,16 +49,29 @@ class ServerProcess:
 
     def __init__(self, model: Path, port: int, env: dict[str, str], log: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.command = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                        "--port", str(port), "--log-level", "warning"]
+        self.command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         self.env = {**os.environ, **env}
         self.log = log
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90.0) -> None:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             wait_ready(self.url, self.process, self.log, timeout_s)
         except (RuntimeError, TimeoutError):
@@ -100,8 +113,9 @@ def jsonl_results(client: httpx.Client, job_id: str) -> list[dict]:
 def assert_matches_classify(client: httpx.Client, rows: list[dict], images: dict[str, bytes], top_k: int) -> None:
     """Every job row equals what POST /v1/classify answers for the same bytes."""
     for row in rows:
-        reference = client.post(f"/v1/classify?top_k={top_k}", content=images[row["path"]],
-                                headers={"content-type": "image/jpeg"}).json()["predictions"]
+        reference = client.post(
+            f"/v1/classify?top_k={top_k}", content=images[row["path"]], headers={"content-type": "image/jpeg"}
+        ).json()["predictions"]
         assert row["labels"] == [p["label"] for p in reference], row["path"]
         np.testing.assert_allclose(row["scores"], [p["probability"] for p in reference], rtol=1e-5, atol=1e-7)
 
@@ -116,8 +130,12 @@ def server(tiny_onnx, tmp_path_factory):
     base = tmp_path_factory.mktemp("jobs-server")
     root = base / "root"
     root.mkdir()
-    proc = ServerProcess(tiny_onnx, free_port(), {"VITSERVE_DATA_DIR": str(base / "data"),
-                                                   "VITSERVE_JOB_ROOT": str(root)}, base / "server.log")
+    proc = ServerProcess(
+        tiny_onnx,
+        free_port(),
+        {"VITSERVE_DATA_DIR": str(base / "data"), "VITSERVE_JOB_ROOT": str(root)},
+        base / "server.log",
+    )
     proc.start()
     proc.root = root
     proc.data_dir = base / "data"
@@ -182,19 +200,24 @@ def test_manifest_job_scores_files_under_the_root_and_lists_missing_ones(server,
     (server.root / "m").mkdir(exist_ok=True)
     for name, data in photos_small.items():
         (server.root / "m" / name).write_bytes(data)
-    lines = [json.dumps(f"m/{name}") for name in photos_small] + [json.dumps({"path": "m/missing.jpg"}),
-                                                                   json.dumps(str(server.root / "m" / "coffee.jpg"))]
-    response = client.post("/v1/jobs?top_k=2", content="\n".join(lines) + "\n",
-                           headers={"content-type": "application/x-ndjson"})
+    lines = [json.dumps(f"m/{name}") for name in photos_small] + [
+        json.dumps({"path": "m/missing.jpg"}),
+        json.dumps(str(server.root / "m" / "coffee.jpg")),
+    ]
+    response = client.post(
+        "/v1/jobs?top_k=2", content="\n".join(lines) + "\n", headers={"content-type": "application/x-ndjson"}
+    )
     assert response.status_code == 202, response.text
     job = wait_for_job(client, response.json()["id"])
     assert (job["state"], job["total"], job["scored"], job["failed"]) == ("done", 6, 5, 1)
     rows = jsonl_results(client, job["id"])
-    assert [r["path"] for r in rows] == [json.loads(line) if line.startswith('"') else json.loads(line)["path"]
-                                         for line in lines]
+    assert [r["path"] for r in rows] == [
+        json.loads(line) if line.startswith('"') else json.loads(line)["path"] for line in lines
+    ]
     assert rows[4]["error"]["code"] == "unreadable"
-    images = {f"m/{n}": d for n, d in photos_small.items()} | {str(server.root / "m" / "coffee.jpg"):
-                                                                 photos_small["coffee.jpg"]}
+    images = {f"m/{n}": d for n, d in photos_small.items()} | {
+        str(server.root / "m" / "coffee.jpg"): photos_small["coffee.jpg"]
+    }
     assert_matches_classify(client, [r for r in rows if "error" not in r], images, 2)
 
     # the same manifest as a multipart file field
@@ -209,8 +232,10 @@ def test_manifest_paths_outside_the_root_are_forbidden(server, client, tmp_path)
     (server.root / "escape.jpg").unlink(missing_ok=True)
     (server.root / "escape.jpg").symlink_to(secret)
     for path in ("../secret.jpg", "m/../../secret.jpg", str(secret), "/etc/passwd", "escape.jpg"):
-        for body, content_type in ((json.dumps(path) + "\n", "application/x-ndjson"),
-                                   (json.dumps({"paths": ["m/coffee.jpg", path]}), "application/json")):
+        for body, content_type in (
+            (json.dumps(path) + "\n", "application/x-ndjson"),
+            (json.dumps({"paths": ["m/coffee.jpg", path]}), "application/json"),
+        ):
             response = client.post("/v1/jobs", content=body, headers={"content-type": content_type})
             assert response.status_code == 403, (path, response.text)
             assert response.json()["error"]["code"] == "forbidden"

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from service.runtime.batcher import Batcher
 from service.core.errors import NotReady
+from service.runtime.batcher import Batcher
 
 ONLINE, LOW = 1.0, -1.0
 
@@ -40,8 +40,9 @@ def test_low_priority_items_use_the_idle_engine_and_get_their_own_answers():
     engine = LaneRecordingEngine(delay_s=0.001)
 
     async def main():
-        batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=5,
-                          low_priority_batch_size=3)
+        batcher = Batcher(
+            engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=5, low_priority_batch_size=3
+        )
         await batcher.start()
         results = await asyncio.gather(*(batcher.submit_low(image(LOW, i)) for i in range(10)))
         await batcher.stop()

@@ -9,9 +9,9 @@ import time
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.core.settings import Settings
 from service.http.app import create_app
 from service.scoring.job_store import JobStore
-from service.core.settings import Settings
 
 
 def png(color: tuple[int, int, int]) -> bytes:
@@ -86,8 +86,9 @@ def test_a_failing_engine_batch_lists_its_images_with_the_error_and_the_job_fini
             z.writestr(f"{i:02d}.png", png((0, 0, 0) if i == 5 else (200, 180, 160)))
     settings = Settings(data_dir=tmp_path / "data", max_batch_size=4, job_max_in_flight=4, job_decode_threads=1)
     with TestClient(create_app(settings, engine=engine)) as client:
-        job_id = client.post("/v1/jobs", content=archive.getvalue(),
-                             headers={"content-type": "application/zip"}).json()["id"]
+        job_id = client.post(
+            "/v1/jobs", content=archive.getvalue(), headers={"content-type": "application/zip"}
+        ).json()["id"]
         job = wait_state(client, job_id)
         rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
     assert (job["state"], job["done"], job["total"]) == ("done", 12, 12)

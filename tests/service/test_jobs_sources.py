@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from service.core.errors import BadRequest, PayloadTooLarge
-from service.scoring.sources import (ArchiveLimits, Forbidden, UnsafeArchive, extract_archive, iter_archive,
-                                  manifest_paths, resolve_under_root)
+from service.scoring.sources import (
+    ArchiveLimits,
+    Forbidden,
+    UnsafeArchive,
+    extract_archive,
+    iter_archive,
+    manifest_paths,
+    resolve_under_root,
+)
 
 JPEG = b"\xff\xd8\xff\xe0 not decoded here"
 
@@ -29,8 +36,9 @@ def make_zip(path: Path, entries: dict[str, bytes], *, symlinks: dict[str, str] 
     return path
 
 
-def make_tar(path: Path, entries: dict[str, bytes], *, links: dict[str, tuple[bytes, str]] | None = None,
-             mode: str = "w:gz") -> Path:
+def make_tar(
+    path: Path, entries: dict[str, bytes], *, links: dict[str, tuple[bytes, str]] | None = None, mode: str = "w:gz"
+) -> Path:
     with tarfile.open(path, mode) as archive:
         for name, data in entries.items():
             info = tarfile.TarInfo(name)
@@ -45,8 +53,13 @@ def make_tar(path: Path, entries: dict[str, bytes], *, links: dict[str, tuple[by
 
 
 def test_zip_and_tar_images_are_extracted_and_other_files_skipped(tmp_path):
-    entries = {"a/one.jpg": JPEG, "a/b/two.PNG": b"png", "notes.txt": b"skip", "__MACOSX/a/._one.jpg": b"x",
-               ".hidden.jpg": b"x"}
+    entries = {
+        "a/one.jpg": JPEG,
+        "a/b/two.PNG": b"png",
+        "notes.txt": b"skip",
+        "__MACOSX/a/._one.jpg": b"x",
+        ".hidden.jpg": b"x",
+    }
     for archive in (make_zip(tmp_path / "in.zip", entries), make_tar(tmp_path / "in.tar.gz", entries)):
         dest = tmp_path / f"out-{archive.name}"
         assert extract_archive(archive, dest, ArchiveLimits()) == ["a/b/two.PNG", "a/one.jpg"]
@@ -54,8 +67,7 @@ def test_zip_and_tar_images_are_extracted_and_other_files_skipped(tmp_path):
         assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == ["one.jpg", "two.PNG"]
 
 
-@pytest.mark.parametrize("name", ["../evil.jpg", "a/../../evil.jpg", "/etc/evil.jpg", "C:/evil.jpg",
-                                  "a\\..\\evil.jpg"])
+@pytest.mark.parametrize("name", ["../evil.jpg", "a/../../evil.jpg", "/etc/evil.jpg", "C:/evil.jpg", "a\\..\\evil.jpg"])
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_traversal_entries_refuse_the_whole_archive(tmp_path, name, kind):
     entries = {"fine.jpg": JPEG, name: JPEG}
@@ -138,7 +150,14 @@ def test_manifest_paths_must_stay_under_the_root(tmp_path):
     assert resolve_under_root(str(root / "sub" / "ok.jpg"), root) == (root / "sub" / "ok.jpg").resolve()
     assert resolve_under_root("link-in.jpg", root) == (root / "sub" / "ok.jpg").resolve()
     assert resolve_under_root("missing.jpg", root) == root.resolve() / "missing.jpg"  # listed with an error later
-    for bad in ("../secret.jpg", "sub/../../secret.jpg", str(outside), "/etc/passwd", "link-out.jpg",
-                "dir-out/secret.jpg", "sub/../sub/ok.jpg"):
+    for bad in (
+        "../secret.jpg",
+        "sub/../../secret.jpg",
+        str(outside),
+        "/etc/passwd",
+        "link-out.jpg",
+        "dir-out/secret.jpg",
+        "sub/../sub/ok.jpg",
+    ):
         with pytest.raises(Forbidden):
             resolve_under_root(bad, root)

@@ -47,8 +47,10 @@ def test_state_and_results_survive_reopening_and_concurrent_writers(tmp_path):
             store.record_results("j1", [(seq, ok(f"img{seq:03d}.jpg"))])
 
     # Two threads race over the same items (the overlap stands for double scoring).
-    threads = [threading.Thread(target=writer, args=(range(0, 150),)),
-               threading.Thread(target=writer, args=(range(50, 200),))]
+    threads = [
+        threading.Thread(target=writer, args=(range(0, 150),)),
+        threading.Thread(target=writer, args=(range(50, 200),)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -52,8 +52,9 @@ TIMM_CASES = [  # (image size, crop_pct, interpolation, mean, std): ViT-ImageNet
 def test_matches_timm_eval_transform_on_photos(encoded_photos, size, crop_pct, interpolation, mean, std):
     from timm.data import create_transform, resolve_data_config
 
-    config = resolve_data_config({"input_size": (3, size, size), "crop_pct": crop_pct,
-                                  "interpolation": interpolation, "mean": mean, "std": std})
+    config = resolve_data_config(
+        {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
+    )
     reference = create_transform(**config)
     p = Preprocessing.timm_eval(size, crop_pct, interpolation, mean, std)
     for (name, fmt), data in encoded_photos.items():
@@ -165,10 +166,13 @@ def test_pixel_limit_is_checked_before_decoding():
         decode_image(data, max_pixels=1_000_000)
 
 
-@pytest.mark.parametrize("data,match", [
-    (b"", "empty"),
-    (b"this is not an image at all", "not an image"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (b"", "empty"),
+        (b"this is not an image at all", "not an image"),
+    ],
+)
 def test_not_an_image(data, match):
     with pytest.raises(InvalidImage, match=match):
         decode_image(data, max_pixels=BIG)
@@ -190,8 +194,7 @@ def test_resize_and_crop_squash_mode_has_exact_size():
 def test_jpeg_draft_only_for_large_jpegs_and_close_to_the_full_decode():
     p = Preprocessing.timm_eval(224, 0.9, "bicubic")
     small = _encode(_photo("rocket"), "JPEG", quality=92)  # 640 x 427: below 4 x 248, never drafted
-    assert np.array_equal(load_pixels(small, p, max_pixels=BIG, jpeg_draft=True),
-                          load_pixels(small, p, max_pixels=BIG))
+    assert np.array_equal(load_pixels(small, p, max_pixels=BIG, jpeg_draft=True), load_pixels(small, p, max_pixels=BIG))
     big_image = Image.fromarray(_photo("astronaut")).resize((2048, 2048), Image.Resampling.LANCZOS)
     big = _encode(big_image, "JPEG", quality=92)
     assert decode_image(big, max_pixels=BIG, min_short_side=2 * 248).size == (512, 512)  # 1/4 in the DCT

@@ -56,8 +56,8 @@ def classify(tiny_onnx, tmp_path_factory):
     """bytes -> the service's /v1/classify predictions (the in-process app, same model file)."""
     from fastapi.testclient import TestClient
 
-    from service.http.app import create_app
     from service.core.settings import Settings
+    from service.http.app import create_app
 
     settings = Settings(model=tiny_onnx, data_dir=tmp_path_factory.mktemp("score-data"))
     with TestClient(create_app(settings)) as client:
@@ -65,8 +65,9 @@ def classify(tiny_onnx, tmp_path_factory):
             time.sleep(0.02)
 
         def answer(data: bytes) -> list[dict] | str:
-            response = client.post(f"/v1/classify?top_k={TOP_K}", content=data,
-                                   headers={"content-type": "application/octet-stream"})
+            response = client.post(
+                f"/v1/classify?top_k={TOP_K}", content=data, headers={"content-type": "application/octet-stream"}
+            )
             return response.json()["predictions"] if response.status_code == 200 else response.json()["error"]["code"]
 
         yield answer
@@ -87,8 +88,7 @@ def run_cli(*args: str) -> int:
     return main(["score", *args, "--top-k", str(TOP_K), "--quiet"])
 
 
-def test_folder_glob_archive_and_manifest_give_the_service_answers(tiny_onnx, dataset, image_files, classify,
-                                                                    tmp_path):
+def test_folder_glob_archive_and_manifest_give_the_service_answers(tiny_onnx, dataset, image_files, classify, tmp_path):
     # folder: names relative to it; the unreadable image is listed with the service's error code
     assert run_cli(str(dataset), "-o", str(tmp_path / "folder.jsonl"), "--model", str(tiny_onnx), "--workers", "0") == 0
     assert_rows_match_service(read_results(tmp_path / "folder.jsonl"), image_files, classify)
@@ -114,8 +114,10 @@ def test_folder_glob_archive_and_manifest_give_the_service_answers(tiny_onnx, da
     manifest = dataset.parent / "list.jsonl"
     names = [f"images/{n}" for n in image_files] + ["images/gone.jpg"]
     manifest.write_text("".join(json.dumps({"path": n}) + "\n" for n in names))
-    assert run_cli(str(manifest), "-o", str(tmp_path / "manifest.parquet"), "--model", str(tiny_onnx),
-                   "--workers", "0") == 0
+    assert (
+        run_cli(str(manifest), "-o", str(tmp_path / "manifest.parquet"), "--model", str(tiny_onnx), "--workers", "0")
+        == 0
+    )
     rows = read_results(tmp_path / "manifest.parquet")
     assert [r["path"] for r in rows] == names  # input order is kept
     assert rows[-1]["error"]["code"] == "unreadable"
@@ -126,9 +128,28 @@ def test_the_command_with_worker_processes_and_a_progress_bar(tiny_onnx, dataset
     reference = tmp_path / "threads.jsonl"
     score(str(dataset), reference, model=tiny_onnx, workers=0, top_k=TOP_K, progress_stream=None)
     out = tmp_path / "processes.jsonl"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "score", str(dataset), "-o", str(out),
-                           "--model", str(tiny_onnx), "--workers", "2", "--batch-size", "2", "--top-k", str(TOP_K)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "score",
+            str(dataset),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_onnx),
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--top-k",
+            str(TOP_K),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "img/s" in done.stderr and "ETA" in done.stderr
     assert "4 scored, 1 unreadable" in done.stderr

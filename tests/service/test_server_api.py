@@ -32,13 +32,32 @@ pytestmark = pytest.mark.slow  # a real server process: ~5 s of start-up on 2 co
 def server(tiny_onnx, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, VITSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
-               VITSERVE_MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS), VITSERVE_MAX_BATCH_IMAGES=str(MAX_BATCH_IMAGES),
-               VITSERVE_API_KEY="", VITSERVE_JPEG_DRAFT="false")  # exact parity with timm for any JPEG size
+    env = dict(
+        os.environ,
+        VITSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        VITSERVE_MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS),
+        VITSERVE_MAX_BATCH_IMAGES=str(MAX_BATCH_IMAGES),
+        VITSERVE_API_KEY="",
+        VITSERVE_JPEG_DRAFT="false",
+    )  # exact parity with timm for any JPEG size
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_onnx), "--port", str(port),
-             "--max-batch-size", "4"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--model",
+                str(tiny_onnx),
+                "--port",
+                str(port),
+                "--max-batch-size",
+                "4",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process, log_path)
@@ -79,8 +98,9 @@ def test_classify_raw_body_matches_pytorch_on_photos(client, photos, tiny_vit):
     from timm.data import create_transform, resolve_data_config
 
     _, model = tiny_vit
-    reference = create_transform(**resolve_data_config({"input_size": (3, 32, 32), "crop_pct": 32 / 36,
-                                                        "interpolation": "bicubic"}))
+    reference = create_transform(
+        **resolve_data_config({"input_size": (3, 32, 32), "crop_pct": 32 / 36, "interpolation": "bicubic"})
+    )
     for name, data in photos.items():
         r = client.post("/v1/classify?top_k=10", content=data, headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 200, r.text
@@ -125,7 +145,8 @@ def test_batch_json_with_ids_and_one_bad_image(client, photos):
     single = client.post("/v1/classify?top_k=1", content=photos["rocket"], headers={"Content-Type": "image/jpeg"})
     assert results["img-rocket"]["predictions"][0]["index"] == single.json()["predictions"][0]["index"]
     assert results["img-rocket"]["predictions"][0]["probability"] == pytest.approx(
-        single.json()["predictions"][0]["probability"], abs=1e-6)
+        single.json()["predictions"][0]["probability"], abs=1e-6
+    )
 
 
 def test_models_health_metrics(client):
@@ -139,46 +160,74 @@ def test_models_health_metrics(client):
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert 'vitserve_requests_total{method="POST",route="/v1/classify",status="200"}' in text
-    for name in ("vitserve_request_duration_seconds_bucket", "vitserve_queue_depth", "vitserve_batch_size_bucket",
-                 "vitserve_inference_seconds_count", "vitserve_preprocess_seconds_count", "vitserve_images_total",
-                 "vitserve_images_per_second"):
+    for name in (
+        "vitserve_request_duration_seconds_bucket",
+        "vitserve_queue_depth",
+        "vitserve_batch_size_bucket",
+        "vitserve_inference_seconds_count",
+        "vitserve_preprocess_seconds_count",
+        "vitserve_images_total",
+        "vitserve_images_per_second",
+    ):
         assert name in text, name
     assert client.get("/docs").status_code == 200 and "/v1/classify" in client.get("/openapi.json").text
 
 
 # -- the issue's bad inputs, each a JSON error naming the problem, server still serving -------------
 def test_empty_body(client, photos):
-    _assert_error(client.post("/v1/classify", content=b"", headers={"Content-Type": "image/png"}), 422,
-                  "invalid_image", "empty")
+    _assert_error(
+        client.post("/v1/classify", content=b"", headers={"Content-Type": "image/png"}), 422, "invalid_image", "empty"
+    )
     _still_serving(client, photos)
 
 
 def test_not_an_image(client, photos):
-    _assert_error(client.post("/v1/classify", content=b"GIF89a but not really" * 10,
-                              headers={"Content-Type": "image/gif"}), 422, "invalid_image", "not an image")
+    _assert_error(
+        client.post("/v1/classify", content=b"GIF89a but not really" * 10, headers={"Content-Type": "image/gif"}),
+        422,
+        "invalid_image",
+        "not an image",
+    )
     _still_serving(client, photos)
 
 
 def test_truncated_jpeg(client, photos):
     data = photos["astronaut"]
-    _assert_error(client.post("/v1/classify", content=data[: len(data) // 3], headers={"Content-Type": "image/jpeg"}),
-                  422, "invalid_image", "truncated")
+    _assert_error(
+        client.post("/v1/classify", content=data[: len(data) // 3], headers={"Content-Type": "image/jpeg"}),
+        422,
+        "invalid_image",
+        "truncated",
+    )
     _still_serving(client, photos)
 
 
 def test_wrong_content_type(client, photos):
-    _assert_error(client.post("/v1/classify", content=photos["coffee"], headers={"Content-Type": "text/plain"}),
-                  415, "unsupported_media_type", "text/plain")
-    _assert_error(client.post("/v1/classify/batch", content=b"x", headers={"Content-Type": "image/png"}),
-                  415, "unsupported_media_type", "image/png")
+    _assert_error(
+        client.post("/v1/classify", content=photos["coffee"], headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    )
+    _assert_error(
+        client.post("/v1/classify/batch", content=b"x", headers={"Content-Type": "image/png"}),
+        415,
+        "unsupported_media_type",
+        "image/png",
+    )
     _still_serving(client, photos)
 
 
 def test_decompression_bomb(client, photos):
     bomb = _png(Image.new("1", (4000, 4000)))  # 16 Mpx in a few kB
     assert len(bomb) < 10_000
-    _assert_error(client.post("/v1/classify", content=bomb, headers={"Content-Type": "image/png"}), 422,
-                  "invalid_image", "16000000 pixels", str(MAX_IMAGE_PIXELS))
+    _assert_error(
+        client.post("/v1/classify", content=bomb, headers={"Content-Type": "image/png"}),
+        422,
+        "invalid_image",
+        "16000000 pixels",
+        str(MAX_IMAGE_PIXELS),
+    )
     _still_serving(client, photos)
 
 
@@ -215,8 +264,9 @@ def _raw_http(port: int, head: bytes, body_chunks, read_timeout_s: float = 10.0)
 def test_body_over_the_byte_limit_declared(server, client, photos):
     port = int(server[0].rsplit(":", 1)[1])
     claimed = 10**9  # a 1 GB upload: answered from the header, the body is never sent
-    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: {claimed}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {claimed}\r\n\r\n"
+    ).encode()
     started = time.monotonic()
     response = _raw_http(port, head, [b"\xff" * 1024])
     assert time.monotonic() - started < 5
@@ -251,8 +301,7 @@ def test_odd_but_valid_images_are_classified(client, photos):
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=40, loop=0)
     cases = {
         "cmyk jpeg": (cmyk.getvalue(), "image/jpeg"),
-        "16-bit png": (_png(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))),
-                       "image/png"),
+        "16-bit png": (_png(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))), "image/png"),
         "palette png with transparency": (_png(palette, transparency=0), "image/png"),
         "animated gif": (gif.getvalue(), "image/gif"),
         "1x1": (_png(Image.new("RGB", (1, 1), (9, 99, 199))), "image/png"),
@@ -264,7 +313,9 @@ def test_odd_but_valid_images_are_classified(client, photos):
         assert len(r.json()["predictions"]) == 5, name
     # The animated GIF is classified as its first (red) frame.
     red = _png(Image.new("RGB", (48, 48), (250, 0, 0)))
-    first = client.post("/v1/classify?top_k=10", content=cases["animated gif"][0], headers={"Content-Type": "image/gif"})
+    first = client.post(
+        "/v1/classify?top_k=10", content=cases["animated gif"][0], headers={"Content-Type": "image/gif"}
+    )
     as_red = client.post("/v1/classify?top_k=10", content=red, headers={"Content-Type": "image/png"})
     assert first.json()["predictions"] == as_red.json()["predictions"]
     _still_serving(client, photos)
@@ -277,33 +328,55 @@ def test_invalid_base64_alone(client, photos):
 
 
 def test_malformed_json_and_shapes(client, photos):
-    _assert_error(client.post("/v1/classify/batch", content=b"{not json", headers={"Content-Type": "application/json"}),
-                  400, "bad_request", "malformed json")
+    _assert_error(
+        client.post("/v1/classify/batch", content=b"{not json", headers={"Content-Type": "application/json"}),
+        400,
+        "bad_request",
+        "malformed json",
+    )
     _assert_error(client.post("/v1/classify/batch", json={"pictures": []}), 400, "bad_request", "images")
-    _assert_error(client.post("/v1/classify/batch", json={"images": [{"id": "a", "data": ""}], "top_k": "3"}),
-                  400, "bad_request", "top_k")
+    _assert_error(
+        client.post("/v1/classify/batch", json={"images": [{"id": "a", "data": ""}], "top_k": "3"}),
+        400,
+        "bad_request",
+        "top_k",
+    )
     _still_serving(client, photos)
 
 
 def test_malformed_multipart(client, photos):
-    body = b"--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\nabc"  # never closed
+    body = b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\nabc'  # never closed
     r = client.post("/v1/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=XYZ"})
     assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
-    _assert_error(client.post("/v1/classify", files={"image": ("a.jpg", photos["coffee"], "image/jpeg")}), 400,
-                  "bad_request", "'file'")
-    _assert_error(client.post("/v1/classify", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}),
-                  400, "bad_request", "multipart")
+    _assert_error(
+        client.post("/v1/classify", files={"image": ("a.jpg", photos["coffee"], "image/jpeg")}),
+        400,
+        "bad_request",
+        "'file'",
+    )
+    _assert_error(
+        client.post("/v1/classify", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}),
+        400,
+        "bad_request",
+        "multipart",
+    )
     _still_serving(client, photos)
 
 
 def test_too_many_images_in_a_batch(client, photos):
     for count in (MAX_BATCH_IMAGES + 1, MAX_BATCH_IMAGES + 5):
         files = [("files", (f"{i}.jpg", photos["coffee"], "image/jpeg")) for i in range(count)]
-        _assert_error(client.post("/v1/classify/batch", files=files), 413, "payload_too_large", "too many images",
-                      str(MAX_BATCH_IMAGES))
+        _assert_error(
+            client.post("/v1/classify/batch", files=files),
+            413,
+            "payload_too_large",
+            "too many images",
+            str(MAX_BATCH_IMAGES),
+        )
     images = [{"id": str(i), "data": base64.b64encode(photos["coffee"]).decode()} for i in range(MAX_BATCH_IMAGES + 1)]
-    _assert_error(client.post("/v1/classify/batch", json={"images": images}), 413, "payload_too_large",
-                  "too many images")
+    _assert_error(
+        client.post("/v1/classify/batch", json={"images": images}), 413, "payload_too_large", "too many images"
+    )
     _still_serving(client, photos)
 
 

@@ -21,8 +21,8 @@ from PIL import Image
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from service.http.v2 import codec as v2_codec
 from service.core.metadata import ModelMetadata, Preprocessing
+from service.http.v2 import codec as v2_codec
 from service.http.v2.codec import V2ProtocolError
 
 IMAGE_SIZE = 32
@@ -43,8 +43,15 @@ def photos() -> list[bytes]:
 def client_request(inputs, outputs=None, request_id="", timeout=None) -> tuple[bytes, int | None]:
     """The body and Inference-Header-Content-Length that tritonclient.http would send."""
     return _get_inference_request(
-        inputs=inputs, request_id=request_id, outputs=outputs, sequence_id=0, sequence_start=False,
-        sequence_end=False, priority=0, timeout=timeout, custom_parameters=None,
+        inputs=inputs,
+        request_id=request_id,
+        outputs=outputs,
+        sequence_id=0,
+        sequence_start=False,
+        sequence_end=False,
+        priority=0,
+        timeout=timeout,
+        custom_parameters=None,
     )
 
 
@@ -76,8 +83,16 @@ def test_bytes_input_of_shape_n_by_1_as_triton_models_often_declare(photos):
     inp = InferInput("images", [2, 1], "BYTES")
     inp.set_data_from_numpy(np.array([[photos[0]], [photos[1]]], dtype=np.object_), binary_data=True)
     assert parse(*client_request([inp])).images == (photos[0], photos[1])
-    nested = {"inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
-                          "data": [[base64.b64encode(photos[0]).decode()], [base64.b64encode(photos[1]).decode()]]}]}
+    nested = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [2, 1],
+                "datatype": "BYTES",
+                "data": [[base64.b64encode(photos[0]).decode()], [base64.b64encode(photos[1]).decode()]],
+            }
+        ]
+    }
     assert parse(json.dumps(nested).encode(), None).images == (photos[0], photos[1])
 
 
@@ -94,8 +109,9 @@ def test_fp32_input_round_trips_bit_exact(binary):
 
 def test_nested_json_data_is_accepted_row_major():
     pixels = np.arange(3 * IMAGE_SIZE * IMAGE_SIZE, dtype=np.float32).reshape(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    header = {"inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
-                          "data": pixels.tolist()}]}
+    header = {
+        "inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.tolist()}]
+    }
     request = parse(json.dumps(header).encode(), None)
     np.testing.assert_array_equal(request.pixel_values, pixels)
 
@@ -104,8 +120,10 @@ def test_no_outputs_means_all_outputs_binary_as_the_client_asks():
     pixels = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     inp = InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels)
     request = parse(*client_request([inp]))  # the client then sets binary_data_output: true
-    assert request.outputs == (v2_codec.RequestedOutput("logits", binary=True),
-                               v2_codec.RequestedOutput("probabilities", binary=True))
+    assert request.outputs == (
+        v2_codec.RequestedOutput("logits", binary=True),
+        v2_codec.RequestedOutput("probabilities", binary=True),
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -114,9 +132,10 @@ def test_response_decodes_with_the_official_client(binary):
     logits = rng.standard_normal((3, len(LABELS))).astype(np.float32)
     pixels = np.zeros((3, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     inp = InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels)
-    outputs = [InferRequestedOutput("logits", binary_data=binary),
-               InferRequestedOutput("probabilities", binary_data=binary),
-               ]
+    outputs = [
+        InferRequestedOutput("logits", binary_data=binary),
+        InferRequestedOutput("probabilities", binary_data=binary),
+    ]
     request = parse(*client_request([inp], outputs, request_id="abc"))
     body, header_length = v2_codec.build_infer_response(model_name="m", request=request, logits=logits, labels=LABELS)
     assert (header_length is not None) == binary
@@ -140,8 +159,7 @@ def c_printf_f(value: float) -> str:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_classification_extension_matches_tritons_format(binary):
-    logits = np.array([[0.5, 3.25, -1e-7, 12345.678, 3.25],
-                       [-2.0, -1.0, -3.0, -0.5, -10.0]], dtype=np.float32)
+    logits = np.array([[0.5, 3.25, -1e-7, 12345.678, 3.25], [-2.0, -1.0, -3.0, -0.5, -10.0]], dtype=np.float32)
     pixels = np.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     inp = InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels)
     request = parse(*client_request([inp], [InferRequestedOutput("logits", binary_data=binary, class_count=3)]))
@@ -160,8 +178,11 @@ def test_classification_extension_matches_tritons_format(binary):
 
 def test_classification_count_is_capped_at_the_number_of_classes():
     logits = np.arange(5, dtype=np.float32)[None]
-    request = v2_codec.InferRequest(id=None, outputs=(v2_codec.RequestedOutput("probabilities", class_count=99),),
-                                    pixel_values=np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    request = v2_codec.InferRequest(
+        id=None,
+        outputs=(v2_codec.RequestedOutput("probabilities", class_count=99),),
+        pixel_values=np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32),
+    )
     body, _ = v2_codec.build_infer_response(model_name="m", request=request, logits=logits, labels=LABELS)
     output = json.loads(body)["outputs"][0]
     assert output["shape"] == [1, 5] and output["datatype"] == "BYTES"
@@ -195,57 +216,146 @@ PIXEL_SHAPE = [1, 3, IMAGE_SIZE, IMAGE_SIZE]
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]),
-         "element 0 is not valid base64"),
-        (raw_request([{"name": "images", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]),
-         "has shape [2] but carries 1 elements"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "FP32", "data": [1.0]}]),
-         "must have datatype BYTES"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": [3]}]),
-         "expected a base64 string"),
-        (raw_request([{"name": "pixel_values", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0]}]),
-         f"must have shape [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}], got [1, 3, 16, 16]"),
-        (raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP16", "data": [0.0]}]),
-         "must have datatype FP32, got 'FP16'"),
-        (raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP32", "data": [0.0, 1.0]}]),
-         "but 'data' holds 2"),
-        (raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP32",
-                       "data": ["0"] * (3 * IMAGE_SIZE * IMAGE_SIZE)}]),
-         "must hold only numbers"),
-        (raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP32",
-                       "parameters": {"binary_data_size": 8}}], binary=b"\0" * 8),
-         "needs 12288 bytes of FP32"),
-        (raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP32",
-                       "parameters": {"binary_data_size": 12288}}],
-                     binary=np.full(3 * IMAGE_SIZE * IMAGE_SIZE, np.nan, np.float32).tobytes()),
-         "NaN or infinite"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES",
-                       "parameters": {"binary_data_size": 4}}], binary=b"\0" * 6),
-         "2 binary bytes after the JSON header"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES",
-                       "parameters": {"binary_data_size": 6}}], binary=b"\x09\0\0\0ab"),
-         "element 0 claims 9 bytes but only 2 remain"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES",
-                       "parameters": {"binary_data_size": 10}}], binary=b"\0" * 6),
-         "only 6 binary bytes are left"),
-        (raw_request([{"name": "input__0", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]),
-         "unknown input 'input__0'"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}] * 2),
-         "send exactly one input"),
+        (
+            raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]}]),
+            "element 0 is not valid base64",
+        ),
+        (
+            raw_request([{"name": "images", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]),
+            "has shape [2] but carries 1 elements",
+        ),
+        (
+            raw_request([{"name": "images", "shape": [1], "datatype": "FP32", "data": [1.0]}]),
+            "must have datatype BYTES",
+        ),
+        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": [3]}]), "expected a base64 string"),
+        (
+            raw_request([{"name": "pixel_values", "shape": [1, 3, 16, 16], "datatype": "FP32", "data": [0.0]}]),
+            f"must have shape [N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}], got [1, 3, 16, 16]",
+        ),
+        (
+            raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP16", "data": [0.0]}]),
+            "must have datatype FP32, got 'FP16'",
+        ),
+        (
+            raw_request([{"name": "pixel_values", "shape": PIXEL_SHAPE, "datatype": "FP32", "data": [0.0, 1.0]}]),
+            "but 'data' holds 2",
+        ),
+        (
+            raw_request(
+                [
+                    {
+                        "name": "pixel_values",
+                        "shape": PIXEL_SHAPE,
+                        "datatype": "FP32",
+                        "data": ["0"] * (3 * IMAGE_SIZE * IMAGE_SIZE),
+                    }
+                ]
+            ),
+            "must hold only numbers",
+        ),
+        (
+            raw_request(
+                [
+                    {
+                        "name": "pixel_values",
+                        "shape": PIXEL_SHAPE,
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                binary=b"\0" * 8,
+            ),
+            "needs 12288 bytes of FP32",
+        ),
+        (
+            raw_request(
+                [
+                    {
+                        "name": "pixel_values",
+                        "shape": PIXEL_SHAPE,
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 12288},
+                    }
+                ],
+                binary=np.full(3 * IMAGE_SIZE * IMAGE_SIZE, np.nan, np.float32).tobytes(),
+            ),
+            "NaN or infinite",
+        ),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4}}],
+                binary=b"\0" * 6,
+            ),
+            "2 binary bytes after the JSON header",
+        ),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}],
+                binary=b"\x09\0\0\0ab",
+            ),
+            "element 0 claims 9 bytes but only 2 remain",
+        ),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 10}}],
+                binary=b"\0" * 6,
+            ),
+            "only 6 binary bytes are left",
+        ),
+        (
+            raw_request([{"name": "input__0", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]),
+            "unknown input 'input__0'",
+        ),
+        (
+            raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}] * 2),
+            "send exactly one input",
+        ),
         (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES"}]), "neither 'data' nor"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
-                     outputs=[{"name": "features"}]), "unknown output 'features'"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
-                     outputs=[{"name": "logits", "parameters": {"classification": -1}}]), "classification must be"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
-                     outputs=[{"name": "logits"}, {"name": "logits"}]), "requested twice"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="],
-                       "parameters": {"shared_memory_region": "r"}}]), "shared memory is not supported"),
-        (raw_request([{"name": "images", "shape": [9], "datatype": "BYTES", "data": ["aGk="] * 9}]),
-         "at most 8"),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                outputs=[{"name": "features"}],
+            ),
+            "unknown output 'features'",
+        ),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                outputs=[{"name": "logits", "parameters": {"classification": -1}}],
+            ),
+            "classification must be",
+        ),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                outputs=[{"name": "logits"}, {"name": "logits"}],
+            ),
+            "requested twice",
+        ),
+        (
+            raw_request(
+                [
+                    {
+                        "name": "images",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "data": ["aGk="],
+                        "parameters": {"shared_memory_region": "r"},
+                    }
+                ]
+            ),
+            "shared memory is not supported",
+        ),
+        (raw_request([{"name": "images", "shape": [9], "datatype": "BYTES", "data": ["aGk="] * 9}]), "at most 8"),
         (raw_request([{"name": "images", "shape": [0], "datatype": "BYTES", "data": []}]), "the batch is empty"),
-        (raw_request([{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
-                     parameters={"timeout": "soon"}), "'timeout' must be a positive integer"),
+        (
+            raw_request(
+                [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}],
+                parameters={"timeout": "soon"},
+            ),
+            "'timeout' must be a positive integer",
+        ),
         ((b"{not json", None), "not valid JSON"),
         ((b"[]", None), "must be a JSON object"),
         (raw_request([]), "'inputs' must be a non-empty list"),

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.http.app import create_app
 from service.core.settings import Settings
+from service.http.app import create_app
 
 LIMIT = 512 * 1024  # JSON pixels: ~63 KB per 32x32 image
 
@@ -24,8 +24,13 @@ LIMIT = 512 * 1024  # JSON pixels: ~63 KB per 32x32 image
 @pytest.fixture
 def client(make_fake_engine, tmp_path):
     engine = make_fake_engine(num_classes=10, image_size=32)
-    settings = Settings(model=tmp_path / "unused.onnx", max_upload_bytes=LIMIT, max_batch_images=4,
-                        preprocess_threads=1, warmup_batch_sizes="1")
+    settings = Settings(
+        model=tmp_path / "unused.onnx",
+        max_upload_bytes=LIMIT,
+        max_batch_images=4,
+        preprocess_threads=1,
+        warmup_batch_sizes="1",
+    )
     with TestClient(create_app(settings, engine=engine)) as client:
         deadline = time.monotonic() + 10
         while client.get("/readyz").status_code != 200:
@@ -36,13 +41,25 @@ def client(make_fake_engine, tmp_path):
 
 def pixel_request(n: int = 1) -> bytes:
     pixels = np.random.default_rng(0).standard_normal((n, 3, 32, 32)).astype(np.float32)
-    return json.dumps({"inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
-                                   "data": pixels.ravel().tolist()}],
-                       "outputs": [{"name": "logits"}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixel_values",
+                    "shape": list(pixels.shape),
+                    "datatype": "FP32",
+                    "data": pixels.ravel().tolist(),
+                }
+            ],
+            "outputs": [{"name": "logits"}],
+        }
+    ).encode()
 
 
 def infer(client, body: bytes, **headers):
-    return client.post("/v2/models/fake_vit/infer", content=body, headers={"Content-Type": "application/json", **headers})
+    return client.post(
+        "/v2/models/fake_vit/infer", content=body, headers={"Content-Type": "application/json", **headers}
+    )
 
 
 def test_pixels_are_run_through_the_batcher(client):
@@ -87,11 +104,14 @@ def test_a_small_compressed_body_cannot_inflate_past_the_limit(client):
     assert "decompressed request body is over the limit" in response.json()["error"]
 
 
-@pytest.mark.parametrize(("encoding", "body", "message"), [
-    ("br", b"{}", "unsupported Content-Encoding 'br'"),
-    ("gzip", b"not gzip at all", "is not valid gzip data"),
-    ("gzip", gzip.compress(b'{"inputs": []}')[:-12], "truncated gzip data"),
-])
+@pytest.mark.parametrize(
+    ("encoding", "body", "message"),
+    [
+        ("br", b"{}", "unsupported Content-Encoding 'br'"),
+        ("gzip", b"not gzip at all", "is not valid gzip data"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-12], "truncated gzip data"),
+    ],
+)
 def test_bad_encodings_are_400(client, encoding, body, message):
     response = infer(client, body, **{"Content-Encoding": encoding})
     assert response.status_code == 400
@@ -103,7 +123,8 @@ def test_too_many_images_and_unknown_version(client):
     assert response.status_code == 400 and "at most 4" in response.json()["error"]
     response = client.post("/v2/models/fake_vit/versions/7/infer", content=pixel_request())
     assert response.status_code == 404 and response.json() == {
-        "error": "unknown version '7' of model 'fake_vit'; available: ['1']"}
+        "error": "unknown version '7' of model 'fake_vit'; available: ['1']"
+    }
 
 
 def test_wrong_method_and_unknown_path_keep_answering_json(client):
@@ -115,8 +136,13 @@ def test_early_refusals_use_the_v2_error_shape(make_fake_engine, tmp_path):
     # The middleware refuses before any route runs (key, body size, draining): /v2 clients still get
     # the protocol's {"error": "<message>"}, while /v1 keeps the service-wide shape.
     engine = make_fake_engine(num_classes=10, image_size=32)
-    settings = Settings(model=tmp_path / "unused.onnx", max_upload_bytes=LIMIT, preprocess_threads=1,
-                        warmup_batch_sizes="1", api_key="secret")
+    settings = Settings(
+        model=tmp_path / "unused.onnx",
+        max_upload_bytes=LIMIT,
+        preprocess_threads=1,
+        warmup_batch_sizes="1",
+        api_key="secret",
+    )
     with TestClient(create_app(settings, engine=engine)) as client:
         refused = infer(client, pixel_request())
         assert refused.status_code == 401

@@ -20,11 +20,11 @@ import tritonclient.http as triton
 import uvicorn
 from tritonclient.utils import InferenceServerException
 
-from service.http.app import create_app
 from service.core.metadata import ModelMetadata
+from service.core.settings import Settings
+from service.http.app import create_app
 from service.runtime.postprocess import softmax
 from service.runtime.preprocess import load_pixels
-from service.core.settings import Settings
 
 pytestmark = pytest.mark.slow  # real uvicorn servers and a real ONNX model: ~5 s beyond the shared export
 
@@ -63,8 +63,14 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def server(tiny_onnx):
-    settings = Settings(model=tiny_onnx, max_batch_size=4, max_queue_delay_ms=2, preprocess_threads=2,
-                        intra_op_threads=1, warmup_batch_sizes="1")
+    settings = Settings(
+        model=tiny_onnx,
+        max_batch_size=4,
+        max_queue_delay_ms=2,
+        preprocess_threads=2,
+        intra_op_threads=1,
+        warmup_batch_sizes="1",
+    )
     with running(create_app(settings)) as url:
         yield url
 
@@ -123,17 +129,23 @@ def test_health_and_metadata(client, reference):
     assert model_meta["name"] == name and model_meta["versions"] == ["1"]
     size = metadata.preprocessing.image_size
     assert {i["name"]: (i["datatype"], i["shape"]) for i in model_meta["inputs"]} == {
-        "images": ("BYTES", [-1]), "pixel_values": ("FP32", [-1, 3, size, size])}
+        "images": ("BYTES", [-1]),
+        "pixel_values": ("FP32", [-1, 3, size, size]),
+    }
     assert {o["name"]: (o["datatype"], o["shape"]) for o in model_meta["outputs"]} == {
-        "logits": ("FP32", [-1, metadata.num_classes]), "probabilities": ("FP32", [-1, metadata.num_classes])}
+        "logits": ("FP32", [-1, metadata.num_classes]),
+        "probabilities": ("FP32", [-1, metadata.num_classes]),
+    }
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_encoded_photos_match_v1_and_onnxruntime(client, server, reference, encode_photo, binary):
     metadata, session = reference
     photos = [encode_photo(name) for name in IMAGES]
-    outputs = [triton.InferRequestedOutput("logits", binary_data=binary),
-               triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=5)]
+    outputs = [
+        triton.InferRequestedOutput("logits", binary_data=binary),
+        triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=5),
+    ]
     result = client.infer(metadata.architecture, [bytes_input(photos, binary)], outputs=outputs, request_id="req-7")
     assert result.get_response()["id"] == "req-7"
     logits = result.as_numpy("logits")
@@ -149,10 +161,10 @@ def test_encoded_photos_match_v1_and_onnxruntime(client, server, reference, enco
         classes = parse_classes(row)
         assert [(i, label) for _, i, label in classes] == [(p["index"], p["label"]) for p in v1["predictions"]]
         # Triton prints scores with 6 decimals; /v1 gives the full probability.
-        np.testing.assert_allclose([s for s, _, _ in classes], [p["probability"] for p in v1["predictions"]],
-                                   atol=1e-6)
-        np.testing.assert_allclose(softmax(row_logits)[[i for _, i, _ in classes]],
-                                   [p["probability"] for p in v1["predictions"]], atol=1e-6)
+        np.testing.assert_allclose([s for s, _, _ in classes], [p["probability"] for p in v1["predictions"]], atol=1e-6)
+        np.testing.assert_allclose(
+            softmax(row_logits)[[i for _, i, _ in classes]], [p["probability"] for p in v1["predictions"]], atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -160,8 +172,9 @@ def test_preprocessed_pixels_match_onnxruntime(client, reference, encode_photo, 
     metadata, session = reference
     rng = np.random.default_rng(0)
     size = metadata.preprocessing.image_size
-    pixels = np.stack([server_pixels(encode_photo("rocket"), metadata),
-                       rng.standard_normal((3, size, size), dtype=np.float32)])
+    pixels = np.stack(
+        [server_pixels(encode_photo("rocket"), metadata), rng.standard_normal((3, size, size), dtype=np.float32)]
+    )
     inp = triton.InferInput("pixel_values", list(pixels.shape), "FP32").set_data_from_numpy(pixels, binary_data=binary)
     # No outputs named: the client asks for every output, in binary.
     result = client.infer(metadata.architecture, [inp], model_version="1")
@@ -174,8 +187,12 @@ def test_preprocessed_pixels_match_onnxruntime(client, reference, encode_photo, 
 def test_compressed_requests(client, reference, encode_photo, algorithm):
     metadata, session = reference
     photo = encode_photo("chelsea")
-    result = client.infer(metadata.architecture, [bytes_input([photo], True)],
-                          outputs=[triton.InferRequestedOutput("logits")], request_compression_algorithm=algorithm)
+    result = client.infer(
+        metadata.architecture,
+        [bytes_input([photo], True)],
+        outputs=[triton.InferRequestedOutput("logits")],
+        request_compression_algorithm=algorithm,
+    )
     pixels = server_pixels(photo, metadata)[None]
     np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
 
@@ -184,16 +201,18 @@ def test_plain_json_without_the_client(server, reference, encode_photo):
     """curl-style: a JSON body in, a JSON body out (no binary extension)."""
     metadata, session = reference
     photo = encode_photo("astronaut")
-    body = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
-                        "data": [base64.b64encode(photo).decode()]}],
-            "outputs": [{"name": "logits"}]}
+    body = {
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(photo).decode()]}],
+        "outputs": [{"name": "logits"}],
+    }
     response = httpx.post(f"{server}/v2/models/{metadata.architecture}/infer", json=body)
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     out = response.json()["outputs"][0]
     assert out["shape"] == [1, metadata.num_classes] and out["datatype"] == "FP32"
     pixels = server_pixels(photo, metadata)[None]
-    np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(out["shape"]),
-                               run_reference(session, pixels), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]), run_reference(session, pixels), atol=ATOL, rtol=0
+    )
 
 
 def expect_error(call, status: str, fragment: str) -> None:
@@ -208,8 +227,9 @@ def test_errors_are_answered_in_the_protocols_shape(client, server, reference, e
     name = metadata.architecture
     photo = encode_photo("coffee")
     expect_error(lambda: client.infer("resnet50", [bytes_input([photo], True)]), "404", "unknown model 'resnet50'")
-    expect_error(lambda: client.infer(name, [bytes_input([photo], True)], model_version="2"), "404",
-                 "unknown version '2'")
+    expect_error(
+        lambda: client.infer(name, [bytes_input([photo], True)], model_version="2"), "404", "unknown version '2'"
+    )
     expect_error(lambda: client.get_model_metadata("resnet50"), "404", "unknown model")
 
     small = np.zeros((1, 3, 16, 16), np.float32)
@@ -224,7 +244,8 @@ def test_errors_are_answered_in_the_protocols_shape(client, server, reference, e
     expect_error(lambda: client.infer(name, [not_an_image]), "422", "input 'images' element 1:")
 
     wrong_type = triton.InferInput("pixel_values", [1, 3, 2, 2], "INT32").set_data_from_numpy(
-        np.zeros((1, 3, 2, 2), np.int32))
+        np.zeros((1, 3, 2, 2), np.int32)
+    )
     expect_error(lambda: client.infer(name, [wrong_type]), "400", "must have datatype FP32, got 'INT32'")
 
     # The raw body is the protocol's {"error": "<message>"}, not the /v1 {"error": {...}} object.
@@ -242,8 +263,9 @@ def test_errors_are_answered_in_the_protocols_shape(client, server, reference, e
 def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
     """With VITSERVE_API_KEY set, the client passes the key in headers=; health probes stay open."""
     metadata, session = reference
-    settings = Settings(model=tiny_onnx, api_key=API_KEY, preprocess_threads=1, intra_op_threads=1,
-                        warmup_batch_sizes="1")
+    settings = Settings(
+        model=tiny_onnx, api_key=API_KEY, preprocess_threads=1, intra_op_threads=1, warmup_batch_sizes="1"
+    )
     app = create_app(settings)
     paths = app.openapi()["paths"]
     assert "/v2/models/{model_name}/infer" in paths and "/v2/models/{model_name}/versions/{model_version}" in paths
@@ -255,8 +277,9 @@ def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
             with pytest.raises(InferenceServerException) as info:  # refused by the app's middleware
                 client.infer(metadata.architecture, [bytes_input([photo], True)])
             assert info.value.status() == "401"
-            result = client.infer(metadata.architecture, [bytes_input([photo], True)],
-                                  headers={"Authorization": f"Bearer {API_KEY}"})
+            result = client.infer(
+                metadata.architecture, [bytes_input([photo], True)], headers={"Authorization": f"Bearer {API_KEY}"}
+            )
             pixels = server_pixels(photo, metadata)[None]
             np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
         finally:

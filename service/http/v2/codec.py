@@ -160,7 +160,8 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
     timeout_us = parameters.get("timeout")
     if timeout_us is not None and (not _is_int(timeout_us) or timeout_us <= 0):
         raise V2ProtocolError(
-            f"request parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}")
+            f"request parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}"
+        )
 
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -182,7 +183,8 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
         images = None
     else:
         raise V2ProtocolError(
-            f"unknown input '{name}'; this model takes '{IMAGES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (FP32)")
+            f"unknown input '{name}'; this model takes '{IMAGES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (FP32)"
+        )
 
     outputs = _parse_outputs(header.get("outputs"), default_binary=bool(parameters.get("binary_data_output", False)))
     return InferRequest(id=request_id, outputs=outputs, images=images, pixel_values=pixels, timeout_us=timeout_us)
@@ -224,7 +226,7 @@ def _split_binary(inputs: list, binary: bytes) -> list[tuple[dict, bytes | None]
                 f"input '{name}': binary_data_size={size} but only {len(binary) - offset} binary bytes "
                 "are left in the body"
             )
-        tensors.append((spec, binary[offset:offset + size]))
+        tensors.append((spec, binary[offset : offset + size]))
         offset += size
     if offset != len(binary):
         raise V2ProtocolError(
@@ -260,7 +262,8 @@ def _parse_images(spec: dict, raw: bytes | None) -> tuple[bytes, ...]:
         shape = shape[:1]  # [N, 1] is Triton's usual layout for one string per batch item
     if len(shape) != 1:
         raise V2ProtocolError(
-            f"input '{IMAGES_INPUT}' must have shape [N] (one encoded image per element), got {spec['shape']}")
+            f"input '{IMAGES_INPUT}' must have shape [N] (one encoded image per element), got {spec['shape']}"
+        )
     n = shape[0]
     if raw is not None:
         images = deserialize_bytes(raw, IMAGES_INPUT)
@@ -270,7 +273,8 @@ def _parse_images(spec: dict, raw: bytes | None) -> tuple[bytes, ...]:
         for i, element in enumerate(elements):
             if not isinstance(element, str):
                 raise V2ProtocolError(
-                    f"input '{IMAGES_INPUT}' element {i}: expected a base64 string, got {type(element).__name__}")
+                    f"input '{IMAGES_INPUT}' element {i}: expected a base64 string, got {type(element).__name__}"
+                )
             try:
                 images.append(base64.b64decode(element, validate=True))
             except (binascii.Error, ValueError) as exc:
@@ -303,7 +307,8 @@ def _parse_pixels(spec: dict, raw: bytes | None, image_size: int) -> np.ndarray:
             raise V2ProtocolError(f"input '{PIXELS_INPUT}': 'data' must hold only numbers")
         if values.size != count:
             raise V2ProtocolError(
-                f"input '{PIXELS_INPUT}' has shape {shape} ({count} values) but 'data' holds {values.size}")
+                f"input '{PIXELS_INPUT}' has shape {shape} ({count} values) but 'data' holds {values.size}"
+            )
         pixels = values.astype(np.float32)
     if not np.isfinite(pixels).all():
         raise V2ProtocolError(f"input '{PIXELS_INPUT}' holds NaN or infinite values")
@@ -340,7 +345,7 @@ def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
             raise V2ProtocolError(
                 f"input '{name}': element {len(elements)} claims {size} bytes but only {len(raw) - offset} remain"
             )
-        elements.append(raw[offset:offset + size])
+        elements.append(raw[offset : offset + size])
         offset += size
     return elements
 
@@ -371,7 +376,8 @@ def _parse_outputs(outputs: Any, default_binary: bool) -> tuple[RequestedOutput,
         class_count = parameters.get("classification", 0)
         if not _is_int(class_count) or class_count < 0:
             raise V2ProtocolError(
-                f"output '{name}': classification must be a non-negative integer, got {class_count!r}")
+                f"output '{name}': classification must be a non-negative integer, got {class_count!r}"
+            )
         parsed.append(RequestedOutput(name, binary=binary, class_count=class_count))
     return tuple(parsed)
 

@@ -34,9 +34,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.http.v2 import codec as v2_codec
 from service.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from service.http.inference import classify_bytes, classify_pixels, request_deadline, require_ready
+from service.http.v2 import codec as v2_codec
 from service.http.v2.codec import MODEL_VERSION, V2ProtocolError
 
 SERVER_NAME = "vitserve"
@@ -101,8 +101,10 @@ def _health(ok: bool) -> Response:
 
 # Health answers have no body: documenting them as such (response_class=Response) keeps the OpenAPI
 # schema truthful; without it FastAPI documented an application/json body the routes never send.
-_EMPTY_HEALTH = {"response_class": Response,
-                 "responses": {200: {"description": "yes (empty body)"}, 400: {"description": "no (empty body)"}}}
+_EMPTY_HEALTH = {
+    "response_class": Response,
+    "responses": {200: {"description": "yes (empty body)"}, 400: {"description": "no (empty body)"}},
+}
 
 
 @router.get("", summary="Server metadata")
@@ -115,8 +117,9 @@ async def server_live() -> Response:
     return _health(True)
 
 
-@router.get("/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)",
-            **_EMPTY_HEALTH)
+@router.get(
+    "/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)", **_EMPTY_HEALTH
+)
 async def server_ready(request: Request) -> Response:
     return _health(_ready(request))
 
@@ -129,8 +132,9 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness", **_EMPTY_HEALTH)
-@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)",
-            **_EMPTY_HEALTH)
+@router.get(
+    "/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)", **_EMPTY_HEALTH
+)
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
     _check_model(request, model_name, model_version)
     return _health(_ready(request))
@@ -158,8 +162,11 @@ _INFER_OPENAPI = {
 
 
 @router.post("/models/{model_name}/infer", summary="Inference", openapi_extra=_INFER_OPENAPI)
-@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference (one version)",
-             openapi_extra=_INFER_OPENAPI)
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    summary="Inference (one version)",
+    openapi_extra=_INFER_OPENAPI,
+)
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     _check_model(request, model_name, model_version)
     state = require_ready(request)
@@ -169,9 +176,15 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
 
     # Parsing JSON pixel data is CPU work (milliseconds per image): keep it off the event loop.
     parsed = await asyncio.get_running_loop().run_in_executor(
-        state.preprocess_pool, partial(v2_codec.parse_infer_request, body, header_length,
-                                       image_size=state.metadata.preprocessing.image_size,
-                                       max_batch=settings.max_batch_images))
+        state.preprocess_pool,
+        partial(
+            v2_codec.parse_infer_request,
+            body,
+            header_length,
+            image_size=state.metadata.preprocessing.image_size,
+            max_batch=settings.max_batch_images,
+        ),
+    )
     deadline = request_deadline(state)
     if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
         deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
@@ -179,6 +192,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     # Every element goes through the batcher on its own, like /v1 images: they batch with each
     # other and with concurrent requests.
     if parsed.images is not None:
+
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
                 logits, _ = await classify_bytes(request, data, deadline=deadline)
@@ -193,7 +207,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     logits = np.stack(await _all_or_nothing(jobs))  # (N, K)
 
     content, json_length = v2_codec.build_infer_response(
-        model_name=model_name, request=parsed, logits=logits, labels=state.metadata.labels)
+        model_name=model_name, request=parsed, logits=logits, labels=state.metadata.labels
+    )
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type=_OCTET_STREAM, headers={v2_codec.HEADER_LENGTH_HEADER: str(json_length)})
