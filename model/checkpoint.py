@@ -405,7 +405,8 @@ def _read_directory(path: Path, source: str, *, model_name: str | None, model_ar
 def _config_for_bare_file(path: Path, model_name: str | None, model_args) -> ViTConfig:
     if model_name is None:
         raise CheckpointError(
-            f"{path} is a bare state dict: pass model_name= (e.g. 'vit_base_patch16_224' or 'B/16') to say its architecture"
+            f"{path} is a bare state dict: pass model_name= (e.g. 'vit_base_patch16_224' or 'B/16') "
+            "to say its architecture"
         )
     from model.convert import timm as timm_format
 

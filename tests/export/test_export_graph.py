@@ -177,7 +177,7 @@ def test_bad_requests_fail_before_exporting(tmp_path, tiny_model):
 
 def test_export_leaves_the_model_unchanged(tiny_model, exports):
     fresh = make_model()
-    for (name, a), b in zip(tiny_model.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(tiny_model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and bool((a == b).all()), name
     assert not tiny_model.training
 
