@@ -31,6 +31,7 @@ from typing import TextIO
 import numpy as np
 
 from service.core.errors import ServiceError
+from service.core.host import cpu_cores
 from service.core.metadata import Preprocessing
 from service.runtime.preprocess import load_pixels
 from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
@@ -295,13 +296,6 @@ def make_decode_pool(workers: int) -> Executor:
     for f in [pool.submit(_worker_ready) for _ in range(workers)]:
         f.result()
     return pool
-
-
-def cpu_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def iter_sources(inputs: Inputs, wanted: set[str] | None) -> Iterator[tuple[str, str | bytes]]:
