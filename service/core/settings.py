@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.gpu_config import GpuOptions, GpuOptionsError, parse_buckets
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
@@ -192,18 +193,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_gpu_options(self) -> Settings:
-        from service.runtime.gpu_options import GpuOptionsError
-
         try:
             self.gpu_options()
         except GpuOptionsError as exc:
             raise ValueError(str(exc)) from None
         return self
 
-    def gpu_options(self):
-        """The engine's GPU options (service.runtime.gpu_options.GpuOptions) these settings give."""
-        from service.runtime.gpu_options import GpuOptions, parse_buckets
-
+    def gpu_options(self) -> GpuOptions:
+        """The engine's GPU options these settings give."""
         return GpuOptions(
             batch_buckets=parse_buckets(self.batch_buckets),
             cuda_graphs=self.cuda_graphs,

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from service.core.gpu_config import GpuOptions
 from service.core.onnx_facts import CUDA_PROVIDER as CUDA
-from service.runtime.gpu_options import GpuOptions, pinned_array, plan_chunks
+from service.runtime.gpu_options import pinned_array, plan_chunks
 
 log = logging.getLogger("vitserve.engine")
 

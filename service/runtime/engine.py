@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.core.gpu_config import GpuOptions
 from service.core.host import cpu_cores
 from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
 from service.runtime.buckets import BucketRunner
-from service.runtime.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
+from service.runtime.gpu_options import cuda_provider_options, tensorrt_provider_options, trt_max_batch
 
 log = logging.getLogger("vitserve.engine")
 
