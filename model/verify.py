@@ -29,16 +29,8 @@ import numpy as np
 import onnx
 
 from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
+from service.core.onnx_facts import is_fused_attention
 
-# (domain, op_type) of the nodes that compute a whole attention; "" and "ai.onnx" are the standard domain.
-FUSED_ATTENTION_OPS = frozenset(
-    {
-        ("", "Attention"),
-        ("ai.onnx", "Attention"),
-        ("com.microsoft", "MultiHeadAttention"),
-        ("com.microsoft", "Attention"),
-    }
-)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 NUM_RANDOM = 8
 
@@ -171,7 +163,7 @@ def graph_stats(model: onnx.ModelProto) -> GraphStats:
     fused = softmax = 0
     for node in _all_nodes(model):
         counts[node.op_type] += 1
-        if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
+        if is_fused_attention(node.domain, node.op_type):
             fused += 1
         elif node.op_type == "Softmax":
             softmax += 1

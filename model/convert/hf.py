@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import (
+from model.config import SIZES, ViTConfig
+from model.convert.raw import (
     CheckpointError,
     RawCheckpoint,
     StateDict,
     read_json,
     read_state_dict_file,
 )
-from model.config import SIZES, ViTConfig
 from service.core.metadata import INTERPOLATIONS, Preprocessing
 
 # What `hf:<repo>` downloads.
@@ -182,7 +182,8 @@ def preprocessing_from_hf(processor: Mapping[str, Any] | None, image_size: int) 
 
 
 def read_dir(directory: Path, source: str) -> RawCheckpoint:
-    """A save_pretrained directory: config.json, model.safetensors or pytorch_model.bin, optional preprocessor_config.json."""
+    """A save_pretrained directory: config.json, model.safetensors or pytorch_model.bin, and an optional
+    preprocessor_config.json."""
     config_path = directory / "config.json"
     config_json = read_json(config_path)
     config = config_from_hf(config_json, where=str(config_path))

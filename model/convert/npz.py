@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, RawCheckpoint, StateDict, read_npz_file
 from model.config import ViTConfig
+from model.convert.raw import CheckpointError, RawCheckpoint, StateDict, read_npz_file
 
 _PREFIXES = ("opt/target/", "params/")
 

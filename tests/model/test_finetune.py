@@ -16,10 +16,10 @@ import torch
 from checkpoint_testlib import randomize
 from PIL import Image
 
-from model.checkpoint import import_checkpoint
+from model.checkpoint import import_checkpoint, load_native
 from model.config import ViTConfig
 from model.finetune import STATE_NAME, FinetuneError, FinetuneOptions, finetune
-from model.native import load_native, save_native
+from model.native import save_native
 from model.probe import fit_ridge
 from model.vit import VisionTransformer
 from service.core.metadata import Preprocessing
