@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
+
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
 
@@ -36,7 +38,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline per request, queue + inference")
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body, bytes")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height pixels")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="largest decoded image, width x height pixels"
+    )
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
