@@ -8,6 +8,7 @@ npz.py and model/native.py) imports only this module; the loader on top
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ StateDict = dict[str, torch.Tensor]
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # How many key names an error message lists before it says "... and N more".
 _MAX_KEYS_IN_MESSAGE = 12
+# Where a hybrid's ResNet weights live (model/hybrid.py, timm's names).
+BACKBONE_PREFIX = "patch_embed.backbone."
+_BACKBONE_BLOCK = re.compile(r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -65,10 +69,52 @@ def name_list(keys: Sequence[str]) -> str:
 
 
 def describe(config: ViTConfig) -> str:
-    return (
+    text = (
         f"D={config.embed_dim}, L={config.depth}, heads={config.num_heads}, mlp={config.mlp_dim}, "
         f"P={config.patch_size}, {config.image_size}px, K={config.num_classes}, pool={config.pool}"
     )
+    return text + (f", backbone {config.backbone_name}" if config.is_hybrid else "")
+
+
+def check_backbone(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, *, where: str) -> None:
+    """Name what is wrong with a hybrid's backbone (a plain/hybrid mix-up, a missing stage, a wrong
+    stage or block count) before the key-by-key check would list hundreds of keys."""
+    has_backbone = any(k.startswith(BACKBONE_PREFIX) for k in state_dict)  # the hybrid's telltale
+    if not config.is_hybrid:
+        if has_backbone:
+            raise CheckpointError(
+                f"{where} holds a hybrid's weights ({BACKBONE_PREFIX}*) but {config.name} is a plain ViT; "
+                "name the hybrid architecture, e.g. vit_base_r50_s16_224"
+            )
+        return
+    expected = config.backbone_layers or ()
+    if not has_backbone:
+        raise CheckpointError(
+            f"{where} has no {BACKBONE_PREFIX}* weights, but {config.name} is a hybrid with a "
+            f"{config.backbone_name} backbone (a plain ViT checkpoint?)"
+        )
+    blocks: dict[int, set[int]] = {}
+    for key in state_dict:
+        if match := _BACKBONE_BLOCK.match(key):
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    stages = sorted(blocks)
+    absent = [s for s in range(max(stages, default=-1) + 1) if s not in blocks]
+    if absent:
+        raise CheckpointError(
+            f"{where}: backbone stage(s) {', '.join(map(str, absent))} missing "
+            f"(found stages {', '.join(map(str, stages))}; {config.name} has {len(expected)}: blocks {expected})"
+        )
+    if len(stages) != len(expected):
+        raise CheckpointError(
+            f"{where}: the backbone has {len(stages)} stage(s) with blocks "
+            f"{tuple(len(blocks[s]) for s in stages)}, {config.name} has {len(expected)}: blocks {expected}"
+        )
+    for s in stages:
+        if blocks[s] != set(range(expected[s])):
+            raise CheckpointError(
+                f"{where}: backbone stage {s} has blocks {sorted(blocks[s])}, {config.name} has {expected[s]} "
+                f"(0..{expected[s] - 1})"
+            )
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, *, where: str) -> None:
@@ -79,6 +125,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, 
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{where}: entries that are not tensors: {name_list(not_tensors)}")
+    check_backbone(state_dict, config, where=where)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VisionTransformer(config).state_dict().items()}
     # Listed in the model's own order (embeddings, blocks, head), which reads like the architecture.
