@@ -43,6 +43,7 @@ import torch
 
 from model.checkpoint import import_checkpoint
 from model.config import ViTConfig
+from model.hybrid import fold_weight_standardization
 from model.onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, save_onnx
 from model.quantize import quantize_int8
 from model.verify import VerifyReport, verify_export
@@ -120,6 +121,7 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
     # Example batch 2, not 1: torch.export specialises a size-1 dimension to a constant.
     example = torch.zeros(2, config.in_chans, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    module = fold_weight_standardization(module)  # a hybrid's convs as plain Conv with fixed weights
     was_training = module.training
     module.eval()
     try:
@@ -192,6 +194,10 @@ def build_metadata(
         "attention_op": ATTENTION_OP,
         "exporter": f"torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__}",
     }
+    if config.is_hybrid:
+        # The hybrid's patches come from a CNN: say which, and at what stride (patch_size is on its map).
+        extra["backbone"] = config.backbone_name
+        extra["backbone_stride"] = str(config.backbone_stride)
     if precision == "int8":
         import onnxruntime
 
@@ -257,7 +263,9 @@ def export_model(
     steps = ["export to ONNX"] + (["quantize int8"] if precision == "int8" else []) + ["write"]
     with tqdm(total=len(steps), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
         bar.set_description(f"{steps[0]} ({precision}, opset {opset})")
-        module = Fp16Graph(model) if precision == "fp16" else model
+        # Standardise a hybrid's conv weights in fp32, before any cast to half.
+        module = fold_weight_standardization(model)
+        module = Fp16Graph(module) if precision == "fp16" else module
         graph = torch_to_onnx(module, config, opset=opset)
         bar.update()
         if precision == "int8":

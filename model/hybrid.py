@@ -198,8 +198,11 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose StdConv2dSame layers are plain Conv2dSame with standardised weights.
 
     The same outputs (up to float rounding), without the per-run BatchNormalization over every
-    weight that an exported StdConv2dSame would carry. ``model`` itself is left unchanged.
+    weight that an exported StdConv2dSame would carry. ``model`` itself is left unchanged, and is
+    returned as it is when it has nothing to fold (a plain ViT).
     """
+    if not any(isinstance(m, StdConv2dSame) for m in model.modules()):
+        return model
     folded = copy.deepcopy(model)
     for parent in list(folded.modules()):
         for name, child in list(parent.named_children()):
