@@ -157,7 +157,7 @@ class ModelRegistry:
         self.failures: dict[tuple[str, int], str] = {}
         self.known: dict[str, ModelEntry] = {}  # the repository as last applied
         self._lock = asyncio.Lock()  # one reconcile / load / unload at a time
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retiring: dict[tuple[str, int], asyncio.Task[None]] = {}
 
     # -- lookup ---------------------------------------------------------------------------------
     @property
@@ -225,10 +225,16 @@ class ModelRegistry:
             for name, entry in repository.items():
                 wanted = entry.selected()
                 for source in wanted:
+                    retiring = self._retiring.get((name, source.version))
+                    if retiring is not None:
+                        await retiring  # unloaded and now wanted again: let the old lane finish first
                     if (name, source.version) in self.lanes or (name, source.version) in self.failures:
                         continue  # loaded already, or failed already: a changed file needs a new version number
                     await self._load(source, golden=golden)
                 keep = {s.version for s in wanted}
+                ready_wanted = [v for v in keep if self._is_ready(name, v)]
+                if not ready_wanted:
+                    continue  # none of the wanted versions came up: what serves now keeps serving
                 for lane_name, version in list(self.lanes):
                     if lane_name == name and version not in keep:
                         self._retire(self.lanes[(lane_name, version)])
@@ -272,10 +278,14 @@ class ModelRegistry:
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         for lane in list(self.lanes.values()):
             self._retire(lane, deadline=deadline)
-        if self._retired:
-            await asyncio.gather(*self._retired, return_exceptions=True)
+        if self._retiring:
+            await asyncio.gather(*self._retiring.values(), return_exceptions=True)
 
     # -- internals --------------------------------------------------------------------------------
+    def _is_ready(self, name: str, version: int) -> bool:
+        lane = self.lanes.get((name, version))
+        return lane is not None and lane.state is VersionState.READY
+
     def _check_budget(self, source: ModelVersionSource) -> None:
         if not source.path.is_file():
             return  # an engine built elsewhere (injected): nothing of ours to size
@@ -375,9 +385,10 @@ class ModelRegistry:
                 self.current[lane.name] = max(ready)
             else:
                 del self.current[lane.name]
+        key = (lane.name, lane.version)
         task = asyncio.ensure_future(self._drain_and_free(lane, force, deadline))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        self._retiring[key] = task
+        task.add_done_callback(lambda done: self._retiring.pop(key) if self._retiring.get(key) is done else None)
 
     async def _drain_and_free(self, lane: ModelLane, force: bool, deadline: float | None) -> None:
         # Requests (and jobs) that leased this version before the switch finish on it, however long a
