@@ -253,9 +253,15 @@ class ModelRegistry:
         for source in entry.selected():
             self.failures.pop((name, source.version), None)  # an explicit load retries a failed version
         await self.apply({**self.known, name: entry})
-        if name not in self.current:
-            reasons = "; ".join(f"version {v}: {r}" for (n, v), r in self.failures.items() if n == name)
-            raise ModelNotLoadable(f"model '{name}' could not be loaded: {reasons or 'no versions selected'}")
+        failed = [
+            (s.version, self.failures[(name, s.version)])
+            for s in entry.selected()
+            if (name, s.version) in self.failures
+        ]
+        if failed or name not in self.current:
+            reasons = "; ".join(f"version {v}: {r}" for v, r in failed) or "no versions selected"
+            serving = f" (version {self.current[name]} keeps serving)" if name in self.current else ""
+            raise ModelNotLoadable(f"model '{name}' could not be loaded: {reasons}{serving}")
 
     async def unload(self, name: str, *, force: bool = False) -> None:
         """Take every version of a model out of service (refused while requests hold it, unless forced)."""
