@@ -3,7 +3,7 @@
     .venv/bin/python scripts/train_digits.py            # writes models/digits/ (checkpoint, model.onnx, README.md)
 
 Recipe: scikit-learn's 1,797 handwritten digits (8x8, ink 0..16) rendered as 32x32 RGB PNG files,
-dark ink on white (model/datasets.py); 20% of every digit held out with a fixed seed and never
+dark ink on white (scripts/digits_data.py); 20% of every digit held out with a fixed seed and never
 trained on; a ViT with patch 8 (16 tokens), D=96, depth 6, 4 heads, trained from random weights
 by `model.finetune` (mode "full", AdamW, cosine schedule, small random rotations/scalings/shifts);
 exported to fp32 ONNX by `model.export`; accuracy measured on the held-out images through that
@@ -26,9 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import LoadedCheckpoint, state_dict_sha256
-from model.config import ViTConfig
-from model.datasets import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages first
+
+from model.checkpoint import LoadedCheckpoint, state_dict_sha256  # noqa: E402
+from model.config import ViTConfig  # noqa: E402
+from model.finetune import FinetuneOptions, finetune  # noqa: E402
+from model.vit import VisionTransformer  # noqa: E402
+from scripts.digits_data import (  # noqa: E402
     DIGITS_HELDOUT_FRACTION,
     DIGITS_SIZE,
     DIGITS_SPLIT_SEED,
@@ -36,9 +40,7 @@ from model.datasets import (
     heldout_digit_pixels,
     write_digits_folder,
 )
-from model.finetune import FinetuneOptions, finetune
-from model.vit import VisionTransformer
-from service.core.metadata import Preprocessing
+from service.core.metadata import Preprocessing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = Path("models/digits")  # relative to the repository: it is the `source` recorded in the ONNX metadata
