@@ -32,25 +32,32 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.core.metadata import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INPUT_DTYPES,
     INTERPOLATIONS,
+    PRECISIONS,
     PREFIX,
+    RESIZE_MODES,
     MetadataError,
     ModelMetadata,
     Preprocessing,
+    one_of,
 )
+
+if TYPE_CHECKING:
+    import argparse
+
+    import onnx
 
 FLAG, METADATA, SIDECAR, GRAPH, DEFAULT = "flag", "metadata", "sidecar", "graph", "default"
 LAYOUTS = ("nchw", "nhwc")
-RESIZE_MODES = ("shortest", "squash")
-FEEDABLE_DTYPES = ("float32", "float16")
 # Named normalisations users know by name (timm's constants).
 NAMED_NORMALISATIONS = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
@@ -168,7 +175,7 @@ def _crop_fraction(value: Any) -> float:
     return number
 
 
-def _choice(options: Sequence[str]):
+def _choice(options: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in options:
@@ -178,7 +185,7 @@ def _choice(options: Sequence[str]):
     return parse
 
 
-def _channels(kind: str):
+def _channels(kind: str) -> Callable[[Any], tuple[float, float, float]]:
     def parse(value: Any) -> tuple[float, float, float]:
         if isinstance(value, str):
             text = value.strip()
@@ -228,7 +235,7 @@ def _parse_labels(value: Any, base_dir: Path | None) -> tuple[tuple[str, ...], s
     return load_labels(path), str(path)
 
 
-def load_labels(path: str | os.PathLike) -> tuple[str, ...]:
+def load_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     """Class names from a file, index order.
 
     ``.json``: a list of names; an object mapping "0".."K-1" to names; or an object with
@@ -271,12 +278,12 @@ def _check_labels(items: Sequence[Any], where: str) -> tuple[str, ...]:
     return tuple(str(v) for v in items)
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
+def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """``other.onnx`` -> ``other.onnx.json``."""
     return Path(f"{os.fspath(model_path)}.json")
 
 
-def load_sidecar(model_path: str | os.PathLike) -> SpecOptions | None:
+def load_sidecar(model_path: str | os.PathLike[str]) -> SpecOptions | None:
     path = sidecar_path(model_path)
     if not path.is_file():
         return None
@@ -338,6 +345,12 @@ class TensorInfo:
     def describe(self) -> str:
         return f"{self.name} {self.shape_text()} {self.dtype}"
 
+    def known_shape(self) -> tuple[Dim, ...]:
+        """The shape, for a tensor already checked to have one (the image input, once its layout is known)."""
+        if self.shape is None:
+            raise ModelSpecError(f"{self.describe()}: rank unknown")
+        return self.shape
+
 
 @dataclass(frozen=True)
 class GraphIO:
@@ -380,10 +393,10 @@ def _ort_dim(d: Any) -> Dim:
     return d if isinstance(d, (int, str)) else None
 
 
-def graph_io_from_session(session) -> GraphIO:
+def graph_io_from_session(session: Any) -> GraphIO:
     """An onnxruntime.InferenceSession's inputs, outputs and custom metadata."""
 
-    def info(arg) -> TensorInfo:
+    def info(arg: Any) -> TensorInfo:
         shape = arg.shape
         return TensorInfo(
             arg.name, tuple(_ort_dim(d) for d in shape) if shape is not None else None, _ort_dtype(arg.type)
@@ -396,11 +409,11 @@ def graph_io_from_session(session) -> GraphIO:
     )
 
 
-def graph_io_from_onnx(model) -> GraphIO:
+def graph_io_from_onnx(model: onnx.ModelProto) -> GraphIO:
     """An onnx.ModelProto's inputs (initializers excluded), outputs and metadata_props."""
     import onnx  # only callers that already hold a ModelProto get here
 
-    def info(value) -> TensorInfo:
+    def info(value: onnx.ValueInfoProto) -> TensorInfo:
         tensor = value.type.tensor_type
         try:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
@@ -422,7 +435,7 @@ def graph_io_from_onnx(model) -> GraphIO:
     )
 
 
-def missing_fields(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
+def missing_fields(model_path: str | os.PathLike[str], graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
     """The REQUIRED fields that no source gives (for `vitserve inspect`; resolve_spec raises on them)."""
     layers = [options or SpecOptions(), options_from_metadata(graph.props), load_sidecar(model_path) or SpecOptions()]
     missing = [name for name in REQUIRED if all(getattr(layer, name) is None for layer in layers)]
@@ -492,7 +505,7 @@ def _short(value: Any) -> str:
 
 
 def resolve_spec(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike[str],
     graph: GraphIO,
     options: SpecOptions | None = None,
     *,
@@ -576,7 +589,7 @@ def resolve_spec(
 
     _check_image_input(image_input, layout, image_size, model_path)
     num_classes = _check_logits_output(logits_output, len(values["labels"]), model_path)
-    batch = image_input.shape[0]
+    batch = image_input.known_shape()[0]
     batch_size = batch if isinstance(batch, int) and batch > 0 else None
     sources["input_dtype"] = sources["batch_size"] = GRAPH
 
@@ -613,9 +626,13 @@ def _metadata(
 ) -> ModelMetadata:
     """The ModelMetadata the routes read: our keys kept verbatim, effective values where they differ."""
     ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
-    precision = ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ModelSpecError(f"malformed vitserve metadata: {PREFIX}precision={precision!r} (fp32, fp16 or int8)")
+    try:
+        precision = one_of(
+            ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32"), PRECISIONS, PREFIX + "precision"
+        )
+        dtype = one_of(input_dtype, INPUT_DTYPES, "the image input's element type")
+    except MetadataError as exc:
+        raise ModelSpecError(f"malformed vitserve metadata: {exc}") from None
     if (
         "num_classes" in ours
         and "labels" in ours
@@ -630,7 +647,7 @@ def _metadata(
         labels=tuple(values["labels"]),
         preprocessing=preprocessing,
         precision=precision,
-        input_dtype=input_dtype,
+        input_dtype=dtype,
         source=ours.get("source", ""),
         weights_sha256=ours.get("weights_sha256", ""),
         extra={k: v for k, v in ours.items() if k not in _KNOWN_METADATA_KEYS},
@@ -684,12 +701,13 @@ def _input_layout(tensor: TensorInfo, given: str | None, model_path: Path) -> tu
 
 
 def _spatial_dims(tensor: TensorInfo, layout: str) -> tuple[Dim, Dim]:
-    shape = tensor.shape
+    shape = tensor.known_shape()
     return (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
 
 
 def _check_image_input(tensor: TensorInfo, layout: str, image_size: int, model_path: Path) -> None:
-    channels = tensor.shape[1] if layout == "nchw" else tensor.shape[3]
+    shape = tensor.known_shape()
+    channels = shape[1] if layout == "nchw" else shape[3]
     if isinstance(channels, int) and channels != 3:
         raise ModelSpecError(
             f"{model_path}: input {tensor.describe()} has {channels} channels on its "
@@ -702,7 +720,7 @@ def _check_image_input(tensor: TensorInfo, layout: str, image_size: int, model_p
                 f"{model_path}: input {tensor.describe()} has a fixed {axis} of {dim} but "
                 f"image_size is {image_size}; give --image-size {dim}"
             )
-    if tensor.dtype not in FEEDABLE_DTYPES:
+    if tensor.dtype not in INPUT_DTYPES:
         raise ModelSpecError(
             f"{model_path}: input {tensor.describe()} has element type {tensor.dtype}; vitserve "
             "feeds normalised float32 or float16 pixels (a model that takes raw uint8 pixels "
@@ -725,7 +743,7 @@ def _check_logits_output(tensor: TensorInfo, num_labels: int, model_path: Path) 
     return None
 
 
-def check_label_count(num_classes: int, num_labels: int, model_path: str | os.PathLike, output_name: str) -> None:
+def check_label_count(num_classes: int, num_labels: int, model_path: str | os.PathLike[str], output_name: str) -> None:
     if num_classes != num_labels:
         raise ModelSpecError(
             f"{model_path}: {num_labels} labels but output {output_name} has {num_classes} classes; "
@@ -783,7 +801,7 @@ SPEC_FLAGS = (
 )
 
 
-def add_spec_arguments(parser, *, skip: Sequence[str] = ()) -> None:
+def add_spec_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
     """Add the SPEC_FLAGS to an argparse parser (``skip``: flags the parser already has)."""
     group = parser.add_argument_group(
         "model description (for ONNX files without vitserve metadata; a flag overrides the file's metadata "
@@ -794,6 +812,6 @@ def add_spec_arguments(parser, *, skip: Sequence[str] = ()) -> None:
             group.add_argument(flag, dest=dest, default=None, help=help_text)
 
 
-def options_from_args(args, *, where: str = "flags") -> SpecOptions:
+def options_from_args(args: argparse.Namespace, *, where: str = "flags") -> SpecOptions:
     raw = {dest: getattr(args, dest, None) for _, dest, _ in SPEC_FLAGS}
     return SpecOptions.parse({k: v for k, v in raw.items() if v is not None}, where=where, base_dir=None)

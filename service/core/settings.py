@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.gpu_config import GpuOptions, GpuOptionsError, parse_buckets
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:
+    from service.core.model_spec import SpecOptions
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
@@ -132,12 +135,12 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _lower_level(cls, value):
+    def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("job_root", "model_repository", "model_name", "default_model", mode="before")
     @classmethod
-    def _empty_root_is_none(cls, value):
+    def _empty_root_is_none(cls, value: object) -> object:
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory (and so on).
         return None if isinstance(value, str) and not value.strip() else value
 
@@ -156,12 +159,12 @@ class Settings(BaseSettings):
         mode="before",
     )
     @classmethod
-    def _empty_is_unset(cls, value):
+    def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("trt_cache_dir", mode="before")
     @classmethod
-    def _empty_cache_dir_is_none(cls, value):
+    def _empty_cache_dir_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model", mode="after")
@@ -227,8 +230,8 @@ class Settings(BaseSettings):
             trt_fp16=self.trt_fp16,
         )
 
-    def spec_options(self):
-        """The explicit model description (service.core.model_spec.SpecOptions) these settings give."""
+    def spec_options(self) -> SpecOptions:
+        """The explicit model description these settings give."""
         from service.core.model_spec import SPEC_FLAGS, SpecOptions
 
         raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}

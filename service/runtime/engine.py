@@ -23,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -112,7 +113,7 @@ class Engine:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike[str],
         *,
         spec_options: SpecOptions | None = None,
         providers: Sequence[str] | str | None = None,
@@ -308,7 +309,7 @@ class Engine:
             return np.concatenate([self._run_padded(batch[i : i + fixed], fixed) for i in range(0, len(batch), fixed)])
         feed = self._layout(np.asarray(batch, dtype=self.input_dtype))
         if self._io_binding is not None:
-            logits = self._run_bound(feed)
+            logits = self._run_bound(feed, self._io_binding)
         else:
             (logits, *_) = self.session.run([self.output_name], {self.input_name: feed})
         if self._profile_dir is not None:
@@ -326,7 +327,7 @@ class Engine:
             chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
         return self.run(chunk)[:n]
 
-    def _run_bound(self, feed: np.ndarray) -> np.ndarray:
+    def _run_bound(self, feed: np.ndarray, binding: ort.IOBinding) -> np.ndarray:
         # One device buffer per batch size, refilled in place: on CUDA no cudaMalloc per request.
         n = feed.shape[0]
         device_input = self._device_inputs.pop(n, None)
@@ -336,7 +337,6 @@ class Engine:
                 self._device_inputs.pop(next(iter(self._device_inputs)))  # the least recently used
         self._device_inputs[n] = device_input  # (re)inserted last: the dict runs least to most recently used
         device_input.update_inplace(feed)
-        binding = self._io_binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         binding.bind_ortvalue_input(self.input_name, device_input)
@@ -376,7 +376,8 @@ class Engine:
         finally:
             try:
                 os.remove(profile_path)
-                os.rmdir(self._profile_dir)
+                if self._profile_dir is not None:
+                    os.rmdir(self._profile_dir)
             except OSError:
                 pass
             self._profile_dir = None
@@ -388,7 +389,7 @@ class Engine:
                 node = event.get("name", "").removesuffix("_kernel_time")
                 seen[node] = args["provider"]
                 op_of[node] = args["op_name"]
-        placement: dict[str, Counter] = defaultdict(Counter)
+        placement: dict[str, Counter[str]] = defaultdict(Counter)
         for node, provider in seen.items():
             placement[provider][op_of[node]] += 1
         self.placement = {provider: dict(sorted(ops.items())) for provider, ops in placement.items()}
@@ -403,7 +404,7 @@ class Engine:
                 self.providers[0],
             )
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """A JSON-friendly view for /v1/models and logs."""
         return {
             "providers": self.providers,

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from service.core.gpu_config import GpuOptions
 from service.core.onnx_facts import CUDA_PROVIDER
@@ -119,8 +120,10 @@ class _CudaHostAllocation:
         self._runtime = runtime
         self.pointer = ctypes.c_void_p()
         status = runtime.cudaHostAlloc(ctypes.byref(self.pointer), ctypes.c_size_t(nbytes), ctypes.c_uint(0))
-        if status != 0 or not self.pointer.value:
+        address = self.pointer.value
+        if status != 0 or not address:
             raise OSError(f"cudaHostAlloc({nbytes}) failed with CUDA error {status}")
+        self.address: int = address
 
     def __del__(self) -> None:
         if getattr(self, "pointer", None) is not None and self.pointer.value:
@@ -138,7 +141,7 @@ def _cuda_runtime() -> ctypes.CDLL:
     raise OSError("no CUDA runtime library (libcudart) could be loaded")
 
 
-def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
+def pinned_array(shape: Sequence[int], dtype: npt.DTypeLike) -> tuple[np.ndarray, str]:
     """A zero-filled page-locked host array and where it came from ("onnxruntime" or "cudaHostAlloc").
 
     Pinned memory is usable with any device of the process, so the first CUDA device ORT lists will do.
@@ -169,8 +172,8 @@ def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
     runtime = _cuda_runtime()
     nbytes = int(np.prod(shape)) * dtype.itemsize
     block = _CudaHostAllocation(runtime, max(nbytes, 1))
-    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(block.pointer.value)
-    array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(block.address)
+    array = np.frombuffer(memoryview(raw), dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
     array.fill(0)
     return _keep_alive(array, block), "cudaHostAlloc"
 
@@ -207,4 +210,4 @@ def is_pinned(array: np.ndarray) -> bool:
     if status != 0:
         runtime.cudaGetLastError()  # an unregistered pointer is an error in old runtimes; clear it
         return False
-    return attributes.type == 1  # cudaMemoryTypeHost: registered / page-locked
+    return bool(attributes.type == 1)  # cudaMemoryTypeHost: registered / page-locked

@@ -71,7 +71,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_short_side: int | None = N
         with warnings.catch_warnings():
             # Our own pixel limit below is the one that counts; Pillow's global one only warns.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidImage(
