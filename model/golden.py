@@ -21,10 +21,9 @@ import onnx
 import onnxruntime as ort
 from PIL import Image
 
-from service.core.metadata import PREFIX, ModelMetadata
+from service.core.metadata import GOLDEN_KEY, PREFIX, ModelMetadata
 from service.core.onnx_facts import CPU_PROVIDER
 from service.runtime.preprocess import load_pixels
-from service.serving.golden import GOLDEN_KEY
 
 STORED_SHORT_SIDE = 256
 MAX_GOLDEN_IMAGES = 16
