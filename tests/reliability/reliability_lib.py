@@ -158,6 +158,12 @@ class Guarded:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
+def metric(text: str, sample: str) -> float:
+    """One sample's value in a /metrics text (0 when the server has not reported it yet)."""
+    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
 
 
