@@ -342,7 +342,9 @@ def verify_export(
         "random": lambda: random_inputs(meta.preprocessing.image_size, num_random),
         "photos": lambda: photo_inputs(meta.preprocessing),
     }
-    with tqdm(total=1 + 2 * len(input_sets), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
+    with tqdm(
+        total=1 + 2 * len(input_sets), disable=None if progress else True, file=sys.stderr, unit="step", leave=False
+    ) as bar:
         bar.set_description(f"verify: load {info.path.name}")
         session = ort_session(info.path)
         bar.update()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # Service-side commands first; model-side ones (they need the `model` extra: torch) after.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -22,10 +23,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one --help away), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vitserve", description="Serve Vision Transformer image classifiers with ONNX Runtime."
-    )
+    parser = _Parser(prog="vitserve", description="Serve Vision Transformer image classifiers with ONNX Runtime.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -52,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    except (OSError, ValueError) as exc:
+        # Bad input a command did not name itself (an unreadable path, a malformed value): one line,
+        # never a traceback. Each command names its own errors first; this is the net under them.
+        print(f"vitserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

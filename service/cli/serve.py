@@ -76,22 +76,22 @@ def run(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"vitserve serve: invalid settings: {problems}", file=sys.stderr)
         return 2
-    try:
-        settings.check_model_file()
-    except FileNotFoundError as exc:
-        print(f"vitserve serve: {exc}", file=sys.stderr)
-        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from service.core.repository import RepositoryError, scan_repository
     from service.http.server import serve
     from service.runtime.engine import EngineError
     from service.serving.lifecycle import build_engine
 
-    # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
-    # input, ...) is one clear line and exit code 2, not a lifespan traceback.
+    # Check the model (or read the repository) before uvicorn starts: a file that cannot be served
+    # (missing labels, a 3-D input, ...) is one clear line and exit code 2, not a lifespan traceback.
     try:
-        engine = build_engine(settings)
-    except EngineError as exc:
+        if settings.model_repository is not None:
+            scan_repository(settings.model_repository)  # the service loads its versions itself
+            engine = None
+        else:
+            engine = build_engine(settings)
+    except (EngineError, RepositoryError, FileNotFoundError) as exc:
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return 2
     return serve(settings, engine=engine)

@@ -189,7 +189,8 @@ def _metadata_view(graph: GraphIO) -> dict[str, Any]:
 def _service_view(path: Path, graph: GraphIO, options: SpecOptions | None) -> dict[str, Any]:
     """What `vitserve serve` would use, or why it would refuse the file."""
     sidecar = sidecar_path(path)
-    view: dict[str, Any] = {"sidecar": str(sidecar) if sidecar.is_file() else None}
+    # "missing" stays empty when the sidecar itself is unreadable: the problem then says why.
+    view: dict[str, Any] = {"sidecar": str(sidecar) if sidecar.is_file() else None, "missing": []}
     try:
         view["missing"] = missing_fields(path, graph, options)
         spec = resolve_spec(path, graph, options)

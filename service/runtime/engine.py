@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -213,7 +214,10 @@ class Engine:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._allow_spinning else "0")
-        opts.log_severity_level = 3  # errors only; placement is reported through our own log
+        # Fatal only: every session error also comes back as an exception, which the engine reports
+        # (placement goes through our own log). At 3, a file that fails to load adds ORT's "could not
+        # write a profile" line next to that one-line error.
+        opts.log_severity_level = 4
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(profile_dir, "vitserve_placement")
@@ -243,6 +247,9 @@ class Engine:
                     remaining[1:],
                 )
                 remaining = remaining[1:]
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)  # no session, no profile: leave no temp dir
+            self._profile_dir = None
         raise EngineError(f"cannot create an ONNX Runtime session for {self.model_path}: " + " | ".join(errors))
 
     def _provider_options(self, provider: str, cuda_graph: bool = False) -> dict[str, str]:
