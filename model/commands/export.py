@@ -59,9 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)",
     )
     _add_checkpoint_options(export)
-    from service.core.model_spec import add_spec_arguments
-
-    add_spec_arguments(export, skip=("--image-size",))  # --from-onnx: --mean, --labels ... as for `serve`
+    _add_description_options(export)
     export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     export.set_defaults(func=run_export)
 
@@ -76,6 +74,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_options(verify)
     verify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     verify.set_defaults(func=run_verify)
+
+
+def _add_description_options(parser: argparse.ArgumentParser) -> None:
+    """--mean, --labels ... for --from-onnx, the fields `vitserve serve` takes (--image-size is shared above)."""
+    from service.core.spec import SPEC_FIELDS, flag_name
+
+    group = parser.add_argument_group("model description for --from-onnx (as for `vitserve serve`)")
+    for name, help_text in SPEC_FIELDS.items():
+        if name != "image_size":
+            group.add_argument(flag_name(name), dest=name, default=None, help=help_text)
 
 
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:

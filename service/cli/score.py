@@ -54,14 +54,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--actors", type=int, default=None, help="with --ray: scoring actors (default: one per GPU, or per CPU slot)"
     )
-    from service.core.model_spec import add_spec_arguments
+    from service.cli.spec_flags import add_spec_arguments
 
     add_spec_arguments(parser)  # ONNX files without vitserve metadata, as for `vitserve serve`
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.core.model_spec import ModelSpecError, options_from_args
+    from service.cli.spec_flags import options_from_args
+    from service.core.spec import ModelSpecError
     from service.runtime.engine import EngineError
     from service.scoring.offline import ScoringError, score
 

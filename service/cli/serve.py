@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.core.model_spec import SPEC_FLAGS, add_spec_arguments
+from service.cli.spec_flags import add_spec_arguments
+from service.core.spec import SPEC_FIELDS
 
 # flag -> Settings field; None values (flag not given) leave env/defaults in place.
 _FLAGS = (
@@ -53,7 +54,7 @@ def add_parser(subparsers) -> None:
 def build_settings(args: argparse.Namespace):
     from service.core.settings import Settings
 
-    dests = [dest for _, dest, _, _ in _FLAGS] + [dest for _, dest, _ in SPEC_FLAGS]
+    dests = [dest for _, dest, _, _ in _FLAGS] + list(SPEC_FIELDS)
     overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)
 

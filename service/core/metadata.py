@@ -25,6 +25,10 @@ REQUIRED_KEYS = (
     "std",
     "precision",
 )
+# Every key from_props understands; anything else lands in ``extra``.
+KNOWN_KEYS = frozenset(
+    {*REQUIRED_KEYS, "format_version", "num_classes", "crop_size", "input_dtype", "source", "weights_sha256"}
+)
 
 ResizeMode = Literal["shortest", "squash"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
@@ -154,14 +158,6 @@ class ModelMetadata:
             raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
         if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
             raise MetadataError(f"{PREFIX}num_classes={ours['num_classes']} but {len(labels)} labels")
-        known = set(REQUIRED_KEYS) | {
-            "format_version",
-            "num_classes",
-            "crop_size",
-            "input_dtype",
-            "source",
-            "weights_sha256",
-        }
         return cls(
             architecture=ours["architecture"],
             labels=labels,
@@ -170,7 +166,7 @@ class ModelMetadata:
             input_dtype=ours.get("input_dtype", "float16" if ours["precision"] == "fp16" else "float32"),
             source=ours.get("source", ""),
             weights_sha256=ours.get("weights_sha256", ""),
-            extra={k: v for k, v in ours.items() if k not in known},
+            extra={k: v for k, v in ours.items() if k not in KNOWN_KEYS},
         )
 
     def summary(self) -> dict:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
+from service.core.spec import SPEC_FIELDS, ModelSpecError, options_from_values
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
@@ -97,7 +98,7 @@ class Settings(BaseSettings):
         20.0, ge=0, le=10_000, description="online lane quiet time before a job batch may run"
     )
 
-    # Model description for ONNX files without vitserve metadata (service/core/model_spec.py): each
+    # Model description for ONNX files without vitserve metadata (service/core/spec/): each
     # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
     image_size: int | None = Field(None, ge=1, description="side of the square model input, pixels")
     resize: int | None = Field(None, ge=1, description="resize target, pixels, before the centre crop")
@@ -122,20 +123,7 @@ class Settings(BaseSettings):
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator(
-        "image_size",
-        "resize",
-        "resize_mode",
-        "crop",
-        "interpolation",
-        "mean",
-        "std",
-        "labels",
-        "input_name",
-        "output_name",
-        "input_layout",
-        mode="before",
-    )
+    @field_validator(*SPEC_FIELDS, mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -182,8 +170,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
             )
-        from service.core.model_spec import ModelSpecError
-
         try:
             self.spec_options()  # a bad --mean or an unreadable labels file fails here, at start-up
         except ModelSpecError as exc:
@@ -213,11 +199,10 @@ class Settings(BaseSettings):
         )
 
     def spec_options(self):
-        """The explicit model description (service.core.model_spec.SpecOptions) these settings give."""
-        from service.core.model_spec import SPEC_FLAGS, SpecOptions
-
-        raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
-        return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
+        """The explicit model description (service.core.spec.SpecOptions) these settings give."""
+        return options_from_values(
+            {name: getattr(self, name) for name in SPEC_FIELDS}, where="settings (flags / VITSERVE_* variables)"
+        )
 
     def warmup_sizes(self) -> list[int]:
         sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]

@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.host import cpu_cores
-from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
+from service.core.spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.runtime.buckets import BucketRunner
 from service.runtime.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
 
@@ -91,7 +91,7 @@ def automatic_providers() -> list[str]:
 
 class Engine:
     """One ONNX Runtime inference session for one image classifier: a vitserve export or any ONNX file
-    described by flags / a sidecar JSON (service/core/model_spec.py).
+    described by flags / a sidecar JSON (service/core/spec/).
 
     Args:
         model_path: the .onnx file (external-data files next to it are found by ORT).

@@ -416,7 +416,7 @@ def score(
         max_pixels: largest decoded image (width x height).
         progress_stream: where the progress bar goes (None: silent).
         engine_factory: builds the engine from ``model`` (tests); default ``service.runtime.engine.Engine``.
-        spec_options: model description flags (service.core.model_spec.SpecOptions) for ONNX files
+        spec_options: model description flags (service.core.spec.SpecOptions) for ONNX files
             without vitserve metadata; None = the file's metadata or its sidecar.
     """
     if batch_size < 1 or top_k < 1:

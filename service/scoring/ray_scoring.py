@@ -26,8 +26,8 @@ from typing import TextIO
 import numpy as np
 
 from service.core.metadata import ModelMetadata, Preprocessing
-from service.core.model_spec import graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER
+from service.core.spec import graph_io_from_session, resolve_spec
 from service.scoring.offline import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
