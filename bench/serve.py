@@ -201,7 +201,9 @@ def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str,
         "warning",
         *flags,
     ]
-    process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    # No API key unless ``env`` gives one (an empty key is refused, so the outer one is left out).
+    outer = {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"}
+    process = subprocess.Popen(cmd, cwd=REPO, env={**outer, **env}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -219,7 +221,7 @@ def start_server(args, port: int) -> subprocess.Popen:
     flags = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     if args.intra_op_threads:
         flags += ["--intra-op-threads", str(args.intra_op_threads)]
-    return launch_server(args.model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
+    return launch_server(args.model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024"})
 
 
 def main() -> int:

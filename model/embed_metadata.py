@@ -129,7 +129,7 @@ def run_from_onnx(args) -> int:
         print(f"vitserve export: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"wrote {args.output}: {spec.metadata.architecture}, {spec.metadata.num_classes} classes, "
+        f"wrote {args.output}: {spec.metadata.served_name}, {spec.metadata.num_classes} classes, "
         f"{spec.metadata.precision}; `vitserve serve --model {args.output}` needs no flags now"
     )
     for name, item in spec.effective().items():

@@ -51,6 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--opset", type=int, default=23, help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23"
     )
+    export.add_argument(
+        "--name",
+        default=None,
+        help="the name the service serves the model under (default: its architecture), e.g. for a fine-tune",
+    )
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     export.add_argument(
         "--external-data-threshold-mb",
@@ -119,6 +124,7 @@ def run_export(args: argparse.Namespace) -> int:
             external_data_threshold_bytes=int(args.external_data_threshold_mb * 1024**2),
             verify=args.verify,
             progress=args.progress,
+            name=args.name or "",
         )
     except VerificationFailed as exc:
         print(format_summary(exc.report.info, exc.report))

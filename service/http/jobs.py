@@ -193,7 +193,7 @@ async def create_job(request: Request, top_k: int = Query(5, description="classe
             job_id,
             kind=kind,
             top_k=min(top_k, state.metadata.num_classes),
-            model=state.metadata.architecture,
+            model=state.metadata.served_name,
             items=items,
         )
     except BaseException:

@@ -9,6 +9,7 @@ body (chunked, or lying about its length) is counted as it arrives and stopped a
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 
@@ -23,6 +24,7 @@ from service.http.deps import state_of
 from service.http.errors import error_response, service_error_response
 from service.serving.state import ServiceState
 
+auth_log = logging.getLogger("vitserve.auth")
 # Reachable without the API key and while draining: probes and scrapers must always get through;
 # so must the web page and its two files (the key is typed into the page) and the v2 health probes.
 OPEN_PATHS = frozenset(
@@ -113,8 +115,19 @@ class ServiceMiddleware:
         settings = state.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if settings.api_key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
+            presented = headers.get("authorization")
+            scheme, _, token = (presented or "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                # Say why, never what was presented: a near-miss key in a log is a leaked key.
+                reason = (
+                    "no Authorization header"
+                    if presented is None
+                    else "not a Bearer token"
+                    if scheme.lower() != "bearer"
+                    else "wrong key"
+                )
+                client = scope.get("client") or ("?", 0)
+                auth_log.warning("401 %s %s from %s: %s", scope["method"], path, client[0], reason)
                 return service_error_response(Unauthorized(), path)
         if state.draining:
             return error_response(

@@ -10,7 +10,9 @@ uvicorn exit; the lifespan then drains the batcher (already empty) and frees the
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -46,7 +48,7 @@ class DrainingServer(uvicorn.Server):
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
-            f"vitserve: serving {self.state.metadata.architecture} on http://{host}:{port} "
+            f"vitserve: serving {self.state.metadata.served_name} on http://{host}:{port} "
             f"(API docs: http://{host}:{port}/docs)",
             flush=True,
         )
@@ -75,8 +77,37 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
+class CannotListen(Exception):
+    """The address cannot be listened on: the port is taken (another server, an earlier vitserve), or no such host."""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; CannotListen when the port is taken or the host unknown.
+
+    Binding before the model loads lets a busy port fail in one line, before any start-up work.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"port {port} is in use (on {host}); stop what holds it, or pick another with --port / VITSERVE_PORT"
+            ) from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def serve(settings: Settings, *, engine: InferenceEngine | None = None, listener: socket.socket | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app; ``listener`` from
+    ``bind_listener`` (None: uvicorn binds settings.host:port). Returns the exit code."""
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app,
@@ -88,7 +119,7 @@ def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     server = DrainingServer(config, app)
-    server.run()
+    server.run(sockets=[listener] if listener is not None else None)
     if not server.started:
         print("vitserve serve: the server did not start (see the log above)", file=sys.stderr)
         return 1

@@ -55,7 +55,7 @@ class TimingMs(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model: str = Field(description="the served model's architecture name")
+    model: str = Field(description="the served model's name (--name, else its architecture)")
     predictions: list[Prediction]
     timing_ms: TimingMs
 
@@ -191,7 +191,7 @@ async def classify(
     logits, timing_ms = await classify_bytes(state, data, deadline=deadline, client_gone=client_gone(request))
     return JSONResponse(
         {
-            "model": state.metadata.architecture,
+            "model": state.metadata.served_name,
             "predictions": top_k_of(logits, state.metadata.labels, k),
             "timing_ms": timing_ms,
         }
@@ -298,7 +298,7 @@ async def classify_batch(
     }
     timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
     return JSONResponse(
-        {"model": state.metadata.architecture, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
+        {"model": state.metadata.served_name, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
     )
 
 
@@ -308,7 +308,7 @@ async def models(state: State) -> dict:
     settings = state.settings
     describe = state.engine.describe()
     return {
-        "name": meta.architecture,
+        "name": meta.served_name,
         "architecture": meta.architecture,
         "num_classes": meta.num_classes,
         "labels": list(meta.labels),

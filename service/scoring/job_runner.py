@@ -163,14 +163,14 @@ class JobRunner:
             self._cleanup(job.id)  # cancelled while it waited behind another job
             return
         job = current
-        if job.model != self.metadata.architecture:
+        if job.model != self.metadata.served_name:
             # Restarted with another model: finishing with it would mix two models' answers in one job.
             await asyncio.to_thread(
                 store.finish,
                 job.id,
                 FAILED,
                 f"the job was submitted to model {job.model!r}; this server now serves "
-                f"{self.metadata.architecture!r} (resubmit the job)",
+                f"{self.metadata.served_name!r} (resubmit the job)",
             )
             self._cleanup(job.id)
             return

@@ -126,7 +126,7 @@ async def warm_up(state: ServiceState) -> None:
         return
     state.ready = True
     state.metrics.ready.set(1)
-    log.info("ready: %s", state.metadata.architecture)
+    log.info("ready: %s", state.metadata.served_name)
 
 
 async def wait_for_idle(state: ServiceState, timeout_s: float) -> bool:

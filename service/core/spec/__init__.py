@@ -14,7 +14,8 @@ from the first of these that gives it:
                  input or output gives its name; the input's element type gives ``input_dtype``)
     5. default   ``resize`` = ``image_size`` with ``resize_mode`` "squash" (the whole image, no
                  crop) when neither ``resize`` nor ``crop`` is given, "shortest" when one is;
-                 ``interpolation`` "bilinear"; ``name`` = the file's stem
+                 ``interpolation`` "bilinear"; ``name`` = the architecture our export
+                 recorded, else the file's stem (so a sidecar or flag can name a fine-tune)
 
 So our own metadata wins over a sidecar, and only an explicit flag overrides it. ``image_size``,
 ``mean``, ``std`` and ``labels`` have no default: guessing them would serve wrong answers quietly,

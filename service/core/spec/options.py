@@ -29,8 +29,8 @@ NAMED_NORMALISATIONS = {
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
-# Every field a user may give explicitly, with its help text. Values stay strings until
-# SpecOptions.parse; ``name`` is a setting of its own (--name), not part of this group.
+# The fields that describe a foreign file, with their help text. Values stay strings until
+# SpecOptions.parse. ``name`` is not among them: it is a setting of its own (--name).
 SPEC_FIELDS: dict[str, str] = {
     "image_size": "side of the square model input, pixels (foreign files)",
     "resize": "resize target in pixels before the centre crop (see --resize-mode)",
@@ -61,7 +61,7 @@ class SpecOptions:
     """Values given by one source (flags, the file's metadata, a sidecar); None = not given there.
 
     Args:
-        name: model name shown by the API (our metadata's ``architecture``).
+        name: model name shown by the API (our metadata's ``name``; its ``architecture`` is the fallback).
         image_size: side of the square model input, pixels.
         resize: resize target, pixels (see ``resize_mode``).
         resize_mode: "shortest" (resize the shorter side, then centre-crop) or "squash" (both sides).
@@ -197,6 +197,5 @@ def _parse_labels(value: Any, base_dir: Path | None) -> tuple[tuple[str, ...], s
 
 
 def options_from_values(values: Mapping[str, Any], *, where: str) -> SpecOptions:
-    """The SPEC_FIELDS given in ``values`` (None = not given), e.g. parsed flags or settings."""
-    raw = {name: values.get(name) for name in SPEC_FIELDS}
-    return SpecOptions.parse({k: v for k, v in raw.items() if v is not None}, where=where)
+    """The SPEC_FIELDS and ``name`` given in ``values`` (None = not given), e.g. parsed flags or settings."""
+    return SpecOptions.parse({key: values.get(key) for key in ("name", *SPEC_FIELDS)}, where=where)

@@ -67,7 +67,7 @@ class ModelSpec:
         """field -> {"value", "source"}: for GET /v1/models, `vitserve inspect` and the start-up log."""
         p = self.metadata.preprocessing
         values = {
-            "name": self.metadata.architecture,
+            "name": self.metadata.served_name,
             "image_size": p.image_size,
             "resize": p.resize_size,
             "resize_mode": p.resize_mode,
@@ -176,6 +176,10 @@ def resolve_spec(
         sources["resize_mode"] = DEFAULT
     if values["interpolation"] is None:
         values["interpolation"], sources["interpolation"] = "bilinear", DEFAULT
+    # A name given anywhere beats the architecture our exports record (a fine-tune is not its base).
+    architecture = graph.props.get(PREFIX + "architecture")
+    if values["name"] is None and architecture:
+        values["name"], sources["name"] = architecture.strip(), METADATA
     if values["name"] is None:
         values["name"], sources["name"] = model_path.name.removesuffix(".onnx"), DEFAULT
 
@@ -218,6 +222,7 @@ def _metadata(
 ) -> ModelMetadata:
     """The ModelMetadata the routes read: our keys kept verbatim, effective values where they differ."""
     ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
+    architecture = ours.get("architecture") or values["name"]
     precision = ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32")
     if precision not in ("fp32", "fp16", "int8"):
         raise ModelSpecError(f"malformed vitserve metadata: {PREFIX}precision={precision!r} (fp32, fp16 or int8)")
@@ -231,7 +236,8 @@ def _metadata(
             f"{PREFIX}labels has {len(json.loads(ours['labels']))} names"
         )
     return ModelMetadata(
-        architecture=values["name"],
+        architecture=architecture,
+        name=values["name"] if values["name"] != architecture else "",  # "" = served as its architecture
         labels=tuple(values["labels"]),
         preprocessing=preprocessing,
         precision=precision,

@@ -41,9 +41,10 @@ def options_from_metadata(props: Mapping[str, str]) -> SpecOptions:
     """The spec fields our ``vitserve.*`` keys give (a partial set is fine: the rest may come from elsewhere)."""
     ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
     raw: dict[str, Any] = {}
-    renamed = {"architecture": "name", "resize_size": "resize"}
+    renamed = {"resize_size": "resize"}
+    # ``architecture`` is not a name claim: resolve_spec falls back to it after the sidecar.
     for key in (
-        "architecture",
+        "name",
         "image_size",
         "resize_size",
         "resize_mode",

@@ -6,7 +6,7 @@
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer      encoded images (BYTES) or pixels (FP32) -> logits / top-k
 
-The model name is the served model's architecture (from its ONNX metadata). The wire format
+The model name is the served name (--name, else the architecture in its ONNX metadata). The wire format
 (JSON, Triton's binary tensor and classification extensions) is in ``service.http.v2.codec``; this
 module only moves bytes between HTTP, the pre-processing pool and the batcher.
 
@@ -49,7 +49,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
 
 def _check_model(state: ServiceState, model_name: str, model_version: str | None) -> None:
-    served = state.metadata.architecture
+    served = state.metadata.served_name
     if model_name != served:
         raise NotFound(f"unknown model '{model_name}'; this server serves '{served}'")
     if model_version is not None and model_version != MODEL_VERSION:
