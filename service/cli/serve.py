@@ -24,12 +24,17 @@ EXIT_BAD_SETTINGS = 2
 EXIT_NOT_STARTED = 1
 
 
-def settings_flag(field_name: str) -> str:
-    """The flag of one Settings field: ``--max-batch-size``, or the one the field names (``--name``)."""
+def settings_flags(field_name: str) -> list[str]:
+    """The flags of one Settings field: ``--max-batch-size``, or those the field names (``--name``, ...)."""
     extra = Settings.model_fields[field_name].json_schema_extra
-    if isinstance(extra, dict) and isinstance(extra.get("flag"), str):
-        return extra["flag"]
-    return flag_name(field_name)
+    if isinstance(extra, dict) and isinstance(extra.get("flags"), list):
+        return [str(flag) for flag in extra["flags"]]
+    return [flag_name(field_name)]
+
+
+def settings_flag(field_name: str) -> str:
+    """The flag a message names for one Settings field."""
+    return settings_flags(field_name)[0]
 
 
 def _metavar(annotation: Any) -> str:
@@ -67,10 +72,10 @@ def add_parser(subparsers) -> None:
         if field.annotation is bool:
             # `--cuda-graphs` alone means true; `--cuda-graphs false` turns it off.
             group.add_argument(
-                settings_flag(name), dest=name, nargs="?", const="true", default=None, metavar=metavar, help=help_text
+                *settings_flags(name), dest=name, nargs="?", const="true", default=None, metavar=metavar, help=help_text
             )
         else:
-            group.add_argument(settings_flag(name), dest=name, default=None, metavar=metavar, help=help_text)
+            group.add_argument(*settings_flags(name), dest=name, default=None, metavar=metavar, help=help_text)
     parser.set_defaults(func=run)
 
 

@@ -96,12 +96,12 @@ class Settings(BaseSettings):
         super().__init__(**values)
 
     model: Path = Field(DEFAULT_MODEL_PATH, description="path of the exported .onnx model to serve")
-    # The flag is --name: `vitserve export --model-name` already means the checkpoint's variant.
+    # Flag --name first (--model-name also works): `vitserve export --model-name` means the checkpoint's variant.
     model_name: str | None = Field(
         None,
-        description="the name clients use for the model (/v1 'model', the v2 model name); "
+        description="the name clients use for the --model file (/v1 'model', the v2 model name); "
         "default: the name in its metadata or sidecar, else its architecture",
-        json_schema_extra={"flag": "--name"},
+        json_schema_extra={"flags": ["--name", "--model-name"]},
     )
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
@@ -184,6 +184,23 @@ class Settings(BaseSettings):
         20.0, ge=0, le=10_000, description="online lane quiet time before a job batch may run"
     )
 
+    # Many models and versions (service/core/repository.py, service/serving/registry.py).
+    model_repository: Path | None = Field(
+        None, description="serve DIR/<name>/<version>/model.onnx instead of the one --model file"
+    )
+    default_model: str | None = Field(
+        None, description="model that /v1/classify serves in a repository; unset = the only one, or the first by name"
+    )
+    repository_poll_s: float = Field(
+        0.0, ge=0, le=86_400, description="re-scan the repository for new versions this often; 0 = only on load calls"
+    )
+    model_memory_budget_bytes: int = Field(
+        0, ge=0, description="most bytes of model weights loaded at once; 0 = host memory is the only bound"
+    )
+    cache_entries: int = Field(
+        0, ge=0, le=10_000_000, description="results kept in the per-process response cache; 0 = no cache"
+    )
+
     # Model description for ONNX files without vitserve metadata (service/core/spec/): each
     # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
     image_size: int | None = Field(None, ge=1, description=SPEC_FIELDS["image_size"])
@@ -203,10 +220,10 @@ class Settings(BaseSettings):
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("job_root", mode="before")
+    @field_validator("job_root", "model_repository", "model_name", "default_model", mode="before")
     @classmethod
     def _empty_root_is_none(cls, value):
-        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
+        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory (and so on).
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="after")
@@ -221,7 +238,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("model_name", *SPEC_FIELDS, mode="before")
+    @field_validator(*SPEC_FIELDS, mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

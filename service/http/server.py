@@ -48,7 +48,7 @@ class DrainingServer(uvicorn.Server):
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
-            f"vitserve: serving {self.state.metadata.served_name} on http://{host}:{port} "
+            f"vitserve: serving {', '.join(sorted(self.state.models.known)) or 'no model'} on http://{host}:{port} "
             f"(API docs: http://{host}:{port}/docs)",
             flush=True,
         )
@@ -82,7 +82,7 @@ class CannotListen(Exception):
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), as uvicorn would bind it; CannotListen when the port is taken or the host unknown.
+    """A socket bound to (host, port), as uvicorn binds one; CannotListen when the port is taken or no such host.
 
     Binding before the model loads lets a busy port fail in one line, before any start-up work.
     """
