@@ -18,10 +18,12 @@ def add_parser(subparsers) -> None:
         "score",
         help="batch-score images offline into .jsonl/.csv/.parquet",
         description="Score every image of INPUT (a folder, a glob such as 'photos/**/*.jpg', a zip or tar "
-        "archive, or a manifest .jsonl of paths relative to it) with an exported model. "
+        "archive, or a manifest: .txt or .jsonl, one path per line, relative to it) with an exported model. "
         "Unreadable images are listed with their error. --resume skips what OUTPUT already holds.",
     )
-    parser.add_argument("input", metavar="INPUT", help="folder, glob (quote it), .zip/.tar[.gz], or manifest .jsonl")
+    parser.add_argument(
+        "input", metavar="INPUT", help="folder, glob (quote it), .zip/.tar[.gz], or manifest .txt/.jsonl"
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="results file: .jsonl, .csv or .parquet")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="exported .onnx model")
     parser.add_argument("--batch-size", type=int, default=8, help="images per engine run (default 8; GPUs: 32-64)")
@@ -113,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
     except (ScoringError, EngineError, ModelSpecError) as exc:
         print(f"vitserve score: {exc}", file=sys.stderr)
         return 2
+    model = f"model {summary.model.describe()}: " if summary.model else ""
     print(
-        f"vitserve score: {summary.scored} scored, {summary.failed} unreadable (listed with their error), "
+        f"vitserve score: {model}{summary.scored} scored, {summary.failed} unreadable (listed with their error), "
         f"{summary.skipped} already in {args.output}; {summary.images_per_second:.1f} images/s"
         + (f", {summary.cpu_ms_per_image:.1f} CPU ms/image" if summary.cpu_seconds else ""),
         file=sys.stderr,

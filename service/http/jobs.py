@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from service.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.core.image_files import describe_suffixes
 from service.http.deps import media_type as request_media_type
 from service.http.deps import service_state
 from service.scoring.job_runner import JobRunner, job_dir
@@ -190,9 +191,7 @@ async def create_job(
     try:
         kind, items = await _read_input(request, workdir)
         if not items:
-            raise BadRequest(
-                "the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, .tif, .tiff)"
-            )
+            raise BadRequest(f"the job has no images (image files end in {describe_suffixes()})")
         if len(items) > state.settings.max_job_images:
             raise PayloadTooLarge(f"{len(items)} images; the limit is {state.settings.max_job_images}")
         job = await asyncio.to_thread(

@@ -7,10 +7,10 @@ headers: bytes are counted while they are copied, and extraction stops at the fi
 crossed (``ArchiveLimits``: member count, bytes per member, total bytes, expansion ratio over
 the archive's own size: the zip-bomb guard) with ``PayloadTooLarge`` (413).
 
-Manifests (JSON lines of paths) name files under the operator's ``job_root``. A path with a
-``..`` component, an absolute path outside the root, or a path whose symlinks resolve outside
-the root is refused with ``Forbidden`` (403); the check is repeated when the file is read, so
-a symlink swapped in after submission is still refused.
+Manifests (one path per line: plain, or a JSON string or ``{"path": ...}`` object) name files
+under the operator's ``job_root``. A path with a ``..`` component, an absolute path outside the
+root, or a path whose symlinks resolve outside the root is refused with ``Forbidden`` (403); the
+check is repeated when the file is read, so a symlink swapped in after submission is still refused.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.core.errors import BadRequest, PayloadTooLarge, ServiceError
+from service.core.image_files import is_image_name
 
-# Files taken from archives and folders; anything else (READMEs, .DS_Store...) is skipped.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _COPY_CHUNK = 1 << 20
 # What a damaged or unsupported archive raises while it is read: a 400, never a 500. zlib/lzma
 # errors come from garbage in a member's compressed data (zipfile passes them through), and
@@ -79,12 +78,6 @@ class ArchiveLimits:
     max_ratio: float = 100.0
 
 
-def is_image_name(name: str) -> bool:
-    path = PurePosixPath(name)
-    hidden = any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
-    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def archive_kind(path: Path) -> str | None:
     """ "zip", "tar" (plain, gz, bz2 or xz) or None, from the file's content, not its name."""
     if zipfile.is_zipfile(path):
@@ -97,8 +90,11 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def safe_member_name(name: str) -> str:
-    """An archive member name as a clean relative POSIX path, or UnsafeArchive."""
+def safe_member_name(name: str, *, directory: bool = False) -> str:
+    """An archive member name as a clean relative POSIX path, or UnsafeArchive.
+
+    A directory entry may name the archive's own root (``./``, as ``tar -C dir .`` writes): "" then.
+    """
     if not name or "\x00" in name or "\\" in name:
         raise UnsafeArchive(f"archive entry {name!r}: empty name, NUL byte or backslash")
     path = PurePosixPath(name)
@@ -108,6 +104,8 @@ def safe_member_name(name: str) -> str:
         raise UnsafeArchive(f"archive entry {name!r} points outside the archive ('..')")
     clean = str(PurePosixPath(*[p for p in path.parts if p not in ("", ".")])) if path.parts else ""
     if clean in ("", "."):
+        if directory:
+            return ""
         raise UnsafeArchive(f"archive entry {name!r} has no file name")
     return clean
 
@@ -179,7 +177,7 @@ def _image_members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str
     """
     seen: set[str] = set()
     for raw_name, is_dir, stream in _members(path, kind):
-        name = safe_member_name(raw_name)
+        name = safe_member_name(raw_name, directory=is_dir)
         if is_dir or not is_image_name(name):
             continue
         if name in seen:
@@ -255,16 +253,23 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
 
 
 def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
-    """Paths from JSON lines: each line a JSON string or an object with "path"; blank lines skipped."""
+    """One path per line, blank lines skipped: a plain path (``a/b.jpg``), or JSON lines, each a
+    string (``"a/b.jpg"``) or an object with "path". A line that starts with ``"`` or ``{`` is JSON."""
     paths = []
     for number, line in enumerate(lines, start=1):
         text = line.decode("utf-8", errors="strict") if isinstance(line, bytes) else line
         if not text.strip():
             continue
+        if not text.lstrip().startswith(('"', "{")):
+            paths.append(text.strip())  # a plain path; surrounding white space is never part of a name here
+            continue
         try:
             value = json.loads(text)
         except ValueError as exc:
-            raise BadRequest(f"manifest line {number}: not JSON ({exc})") from None
+            raise BadRequest(
+                f"manifest line {number}: starts like JSON but is not ({exc}); give a plain path or a JSON "
+                'string / {"path": "..."} per line'
+            ) from None
         if isinstance(value, dict):
             value = value.get("path")
         if not isinstance(value, str) or not value:
