@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from service.core.logs import configure_logging
     from service.core.settings import UnknownVariables
 
     try:
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     except CannotListen as exc:
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return EXIT_NOT_STARTED
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("vitserve.auth").info(settings.auth_description())
 
     from service.http.server import serve

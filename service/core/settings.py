@@ -156,8 +156,9 @@ class Settings(BaseSettings):
         "only 127.0.0.1/::1 are allowed otherwise)",
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="debug, info, warning, error or critical"
+        "info", description="how much is logged; info has one access-log line per request"
     )
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as JSON objects")
     shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
@@ -215,7 +216,7 @@ class Settings(BaseSettings):
     output_name: str | None = Field(None, description=SPEC_FIELDS["output_name"])
     input_layout: str | None = Field(None, description=SPEC_FIELDS["input_layout"])
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value

@@ -114,7 +114,8 @@ def serve(settings: Settings, *, engine: InferenceEngine | None = None, listener
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
+        log_config=None,  # our handlers and format (service/core/logs.py), uvicorn's lines included
+        access_log=False,  # one access-log line per request is the middleware's
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
