@@ -183,8 +183,15 @@ class Batcher:
         """
         if not self._accepting or self._queue is None:
             raise NotReady("server is not accepting requests (starting up or shutting down)", retry_after_s=1)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            # Decoding (or a tiny client timeout) used the whole budget: queueing it would be wasted work.
+            raise DeadlineExceeded(
+                f"the request deadline passed {(now - deadline) * 1000:.0f} ms before the image reached the queue "
+                "(decoding took longer than the time left); not run"
+            )
         loop = asyncio.get_running_loop()
-        item = _Item(pixels, loop.create_future(), time.monotonic(), deadline, timings)
+        item = _Item(pixels, loop.create_future(), now, deadline, timings)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:

@@ -1,8 +1,8 @@
 """Prometheus metrics, one registry per app (so several apps in one test process never collide).
 
 Exposed at GET /metrics: requests and latency by route and status, queue depth, in-flight batch,
-batch-size histogram, inference and pre-processing time, images classified (total and per second
-over a sliding window).
+batch-size histogram, queue-wait, inference and pre-processing time, images classified (total and
+per second over a sliding window), and scoring jobs by state with their images by outcome.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -38,6 +40,37 @@ class RateWindow:
             return sum(n for _, n in self._events) / self.window_s
 
 
+# What a job-count source returns: {"jobs": {state: count}, "images": {outcome: count}}.
+JobCounts = Mapping[str, Mapping[str, int]]
+JOB_STATES = ("queued", "running", "done", "cancelled", "failed")
+JOB_IMAGE_OUTCOMES = ("scored", "failed", "pending")
+
+
+class _JobCollector(Collector):
+    """Job gauges read from the jobs store at scrape time (the store is the truth, also after a restart)."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], JobCounts] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.counts is None:
+            return
+        try:
+            counts = self.counts()
+        except Exception:  # noqa: BLE001 - a closed or busy store must not fail the whole scrape
+            return
+        jobs = GaugeMetricFamily("vitserve_jobs", "scoring jobs held in the store, by state", labels=["state"])
+        for state in JOB_STATES:
+            jobs.add_metric([state], counts.get("jobs", {}).get(state, 0))
+        yield jobs
+        images = GaugeMetricFamily(
+            "vitserve_job_images", "images of the jobs held in the store, by outcome", labels=["outcome"]
+        )
+        for outcome in JOB_IMAGE_OUTCOMES:
+            images.add_metric([outcome], counts.get("images", {}).get(outcome, 0))
+        yield images
+
+
 class Metrics:
     """All of the service's metrics in a private registry."""
 
@@ -59,6 +92,12 @@ class Metrics:
         self.batch_size = Histogram("vitserve_batch_size", "images per engine run", buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram(
             "vitserve_inference_seconds", "engine run time per batch", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.queue_wait = Histogram(
+            "vitserve_queue_seconds",
+            "time an image waits in the batcher queue before its batch starts",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.preprocess = Histogram(
             "vitserve_preprocess_seconds",
@@ -87,12 +126,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self._jobs = _JobCollector()
+        r.register(self._jobs)
         self.cache_events = Counter(
             "vitserve_cache_events_total", "response cache lookups and evictions", ["event"], registry=r
         )
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def watch_jobs(self, counts: Callable[[], JobCounts]) -> None:
+        """Report job gauges from ``counts`` at every scrape (a later call replaces the source)."""
+        self._jobs.counts = counts
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

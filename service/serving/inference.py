@@ -53,7 +53,10 @@ async def classify_pixels(
     state.require_ready()
     lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    return await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    timings = {} if timings is None else timings
+    logits = await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    state.metrics.queue_wait.observe(timings.get("queue_ms", 0.0) / 1000.0)
+    return logits
 
 
 async def classify_bytes(
@@ -99,6 +102,7 @@ async def classify_bytes(
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise
+    state.metrics.queue_wait.observe(stage.get("queue_ms", 0.0) / 1000.0)
     timing_ms = {
         "queue": round(stage.get("queue_ms", 0.0), 3),
         "preprocess": round(preprocess_s * 1000.0, 3),

@@ -90,6 +90,7 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
     )
     await state.jobs.start()
     state.metrics.watch_queue(lambda: sum(lane.batcher.queue_depth for lane in state.models.lanes.values()))
+    state.metrics.watch_jobs(lambda: state.jobs.store.counts())
     state.warmup_task = asyncio.create_task(bring_up(state, repository), name="vitserve-warmup")
     if scan is not None and settings.repository_poll_s > 0:
         state.poll_task = asyncio.create_task(
