@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as JSON objects")
     shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
+    cors_origins: str = Field(
+        "",
+        description="comma list of origins whose browser pages may call the API (https://app.example.com), "
+        "or *; empty = CORS off",
+    )
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
     data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")
@@ -336,6 +341,9 @@ class Settings(BaseSettings):
         """The explicit model description (service.core.spec.SpecOptions) these settings give."""
         values = {name: getattr(self, name) for name in SPEC_FIELDS}
         return options_from_values({**values, "name": self.model_name}, where="settings (flags / VITSERVE_* variables)")
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def warmup_sizes(self) -> list[int]:
         sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]

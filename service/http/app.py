@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.core.settings import Settings, get_settings
-from service.http import jobs, page, v1
+from service.http import docs, jobs, page, v1
 from service.http.errors import install_error_handlers
-from service.http.middleware import ServiceMiddleware
+from service.http.middleware import OPEN_PATHS, ServiceMiddleware
 from service.http.v2 import repository as v2_repository
 from service.http.v2 import router as v2
 from service.runtime.engine_protocol import InferenceEngine
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, engine: InferenceEngine | No
             ``service.runtime.engine.Engine`` from settings.model.
     """
     state = ServiceState(settings or get_settings())
+    settings = state.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,14 +49,27 @@ def create_app(settings: Settings | None = None, *, engine: InferenceEngine | No
         summary="Vision Transformer image classification on ONNX Runtime, with dynamic batching.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # service/http/docs.py serves them offline
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
     app.add_middleware(ServiceMiddleware, service=app)
+    if settings.cors_origins:
+        # Outermost, so a browser's preflight (which carries no key) is answered before the key check.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Inference-Header-Content-Length"],
+            expose_headers=["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+        )
     app.include_router(v1.health_router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(v2_repository.router)
     app.include_router(page.router)
+    app.include_router(docs.router)
     app.include_router(jobs.router)
+    app.openapi = docs.openapi_with_bearer(app, settings.api_key is not None, OPEN_PATHS)  # type: ignore[method-assign]
     return app

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import PayloadTooLarge, Unauthorized
 from service.core.settings import Settings
+from service.http import docs
 from service.http.deps import state_of
 from service.http.errors import error_response, service_error_response
 from service.http.request_id import bind_request_id
@@ -32,7 +33,8 @@ from service.serving.state import ServiceState
 auth_log = logging.getLogger("vitserve.auth")
 access_log = logging.getLogger("vitserve.access")
 # Reachable without the API key and while draining: probes and scrapers must always get through;
-# so must the web page and its two files (the key is typed into the page) and the v2 health probes.
+# so must the web page and its two files (the key is typed into the page), the v2 health probes,
+# and the API docs with /openapi.json (the key is typed into Swagger's Authorize dialog).
 OPEN_PATHS = frozenset(
     {
         "/healthz",
@@ -43,6 +45,8 @@ OPEN_PATHS = frozenset(
         "/",
         "/static/app.js",
         "/static/style.css",
+        *docs.PAGE_PATHS,
+        *docs.ASSET_PATHS,
     }
 )
 # Scoring jobs upload whole archives: their one route gets its own, larger body limit.

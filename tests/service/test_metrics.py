@@ -65,13 +65,15 @@ def test_job_gauges_follow_the_store(make_fake_engine, encode_photo, tmp_path):
     assert _value(text, 'vitserve_job_images{outcome="pending"}') == 0
 
 
-def test_docs_traffic_has_its_own_route_label_also_when_refused(make_fake_engine):
+def test_docs_traffic_has_its_own_route_labels(make_fake_engine):
     with TestClient(create_app(Settings(api_key="k"), engine=make_fake_engine())) as client:
-        assert client.get("/docs").status_code == 401
-        assert client.get("/docs", headers={"authorization": "Bearer k"}).status_code == 200
+        assert client.get("/docs").status_code == 200  # open, like /openapi.json (service/http/docs.py)
+        assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+        assert client.post("/docs").status_code == 405  # no route ran: labelled by its template all the same
         text = client.get("/metrics").text
-    assert _value(text, 'vitserve_requests_total{method="GET",route="/docs",status="401"}') == 1
     assert _value(text, 'vitserve_requests_total{method="GET",route="/docs",status="200"}') == 1
+    assert _value(text, 'vitserve_requests_total{method="GET",route="/docs/assets/{name}",status="200"}') == 1
+    assert _value(text, 'vitserve_requests_total{method="POST",route="/docs",status="405"}') == 1
 
 
 def test_deadline_messages_never_show_negative_durations(make_fake_engine):
