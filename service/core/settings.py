@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.image_formats import DEFAULT_FORMATS, SUPPORTED_FORMATS, parse_formats
+
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
 
@@ -38,6 +40,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body, bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height pixels")
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
+    image_formats: str = Field(
+        ",".join(DEFAULT_FORMATS),
+        description="comma list of image formats decoded (any other is refused before its decoder runs); "
+        f"allowed: {', '.join(SUPPORTED_FORMATS)}",
+    )
+    max_request_pixels: int = Field(
+        0, ge=0, description="most pixels all images of one request may decode together; 0 = 4 x max_image_pixels"
+    )
+    max_request_decodes: int = Field(
+        0, ge=0, le=256, description="most images of one request decoding at once; 0 = half the preprocess threads"
+    )
+    max_decoding_pixels: int = Field(
+        0,
+        ge=0,
+        description="most pixels being decoded at once in the process (bounds memory); 0 = 2 x max_image_pixels",
+    )
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
     jpeg_draft: bool = Field(
@@ -164,6 +182,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown provider(s) {bad}; use a comma list of tensorrt, cuda, cpu")
         return ",".join(names)
 
+    @field_validator("image_formats", mode="after")
+    @classmethod
+    def _check_formats(cls, value: str) -> str:
+        return ",".join(parse_formats(value))
+
     @field_validator("warmup_batch_sizes", mode="after")
     @classmethod
     def _check_warmup(cls, value: str) -> str:
@@ -174,6 +197,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        for name in ("max_request_pixels", "max_decoding_pixels"):
+            if 0 < getattr(self, name) < self.max_image_pixels:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be 0 or >= max_image_pixels ({self.max_image_pixels})"
+                )
         if self.max_queue_size < self.max_batch_size:
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
@@ -214,6 +242,19 @@ class Settings(BaseSettings):
 
         raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
         return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
+
+    def decode_formats(self) -> tuple[str, ...]:
+        return parse_formats(self.image_formats)
+
+    def request_pixel_budget(self) -> int:
+        return self.max_request_pixels or 4 * self.max_image_pixels
+
+    def decoding_pixel_capacity(self) -> int:
+        return self.max_decoding_pixels or 2 * self.max_image_pixels
+
+    def request_decode_slots(self, preprocess_threads: int) -> int:
+        """Images of one request decoding at once: never every thread of the pool, when it has two or more."""
+        return self.max_request_decodes or max(1, preprocess_threads // 2)
 
     def warmup_sizes(self) -> list[int]:
         sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]

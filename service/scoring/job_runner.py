@@ -280,7 +280,9 @@ class JobRunner:
         else:
             path = Path(file)
         data = read_limited(path, settings.max_image_file_bytes)
-        return load_pixels(data, self.metadata.preprocessing, max_pixels=settings.max_image_pixels)
+        return load_pixels(
+            data, self.metadata.preprocessing, max_pixels=settings.max_image_pixels, formats=settings.decode_formats()
+        )
 
     def _cleanup(self, job_id: str) -> None:
         """Remove a finished job's upload and extracted files; its results live in the store."""
