@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 progress_stream=progress,
             )
         else:
-            from service.scoring.offline import cpu_cores
+            from service.core.host import cpu_cores
 
             workers = args.workers if args.workers is not None else cpu_cores()
             summary = score(

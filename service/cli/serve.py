@@ -76,14 +76,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from service.http.app import _build_engine
     from service.http.server import serve
     from service.runtime.engine import EngineError
+    from service.serving.lifecycle import build_engine
 
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.
     try:
-        engine = _build_engine(settings)
+        engine = build_engine(settings)
     except EngineError as exc:
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.image_formats import DEFAULT_FORMATS, SUPPORTED_FORMATS, parse_formats
+from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
@@ -38,7 +39,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline per request, queue + inference")
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body, bytes")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height pixels")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="largest decoded image, width x height pixels"
+    )
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
     image_formats: str = Field(
         ",".join(DEFAULT_FORMATS),

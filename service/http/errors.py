@@ -1,8 +1,10 @@
-"""The one place that turns errors into JSON responses.
+"""The one place that turns errors into JSON responses, in the shape the route's protocol wants.
 
 A route raises a ``ServiceError`` subclass (service/core/errors.py); ``install_error_handlers``
 maps it (and FastAPI's own request-validation errors, and Starlette's HTTP errors such as
-404/405) to ``{"error": {"code": ..., "message": ...}}`` with the right status code and headers.
+404/405) to a JSON body with the right status code and headers. The body's shape depends on the
+path: ``{"error": {"code": ..., "message": ...}}`` for the service's own API, and the Open Inference
+Protocol's ``{"error": "<message>"}`` under /v2 (what Triton's clients parse).
 """
 
 from __future__ import annotations
@@ -18,9 +20,25 @@ from service.core.errors import ClientClosedRequest, DeadlineExceeded, NotReady,
 
 log = logging.getLogger("vitserve.errors")
 
+V2_PREFIX = "/v2"
 
-def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+def uses_v2_errors(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None, *, path: str = ""
+) -> JSONResponse:
+    """The error body for a request to ``path``, in that protocol's shape."""
+    body: dict[str, object] = (
+        {"error": message} if uses_v2_errors(path) else {"error": {"code": code, "message": message}}
+    )
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def service_error_response(exc: ServiceError, path: str) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers, path=path)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -42,24 +60,28 @@ _HTTP_CODES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the single JSON error shape for every error the app can raise."""
+    """Register the JSON error shapes for every error the app can raise."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500 and not isinstance(exc, (NotReady, DeadlineExceeded, ClientClosedRequest)):
             log.error("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.code, exc.message)
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+        return service_error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", _describe_validation(exc))
+        # The protocol calls a malformed request 400; the service's own API keeps FastAPI's 422.
+        if uses_v2_errors(request.url.path):
+            message = "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request"
+            return error_response(400, "validation_error", message, path=request.url.path)
+        return error_response(422, "validation_error", _describe_validation(exc), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}", path=request.url.path)

@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from service.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.http.deps import media_type as request_media_type
+from service.http.deps import service_state
 from service.scoring.job_runner import JobRunner, job_dir
 from service.scoring.job_store import CANCELLED, JobRecord
 from service.scoring.rows import csv_fields, csv_header
@@ -56,15 +58,11 @@ _RESULTS_PAGE = 1000
 
 
 def _runner(request: Request) -> JobRunner:
-    return request.app.state.jobs
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return service_state(request).jobs
 
 
 def _limits(request: Request) -> ArchiveLimits:
-    s = request.app.state.settings
+    s = service_state(request).settings
     return ArchiveLimits(
         max_members=s.max_job_images,
         max_member_bytes=s.max_image_file_bytes,
@@ -98,8 +96,8 @@ def _manifest_items(paths: list[str], root: Path | None, max_images: int) -> lis
 
 async def _read_input(request: Request, workdir: Path) -> tuple[str, list[tuple[str, str]]]:
     """The request's images as (kind, [(reported path, file on this host)])."""
-    settings = request.app.state.settings
-    media_type = _media_type(request)
+    settings = service_state(request).settings
+    media_type = request_media_type(request)
     upload = workdir / "upload"
     if media_type in ARCHIVE_TYPES:
         await _save_body(request, upload)
@@ -175,7 +173,7 @@ async def _job_or_404(runner: JobRunner, job_id: str) -> JobRecord:
     "Answers 202 with the job at once; poll GET /v1/jobs/{id}, then read /v1/jobs/{id}/results.",
 )
 async def create_job(request: Request, top_k: int = Query(5, description="classes per image in the results")):
-    state = request.app.state
+    state = service_state(request)
     if not 1 <= top_k <= state.settings.max_top_k:
         raise BadRequest(f"top_k must be between 1 and {state.settings.max_top_k}, got {top_k}")
     runner = _runner(request)

@@ -14,9 +14,13 @@ import logging
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.core.settings import Settings
-from service.http.app import create_app, wait_for_idle
+from service.http.app import create_app
+from service.http.deps import state_of
+from service.runtime.engine_protocol import InferenceEngine
+from service.serving.lifecycle import wait_for_idle
 
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
@@ -26,9 +30,9 @@ _LAST_REQUESTS_S = 0.25
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once."""
 
-    def __init__(self, config: uvicorn.Config, app) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
-        self.service_app = app
+        self.state = state_of(app)
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -42,7 +46,7 @@ class DrainingServer(uvicorn.Server):
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
-            f"vitserve: serving {self.service_app.state.metadata.architecture} on http://{host}:{port} "
+            f"vitserve: serving {self.state.metadata.architecture} on http://{host}:{port} "
             f"(API docs: http://{host}:{port}/docs)",
             flush=True,
         )
@@ -52,13 +56,13 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal (or not started yet): stop now
             return
         self._drain_started = True
-        self.service_app.state.draining = True  # a plain attribute: safe to set from the signal handler
+        self.state.draining = True  # a plain attribute: safe to set from the signal handler
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
 
     async def _drain_then_exit(self) -> None:
-        grace = self.service_app.state.settings.shutdown_grace_s
-        log.info("draining: refusing new requests, finishing %d accepted", self.service_app.state.in_flight_requests)
-        if not await wait_for_idle(self.service_app, grace):
+        grace = self.state.settings.shutdown_grace_s
+        log.info("draining: refusing new requests, finishing %d accepted", self.state.in_flight_requests)
+        if not await wait_for_idle(self.state, grace):
             log.warning("drain grace of %.0f s ran out with requests still in flight", grace)
         # Stop listening before exiting, then give connections already accepted a moment to
         # deliver their request and get its 503: uvicorn's own shutdown closes a connection whose
@@ -67,11 +71,11 @@ class DrainingServer(uvicorn.Server):
         for listener in self.servers:
             listener.close()
         await asyncio.sleep(_LAST_REQUESTS_S)
-        await wait_for_idle(self.service_app, grace)
+        await wait_for_idle(self.state, grace)
         self.should_exit = True
 
 
-def serve(settings: Settings, *, engine=None) -> int:
+def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
     """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(

@@ -16,8 +16,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from service.http.inference import classify_bytes, request_deadline, require_ready
+from service.http.deps import ReadyState, State, client_gone, media_type
 from service.runtime.postprocess import top_k as top_k_of
+from service.serving.inference import classify_bytes
+from service.serving.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 health_router = APIRouter(tags=["health"])
@@ -135,12 +137,7 @@ _BATCH_BODY = {
 }
 
 
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-def _check_top_k(request: Request, top_k: int) -> int:
-    state = request.app.state
+def _check_top_k(state: ServiceState, top_k: int) -> int:
     limit = state.settings.max_top_k
     if not 1 <= top_k <= limit:
         raise BadRequest(f"top_k must be between 1 and {limit}, got {top_k}")
@@ -173,12 +170,13 @@ async def _upload_bytes(upload: Any, field: str) -> bytes:
     responses=_ERRORS,
     openapi_extra=_CLASSIFY_BODY,
 )
-async def classify(request: Request, top_k: int = Query(5, description="how many classes to return")) -> Response:
-    state = require_ready(request)
-    k = _check_top_k(request, top_k)
-    deadline = request_deadline(state)
-    media_type = _media_type(request)
-    if media_type == "multipart/form-data":
+async def classify(
+    request: Request, state: ReadyState, top_k: int = Query(5, description="how many classes to return")
+) -> Response:
+    k = _check_top_k(state, top_k)
+    deadline = state.deadline()
+    content_type = media_type(request)
+    if content_type == "multipart/form-data":
         form = await _form(request, max_files=1)
         try:
             if "file" not in form:
@@ -186,11 +184,11 @@ async def classify(request: Request, top_k: int = Query(5, description="how many
             data = await _upload_bytes(form["file"], "file")
         finally:
             await form.close()  # spooled temporary files go now, not at garbage collection
-    elif media_type in IMAGE_TYPES:
+    elif content_type in IMAGE_TYPES:
         data = await request.body()
     else:
-        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'!r} is not supported; send {_ACCEPTED}")
-    logits, timing_ms = await classify_bytes(request, data, deadline=deadline)
+        raise UnsupportedMediaType(f"Content-Type {content_type or '(none)'!r} is not supported; send {_ACCEPTED}")
+    logits, timing_ms = await classify_bytes(state, data, deadline=deadline, client_gone=client_gone(request))
     return JSONResponse(
         {
             "model": state.metadata.architecture,
@@ -213,12 +211,13 @@ def _decode_base64(value: Any, item_id: str) -> bytes:
         raise BadRequest(f"image {item_id!r}: invalid base64 ({exc})") from None
 
 
-async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | ServiceError]], int | None]:
+async def _batch_inputs(
+    request: Request, state: ServiceState
+) -> tuple[list[tuple[str, bytes | ServiceError]], int | None]:
     """The request's images as (id, bytes or the error that image has), and the JSON top_k if given."""
-    settings = request.app.state.settings
-    limit = settings.max_batch_images
-    media_type = _media_type(request)
-    if media_type == "multipart/form-data":
+    limit = state.settings.max_batch_images
+    content_type = media_type(request)
+    if content_type == "multipart/form-data":
         form = await _form(request, max_files=limit)
         try:
             uploads = form.getlist("files")
@@ -235,9 +234,9 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
             return items, None
         finally:
             await form.close()
-    if media_type != "application/json":
+    if content_type != "application/json":
         raise UnsupportedMediaType(
-            f"Content-Type {media_type or '(none)'!r} is not supported here; send "
+            f"Content-Type {content_type or '(none)'!r} is not supported here; send "
             "multipart/form-data with 'files' or application/json with 'images'"
         )
     try:
@@ -275,19 +274,18 @@ async def _batch_inputs(request: Request) -> tuple[list[tuple[str, bytes | Servi
     openapi_extra=_BATCH_BODY,
 )
 async def classify_batch(
-    request: Request, top_k: int | None = Query(None, description="overrides the JSON top_k")
+    request: Request, state: ReadyState, top_k: int | None = Query(None, description="overrides the JSON top_k")
 ) -> Response:
     started = time.perf_counter()
-    state = require_ready(request)
-    deadline = request_deadline(state)
-    items, json_top_k = await _batch_inputs(request)
-    k = _check_top_k(request, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
+    deadline = state.deadline()
+    items, json_top_k = await _batch_inputs(request, state)
+    k = _check_top_k(state, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
 
     async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
         if isinstance(data, ServiceError):
             return {"id": item_id, "error": data.to_dict()}, None
         try:
-            logits, timing = await classify_bytes(request, data, deadline=deadline)
+            logits, timing = await classify_bytes(state, data, deadline=deadline, client_gone=client_gone(request))
         except ServiceError as exc:
             return {"id": item_id, "error": exc.to_dict()}, None
         return {"id": item_id, "predictions": top_k_of(logits, state.metadata.labels, k)}, timing
@@ -305,12 +303,10 @@ async def classify_batch(
 
 
 @router.get("/models", summary="The served model: labels, pre-processing, providers, batching")
-async def models(request: Request) -> dict:
-    state = request.app.state
+async def models(state: State) -> dict:
     meta = state.metadata
     settings = state.settings
-    engine = state.engine
-    describe = engine.describe() if hasattr(engine, "describe") else {}
+    describe = state.engine.describe()
     return {
         "name": meta.architecture,
         "architecture": meta.architecture,
@@ -324,7 +320,7 @@ async def models(request: Request) -> dict:
         "providers": describe.get("providers", []),
         "placement": describe.get("placement", {}),
         "spec": describe.get("spec", {}),  # effective value and source (metadata/sidecar/flag/graph/default)
-        "ready": bool(getattr(state, "ready", False)) and not getattr(state, "draining", False),
+        "ready": state.serving,
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_queue_delay_ms": settings.max_queue_delay_ms,
@@ -346,16 +342,15 @@ async def healthz() -> dict:
 
 
 @health_router.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
-async def readyz(request: Request) -> Response:
-    state = request.app.state
-    if getattr(state, "draining", False):
+async def readyz(state: State) -> Response:
+    if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
-    if not getattr(state, "ready", False):
+    if not state.ready:
         return JSONResponse({"status": "warming_up"}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready"})
 
 
 @health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.render()
+async def metrics(state: State) -> Response:
+    body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.core.host import cpu_cores
 from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
 from service.runtime.buckets import BucketRunner
@@ -88,14 +89,6 @@ def automatic_providers() -> list[str]:
     return chosen
 
 
-def default_intra_op_threads() -> int:
-    """One thread per core this process may run on (cgroup/affinity aware, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class Engine:
     """One ONNX Runtime inference session for one image classifier: a vitserve export or any ONNX file
     described by flags / a sidecar JSON (service/core/model_spec.py).
@@ -138,7 +131,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - system-wide CUDA may still work
                 log.warning("onnxruntime.preload_dlls failed (%s); relying on system CUDA libraries", exc)
         self.requested_providers = requested
-        self.intra_op_threads = intra_op_threads or default_intra_op_threads()
+        self.intra_op_threads = intra_op_threads or cpu_cores()
         self._allow_spinning = allow_spinning
         self._log_placement = log_placement
         self.gpu_options = gpu_options or GpuOptions()

@@ -31,6 +31,8 @@ from typing import TextIO
 import numpy as np
 
 from service.core.errors import ServiceError
+from service.core.host import cpu_cores
+from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
 from service.core.metadata import Preprocessing
 from service.runtime.preprocess import load_pixels
 from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
@@ -46,7 +48,7 @@ from service.scoring.sources import (
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")
-DEFAULT_MAX_PIXELS = 40_000_000  # same default as the service's max_image_pixels
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 # The user's own archive: no ratio, total or entry bounds (those protect the server from its clients).
 OWN_FILE_LIMITS = ArchiveLimits(max_ratio=float("inf"), max_total_bytes=sys.maxsize, max_entries=sys.maxsize)
@@ -296,13 +298,6 @@ def make_decode_pool(workers: int) -> Executor:
     for f in [pool.submit(_worker_ready) for _ in range(workers)]:
         f.result()
     return pool
-
-
-def cpu_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def iter_sources(inputs: Inputs, wanted: set[str] | None) -> Iterator[tuple[str, str | bytes]]:

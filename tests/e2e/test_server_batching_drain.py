@@ -29,9 +29,10 @@ SERVER_SCRIPT = textwrap.dedent("""
     import numpy as np
     from service.core.metadata import ModelMetadata, Preprocessing
     from service.http.server import serve
+    from service.runtime.engine_protocol import HostEngine
     from service.core.settings import Settings
 
-    class SlowEngine:
+    class SlowEngine(HostEngine):
         def __init__(self, delay_s):
             self.delay_s = delay_s
             self.metadata = ModelMetadata("slow_fake", tuple(str(i) for i in range(11)),

@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from service.core.settings import Settings
-from service.http.app import _build_engine as build_engine
 from service.http.server import serve
+from service.serving.lifecycle import build_engine
 
 
 class FaultInjectingEngine:
@@ -35,6 +35,8 @@ class FaultInjectingEngine:
     def __init__(self, inner, *, delay_s: float = 0.0, fail_batches: frozenset[int] = frozenset()) -> None:
         self.inner = inner
         self.metadata = inner.metadata
+        self.on_gpu = inner.on_gpu
+        self.max_batch_size = inner.max_batch_size
         self.delay_s = delay_s
         self.fail_batches = fail_batches
         self._batches = 0

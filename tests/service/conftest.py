@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from service.core.metadata import ModelMetadata, Preprocessing
+from service.runtime.engine_protocol import HostEngine
 
 TINY_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -88,7 +89,7 @@ def photos() -> dict[str, bytes]:
     return {name: photo_bytes(name) for name in PHOTOS}
 
 
-class FakeEngine:
+class FakeEngine(HostEngine):
     """Stands in for service.runtime.engine.Engine: deterministic logits, records every batch size.
 
     Args:

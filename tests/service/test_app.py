@@ -77,7 +77,7 @@ def test_draining_refuses_new_work_but_keeps_probes(make_fake_engine, encode_pho
     app = create_app(Settings(), engine=make_fake_engine())
     with TestClient(app) as client:
         _wait_ready(client)
-        app.state.draining = True
+        app.state.service.draining = True
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "draining"
         refused = client.post("/v1/classify", content=encode_photo("coffee"), headers={"Content-Type": "image/jpeg"})
@@ -177,7 +177,7 @@ def test_metrics_count_images_batches_and_rate(make_fake_engine, encode_photo):
 
 
 def test_gpu_hosts_get_a_bigger_default_batch_unless_one_is_set(make_fake_engine):
-    from service.http.app import GPU_DEFAULT_MAX_BATCH_SIZE
+    from service.serving.lifecycle import GPU_DEFAULT_MAX_BATCH_SIZE
 
     for settings, expected in ((Settings(), GPU_DEFAULT_MAX_BATCH_SIZE), (Settings(max_batch_size=8), 8)):
         engine = make_fake_engine()

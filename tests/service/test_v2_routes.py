@@ -70,7 +70,7 @@ def test_pixels_are_run_through_the_batcher(client):
 
 
 def test_not_ready_and_draining(client):
-    state = client.app.state
+    state = client.app.state.service
     state.ready = False
     response = infer(client, pixel_request())
     assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.errors import BadRequest
 from service.core.metadata import ModelMetadata
 from service.runtime.postprocess import softmax
 
@@ -53,7 +54,7 @@ HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 _LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements: uint32 little-endian length, then the bytes
 
 
-class V2ProtocolError(ValueError):
+class V2ProtocolError(BadRequest):
     """The request does not follow the protocol or does not fit this model; answered 400."""
 
 
@@ -112,11 +113,6 @@ def model_metadata(model_name: str, metadata: ModelMetadata) -> dict:
             {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, k]},
         ],
     }
-
-
-def error_body(message: str) -> dict:
-    """The protocol's error shape (Triton and KServe): a single string."""
-    return {"error": message}
 
 
 # --- requests --------------------------------------------------------------------------------

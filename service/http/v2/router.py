@@ -22,22 +22,19 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
-from service.http.inference import classify_bytes, classify_pixels, request_deadline, require_ready
+from service.http.deps import ReadyState, State, client_gone
 from service.http.v2 import codec as v2_codec
-from service.http.v2.codec import MODEL_VERSION, V2ProtocolError
+from service.http.v2.codec import MODEL_VERSION
+from service.serving.inference import classify_bytes, classify_pixels
+from service.serving.state import ServiceState
 
 SERVER_NAME = "vitserve"
 try:
@@ -48,46 +45,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _OCTET_STREAM = "application/octet-stream"
 
 
-class V2Route(APIRoute):
-    """An APIRoute whose errors come out as the protocol's ``{"error": "<message>"}``."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def v2_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ServiceError as exc:
-                return _error(exc.status_code, exc.message, exc.headers)
-            except V2ProtocolError as exc:
-                return _error(400, str(exc))
-            except RequestValidationError as exc:
-                return _error(400, "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request")
-            except StarletteHTTPException as exc:
-                return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-        return v2_handler
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
 
-def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(v2_codec.error_body(message), status_code=status_code, headers=headers)
-
-
-router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Protocol (KServe v2)"])
-
-
-def _served_name(request: Request) -> str:
-    return request.app.state.metadata.architecture
-
-
-def _ready(request: Request) -> bool:
-    # Draining counts as not ready, so a load balancer stops sending work during the graceful shutdown.
-    state = request.app.state
-    return bool(getattr(state, "ready", False)) and not getattr(state, "draining", False)
-
-
-def _check_model(request: Request, model_name: str, model_version: str | None) -> None:
-    served = _served_name(request)
+def _check_model(state: ServiceState, model_name: str, model_version: str | None) -> None:
+    served = state.metadata.architecture
     if model_name != served:
         raise NotFound(f"unknown model '{model_name}'; this server serves '{served}'")
     if model_version is not None and model_version != MODEL_VERSION:
@@ -120,24 +82,25 @@ async def server_live() -> Response:
 @router.get(
     "/health/ready", summary="Server readiness (200 ready, 400 not yet: warming up or shutting down)", **_EMPTY_HEALTH
 )
-async def server_ready(request: Request) -> Response:
-    return _health(_ready(request))
+async def server_ready(state: State) -> Response:
+    # Draining counts as not ready, so a load balancer stops sending work during the graceful shutdown.
+    return _health(state.serving)
 
 
 @router.get("/models/{model_name}", summary="Model metadata")
 @router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata (one version)")
-async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> dict:
-    _check_model(request, model_name, model_version)
-    return v2_codec.model_metadata(model_name, request.app.state.metadata)
+async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict:
+    _check_model(state, model_name, model_version)
+    return v2_codec.model_metadata(model_name, state.metadata)
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness", **_EMPTY_HEALTH)
 @router.get(
     "/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)", **_EMPTY_HEALTH
 )
-async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    _check_model(request, model_name, model_version)
-    return _health(_ready(request))
+async def model_ready(state: State, model_name: str, model_version: str | None = None) -> Response:
+    _check_model(state, model_name, model_version)
+    return _health(state.serving)
 
 
 _INFER_OPENAPI = {
@@ -167,9 +130,8 @@ _INFER_OPENAPI = {
     summary="Inference (one version)",
     openapi_extra=_INFER_OPENAPI,
 )
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    _check_model(request, model_name, model_version)
-    state = require_ready(request)
+async def infer(request: Request, state: ReadyState, model_name: str, model_version: str | None = None) -> Response:
+    _check_model(state, model_name, model_version)
     settings = state.settings
     body = await _read_body(request, settings.max_upload_bytes)
     header_length = v2_codec.parse_header_length(request.headers.get(v2_codec.HEADER_LENGTH_HEADER), len(body))
@@ -185,17 +147,18 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             max_batch=settings.max_batch_images,
         ),
     )
-    deadline = request_deadline(state)
+    deadline = state.deadline()
     if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
         deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
 
+    gone = client_gone(request)
     # Every element goes through the batcher on its own, like /v1 images: they batch with each
     # other and with concurrent requests.
     if parsed.images is not None:
 
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
-                logits, _ = await classify_bytes(request, data, deadline=deadline)
+                logits, _ = await classify_bytes(state, data, deadline=deadline, client_gone=gone)
             except ServiceError as exc:
                 exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
                 raise
@@ -203,7 +166,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
 
         jobs = [classify_image(i, data) for i, data in enumerate(parsed.images)]
     else:
-        jobs = [classify_pixels(request, pixels, deadline=deadline) for pixels in parsed.pixel_values]
+        jobs = [classify_pixels(state, pixels, deadline=deadline, client_gone=gone) for pixels in parsed.pixel_values]
     logits = np.stack(await _all_or_nothing(jobs))  # (N, K)
 
     content, json_length = v2_codec.build_infer_response(
@@ -238,20 +201,10 @@ _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
 
-    Read chunk by chunk so an oversized upload is refused without buffering it all, and a
-    compressed body is inflated with a cap so a small "zip bomb" cannot exhaust memory.
+    The body itself is bounded by the middleware (service/http/middleware.py); a compressed body is
+    inflated here with the same cap, so a small "zip bomb" cannot exhaust memory.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await request.body()
 
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":

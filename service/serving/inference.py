@@ -1,0 +1,102 @@
+"""The one path from a request's input to logits: readiness, deadline, pre-processing, batcher, metrics.
+
+Every route of every binding (HTTP /v1 and /v2, gRPC) classifies through ``classify_bytes`` (encoded
+images) or ``classify_pixels`` (pre-processed tensors), so they all behave the same. A front end that
+can tell when its client has gone passes ``client_gone``: an awaitable that completes at that moment;
+the image's queued work is then withdrawn (the batcher skips cancelled items).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from functools import partial
+from typing import TypeVar
+
+import numpy as np
+
+from service.core.errors import ClientClosedRequest, ServiceError
+from service.runtime.preprocess import load_pixels
+from service.serving.state import ServiceState
+
+_Result = TypeVar("_Result")
+
+
+async def unless_client_leaves(work: Awaitable[_Result], client_gone: asyncio.Future[None] | None) -> _Result:
+    """Await ``work``; if ``client_gone`` completes first, cancel the work and raise ClientClosedRequest."""
+    if client_gone is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientClosedRequest("client disconnected before the answer was ready; its images were not run")
+
+
+async def classify_pixels(
+    state: ServiceState,
+    pixels: np.ndarray,
+    *,
+    deadline: float | None = None,
+    timings: dict[str, float] | None = None,
+    client_gone: asyncio.Future[None] | None = None,
+) -> np.ndarray:
+    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
+
+    ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
+    """
+    state.require_ready()
+    deadline = state.deadline() if deadline is None else deadline
+    return await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+
+
+async def classify_bytes(
+    state: ServiceState,
+    data: bytes,
+    *,
+    deadline: float | None = None,
+    client_gone: asyncio.Future[None] | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
+
+    Decoding and pre-processing run in the state's thread pool (overlapping inference); the timing
+    dict has ``queue``, ``preprocess``, ``inference`` and ``total`` in milliseconds.
+    Raises ServiceError subclasses (InvalidImage, Overloaded, NotReady, DeadlineExceeded, ...).
+    """
+    started = time.perf_counter()
+    state.require_ready()
+    deadline = state.deadline() if deadline is None else deadline
+    loop = asyncio.get_running_loop()
+    settings = state.settings
+    try:
+        # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
+        # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
+        state.batcher.check_room()
+        decode = partial(
+            load_pixels,
+            data,
+            state.metadata.preprocessing,
+            max_pixels=settings.max_image_pixels,
+            jpeg_draft=settings.jpeg_draft,
+        )
+        pixels = await loop.run_in_executor(state.preprocess_pool, decode)
+    except ServiceError as exc:
+        state.metrics.image_errors.labels(exc.code).inc()
+        raise
+    preprocess_s = time.perf_counter() - started
+    state.metrics.preprocess.observe(preprocess_s)
+    stage: dict[str, float] = {}
+    try:
+        logits = await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
+    except ServiceError as exc:
+        state.metrics.image_errors.labels(exc.code).inc()
+        raise
+    timing_ms = {
+        "queue": round(stage.get("queue_ms", 0.0), 3),
+        "preprocess": round(preprocess_s * 1000.0, 3),
+        "inference": round(stage.get("inference_ms", 0.0), 3),
+        "total": round((time.perf_counter() - started) * 1000.0, 3),
+    }
+    return logits, timing_ms

@@ -1,0 +1,93 @@
+"""``ServiceState``: everything a running service holds, typed, in one object.
+
+Built empty by the front end (settings and metrics are known before the model loads), filled by
+``service.serving.lifecycle.start`` and read by every route through a dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from service.core.errors import NotReady
+from service.core.metadata import ModelMetadata
+from service.core.settings import Settings
+from service.runtime.batcher import Batcher
+from service.runtime.engine_protocol import InferenceEngine
+from service.runtime.metrics import Metrics
+from service.scoring.job_runner import JobRunner
+
+_Part = TypeVar("_Part")
+
+
+class NotStarted(RuntimeError):
+    """A part of the service was used before the lifespan built it (a programming error)."""
+
+
+@dataclass(eq=False)
+class ServiceState:
+    """The service's parts and flags.
+
+    Args:
+        settings: the configuration in force (the lifespan may adjust batch sizes to the engine).
+        metrics: the process's Prometheus metrics.
+    """
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: bool = False  # warm and accepting inference
+    draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
+    in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
+    _engine: InferenceEngine | None = None
+    _batcher: Batcher | None = None
+    _preprocess_pool: ThreadPoolExecutor | None = None
+    _jobs: JobRunner | None = None
+    warmup_task: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> InferenceEngine:
+        return _started(self._engine, "engine")
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self.engine.metadata
+
+    @property
+    def batcher(self) -> Batcher:
+        return _started(self._batcher, "batcher")
+
+    @property
+    def preprocess_pool(self) -> ThreadPoolExecutor:
+        return _started(self._preprocess_pool, "pre-processing pool")
+
+    @property
+    def jobs(self) -> JobRunner:
+        return _started(self._jobs, "job runner")
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not draining: what health probes and load balancers want to know."""
+        return self.ready and not self.draining
+
+    def require_ready(self) -> ServiceState:
+        """This state, or NotReady (503 + Retry-After) while warming up.
+
+        Draining is not checked here: the front end refuses new requests once draining starts, and
+        a request admitted before that must be finished even if its body arrives after SIGTERM.
+        """
+        if not self.ready:
+            raise NotReady("model is not ready (warming up or shutting down)", retry_after_s=1)
+        return self
+
+    def deadline(self) -> float:
+        """The time.monotonic() by which a request arriving now must be answered."""
+        return time.monotonic() + self.settings.request_timeout_s
+
+
+def _started(part: _Part | None, name: str) -> _Part:
+    if part is None:
+        raise NotStarted(f"the service's {name} is not built yet (the lifespan has not started)")
+    return part
