@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.http.deps import ReadyState, State, client_gone, media_type
 from service.runtime.postprocess import top_k as top_k_of
-from service.serving.inference import classify_bytes
+from service.serving.inference import classify_bytes, request_decodes
 from service.serving.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -280,12 +280,14 @@ async def classify_batch(
     deadline = state.deadline()
     items, json_top_k = await _batch_inputs(request, state)
     k = _check_top_k(state, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
+    gone = client_gone(request)
+    decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all the images
 
     async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
         if isinstance(data, ServiceError):
             return {"id": item_id, "error": data.to_dict()}, None
         try:
-            logits, timing = await classify_bytes(state, data, deadline=deadline, client_gone=client_gone(request))
+            logits, timing = await classify_bytes(state, data, deadline=deadline, client_gone=gone, decodes=decodes)
         except ServiceError as exc:
             return {"id": item_id, "error": exc.to_dict()}, None
         return {"id": item_id, "predictions": top_k_of(logits, state.metadata.labels, k)}, timing

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from service.core.host import cpu_cores
 from service.core.settings import Settings
 from service.runtime.batcher import Batcher
+from service.runtime.decode_limits import PixelGate
 from service.runtime.engine import Engine
 from service.runtime.engine_protocol import InferenceEngine
 from service.scoring.job_runner import JobRunner
@@ -65,9 +66,11 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
     schedule the warm-up; ``state.ready`` turns true when it is done."""
     state._engine = engine if engine is not None else await asyncio.to_thread(build_engine, state.settings)
     state.settings = settings = _fit_settings_to_engine(state.settings, state.engine)
+    state.preprocess_threads = settings.preprocess_threads or cpu_cores()
     state._preprocess_pool = ThreadPoolExecutor(
-        max_workers=settings.preprocess_threads or cpu_cores(), thread_name_prefix="vitserve-preprocess"
+        max_workers=state.preprocess_threads, thread_name_prefix="vitserve-preprocess"
     )
+    state._pixel_gate = PixelGate(settings.decoding_pixel_capacity())
     state._batcher = Batcher(
         state.engine,
         max_batch_size=settings.max_batch_size,
@@ -85,6 +88,7 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         state.metadata,
         is_ready=lambda: state.ready,
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
+        decode_gate=state.pixel_gate,
     )
     await state.jobs.start()
     state.metrics.watch_queue(lambda: state.batcher.queue_depth)

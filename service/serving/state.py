@@ -16,6 +16,7 @@ from service.core.errors import NotReady
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
 from service.runtime.batcher import Batcher
+from service.runtime.decode_limits import PixelGate
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.scoring.job_runner import JobRunner
@@ -44,6 +45,8 @@ class ServiceState:
     _engine: InferenceEngine | None = None
     _batcher: Batcher | None = None
     _preprocess_pool: ThreadPoolExecutor | None = None
+    preprocess_threads: int = 0  # the pool's size, once built
+    _pixel_gate: PixelGate | None = None
     _jobs: JobRunner | None = None
     warmup_task: asyncio.Task[None] | None = None
 
@@ -62,6 +65,11 @@ class ServiceState:
     @property
     def preprocess_pool(self) -> ThreadPoolExecutor:
         return _started(self._preprocess_pool, "pre-processing pool")
+
+    @property
+    def pixel_gate(self) -> PixelGate:
+        """Pixels being decoded at once in the process, online and job decodes together."""
+        return _started(self._pixel_gate, "pixel gate")
 
     @property
     def jobs(self) -> JobRunner:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import socket
 import threading
 import time
@@ -20,14 +19,9 @@ import numpy as np
 import pytest
 from load_generator import LOST, REFUSED, closed_loop
 from PIL import Image
-from reliability_lib import STACK_TRACE, photo_bytes
+from reliability_lib import STACK_TRACE, metric, photo_bytes
 
 pytestmark = pytest.mark.slow
-
-
-def metric(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def metrics(server) -> str:

@@ -33,7 +33,7 @@ from service.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceEr
 from service.http.deps import ReadyState, State, client_gone
 from service.http.v2 import codec as v2_codec
 from service.http.v2.codec import MODEL_VERSION
-from service.serving.inference import classify_bytes, classify_pixels
+from service.serving.inference import classify_bytes, classify_pixels, request_decodes
 from service.serving.state import ServiceState
 
 SERVER_NAME = "vitserve"
@@ -155,10 +155,11 @@ async def infer(request: Request, state: ReadyState, model_name: str, model_vers
     # Every element goes through the batcher on its own, like /v1 images: they batch with each
     # other and with concurrent requests.
     if parsed.images is not None:
+        decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all elements
 
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
-                logits, _ = await classify_bytes(state, data, deadline=deadline, client_gone=gone)
+                logits, _ = await classify_bytes(state, data, deadline=deadline, client_gone=gone, decodes=decodes)
             except ServiceError as exc:
                 exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
                 raise
