@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     )
     max_job_upload_bytes: int = Field(4 * 1024**3, ge=1024, description="largest archive upload to /v1/jobs, bytes")
     max_job_images: int = Field(1_000_000, ge=1, description="most images in one job")
+    max_manifest_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest manifest (JSON lines or JSON paths) sent to /v1/jobs, bytes"
+    )
+    max_archive_entries: int = Field(
+        50_000, ge=1, description="most entries (files, folders, skipped files) in one uploaded archive"
+    )
     max_archive_bytes: int = Field(16 * 1024**3, ge=1024, description="most bytes one archive may extract to")
     max_archive_ratio: float = Field(100.0, ge=1, description="most uncompressed bytes per archive byte (zip bombs)")
     max_image_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest single image file in a job")

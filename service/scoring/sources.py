@@ -54,6 +54,7 @@ _CORRUPT_ARCHIVE = (
     zlib.error,
     lzma.LZMAError,
     NotImplementedError,
+    UnicodeDecodeError,  # a zip member name flagged UTF-8 that is not
 )
 
 
@@ -346,7 +347,9 @@ def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
             continue
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except RecursionError:
+            raise BadRequest(f"manifest line {number}: JSON nested too deeply") from None
+        except ValueError as exc:  # bad syntax, or an integer past Python's 4300-digit conversion limit
             raise BadRequest(f"manifest line {number}: not JSON ({exc})") from None
         if isinstance(value, dict):
             value = value.get("path")

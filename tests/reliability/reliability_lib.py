@@ -11,6 +11,7 @@ RELIABILITY_OVERLOAD_SECONDS (overload duration).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -207,6 +208,21 @@ class Bystander:
         """Every request it sent was answered 200, and it got to send some."""
         assert len(self.outcomes) >= at_least, f"the bystander sent only {len(self.outcomes)} requests"
         assert all(o == 200 for o in self.outcomes), f"the bystander was not served: {self.outcomes}"
+
+
+def wait_job(url: str, job_id: str, *, until=("done",), timeout_s: float = 120.0, headers=None) -> dict:
+    """Poll GET /v1/jobs/{id} until its state is one of ``until``; the job's description."""
+    deadline = time.monotonic() + timeout_s
+    while (job := httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10, headers=headers).json())["state"] not in until:
+        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout_s} s: {job}"
+        time.sleep(0.05)
+    return job
+
+
+def job_rows(url: str, job_id: str, headers=None) -> list[dict]:
+    """A job's result rows (JSON lines), in submission order."""
+    text = httpx.get(f"{url}/v1/jobs/{job_id}/results", timeout=60, headers=headers).text
+    return [json.loads(line) for line in text.splitlines()]
 
 
 STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")

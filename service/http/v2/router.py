@@ -23,7 +23,6 @@ import asyncio
 import time
 import zlib
 from collections.abc import Awaitable
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -133,20 +132,22 @@ _INFER_OPENAPI = {
 async def infer(request: Request, state: ReadyState, model_name: str, model_version: str | None = None) -> Response:
     _check_model(state, model_name, model_version)
     settings = state.settings
-    body = await _read_body(request, settings.max_upload_bytes)
-    header_length = v2_codec.parse_header_length(request.headers.get(v2_codec.HEADER_LENGTH_HEADER), len(body))
+    body = await request.body()  # bounded by the middleware
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    length_header = request.headers.get(v2_codec.HEADER_LENGTH_HEADER)
 
-    # Parsing JSON pixel data is CPU work (milliseconds per image): keep it off the event loop.
-    parsed = await asyncio.get_running_loop().run_in_executor(
-        state.preprocess_pool,
-        partial(
-            v2_codec.parse_infer_request,
-            body,
+    def parse() -> v2_codec.InferRequest:
+        inflated = _inflate(body, encoding, settings.max_upload_bytes)
+        header_length = v2_codec.parse_header_length(length_header, len(inflated))
+        return v2_codec.parse_infer_request(
+            inflated,
             header_length,
             image_size=state.metadata.preprocessing.image_size,
             max_batch=settings.max_batch_images,
-        ),
-    )
+        )
+
+    # Inflating and parsing are CPU work (milliseconds per image, more for hostile bodies): off the event loop.
+    parsed = await asyncio.get_running_loop().run_in_executor(state.preprocess_pool, parse)
     deadline = state.deadline()
     if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
         deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
@@ -199,15 +200,12 @@ async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate = zlib stream (RFC 9110)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
 
     The body itself is bounded by the middleware (service/http/middleware.py); a compressed body is
     inflated here with the same cap, so a small "zip bomb" cannot exhaust memory.
     """
-    body = await request.body()
-
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in _DECODERS:
