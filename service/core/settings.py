@@ -86,9 +86,28 @@ class Settings(BaseSettings):
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
     trt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels (matters for fp32 exports)")
 
+    # Connections (service/http/connection.py): what one client may hold before its request is read.
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="open client connections; the next one is answered 503 and closed"
+    )
+    max_request_head_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="request line and headers of one request, bytes (431)"
+    )
+    request_head_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="time to send a complete request head, from connect or the last answer (408)"
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, le=3600, description="an idle kept-alive connection is closed after this"
+    )
+
     api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="SIGTERM to exit, at most (one deadline for the whole drain); keep it 5 s or more under the "
+        "orchestrator's grace (compose: stop_grace_period 40s)",
+    )
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
     data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")

@@ -112,7 +112,8 @@ class JobRunner:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting: a decode already running finishes on its own; nothing reads its result.
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self._store is not None:
             self._store.close()
             self._store = None

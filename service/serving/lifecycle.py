@@ -102,12 +102,15 @@ async def stop(state: ServiceState) -> None:
     state.metrics.ready.set(0)
     if state.warmup_task is not None:
         state.warmup_task.cancel()
-    await state.jobs.stop()  # jobs are durable: stop feeding, unscored images stay pending
-    grace_s = state.settings.shutdown_grace_s
+    # Each step gets what is left of the one drain deadline (state.drain_deadline), never a grace of its own.
     try:
-        await asyncio.wait_for(state.batcher.stop(drain=True), timeout=grace_s)
+        await asyncio.wait_for(state.jobs.stop(), timeout=state.drain_time_left())
+    except TimeoutError:  # jobs are durable: stop feeding, unscored images stay pending
+        log.warning("the job runner did not stop before the drain deadline")
+    try:
+        await asyncio.wait_for(state.batcher.stop(drain=True), timeout=state.drain_time_left())
     except TimeoutError:
-        log.warning("drain took over %.0f s; failing what is left", grace_s)
+        log.warning("drain deadline reached; failing what is left in the batcher")
         await state.batcher.stop(drain=False)
     state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     log.info("shut down cleanly")

@@ -42,6 +42,7 @@ class ServiceState:
     ready: bool = False  # warm and accepting inference
     draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
     in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
+    drain_deadline: float | None = None  # time.monotonic() by which a SIGTERM'd process must have exited
     _engine: InferenceEngine | None = None
     _batcher: Batcher | None = None
     _preprocess_pool: ThreadPoolExecutor | None = None
@@ -89,6 +90,12 @@ class ServiceState:
         if not self.ready:
             raise NotReady("model is not ready (warming up or shutting down)", retry_after_s=1)
         return self
+
+    def drain_time_left(self) -> float:
+        """Seconds left before the drain deadline (the whole grace when no SIGTERM came: e.g. tests)."""
+        if self.drain_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(0.0, self.drain_deadline - time.monotonic())
 
     def deadline(self) -> float:
         """The time.monotonic() by which a request arriving now must be answered."""
