@@ -41,6 +41,8 @@ log = logging.getLogger("vitserve.server")
 _LAST_REQUESTS_S = 0.25
 # Of the drain deadline, kept for the batcher, the job runner and the exit after requests are done.
 _RESERVE_S = 2.0
+# After hanging up on requests still running at the deadline: how long their handlers get to end.
+_HANG_UP_S = 0.5
 # The watchdog exits this long after the deadline if the process has not.
 _BACKSTOP_S = 4.0
 # Descriptors kept for the model, the jobs database, uploads and logs when capping connections.
@@ -98,7 +100,12 @@ class DrainingServer(uvicorn.Server):
         for listener in self.servers:
             listener.close()
         await asyncio.sleep(min(_LAST_REQUESTS_S, state.drain_time_left()))
-        await wait_for_idle(state, state.drain_time_left() - reserve)
+        if not await wait_for_idle(state, state.drain_time_left() - reserve):
+            # Past the deadline: hang up on what is left (a stalled upload, say). Its handler then sees a
+            # client disconnect and ends as a 499, instead of uvicorn cancelling it mid-await.
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
+            await wait_for_idle(state, min(_HANG_UP_S, state.drain_time_left()))
         # uvicorn reads this when it shuts down: its wait for open connections ends with our deadline.
         self.config.timeout_graceful_shutdown = max(0.1, state.drain_time_left() - reserve)  # type: ignore[assignment]
         self.should_exit = True
