@@ -112,7 +112,7 @@ def decode_opened(image: Image.Image, formats: tuple[str, ...] = DEFAULT_FORMATS
     """Decode an image from ``open_image`` into 8-bit RGB, upright, alpha composited on white."""
     with _as_invalid_image(formats):
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no second copy of a large image
         return to_rgb(image)
 
 
