@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None, description="model that /v1/classify serves in a repository; unset = the only one, or the first by name"
     )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit = the repository extension's load/unload calls may change what is served; "
+        "none = they are refused (403), as in Triton's default mode",
+    )
     repository_poll_s: float = Field(
         0.0, ge=0, le=86_400, description="re-scan the repository for new versions this often; 0 = only on load calls"
     )
