@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import import_checkpoint  # noqa: E402
-from model.export import export_model, torch_to_onnx  # noqa: E402
-from model.onnx_io import save_onnx  # noqa: E402
-from model.verify import graph_stats  # noqa: E402
+from model.checkpoint import import_checkpoint  # noqa: E402 - needs sys.path above
+from model.export import export_model, torch_to_onnx  # noqa: E402 - needs sys.path above
+from model.onnx_io import save_onnx  # noqa: E402 - needs sys.path above
+from model.verify import graph_stats  # noqa: E402 - needs sys.path above
 
 VARIANTS = ("PyTorch eager", "ONNX unfused", "ONNX fused fp32", "ONNX int8")
 
