@@ -17,6 +17,7 @@ from service.core.settings import Settings, get_settings
 from service.http import jobs, page, v1
 from service.http.errors import install_error_handlers
 from service.http.middleware import ServiceMiddleware
+from service.http.slow_clients import BodyDeadline
 from service.http.v2 import router as v2
 from service.runtime.engine_protocol import InferenceEngine
 from service.serving import lifecycle
@@ -49,6 +50,9 @@ def create_app(settings: Settings | None = None, *, engine: InferenceEngine | No
     )
     app.state.service = state
     install_error_handlers(app)
+    app.add_middleware(
+        BodyDeadline, timeout_s=state.settings.body_timeout_s, min_rate=state.settings.min_body_rate_bytes_per_s
+    )
     app.add_middleware(ServiceMiddleware, service=app)
     app.include_router(v1.health_router)
     app.include_router(v1.router)

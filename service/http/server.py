@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from service.core.settings import Settings
 from service.http.app import create_app
 from service.http.deps import state_of
+from service.http.slow_clients import uvicorn_protocol
 from service.runtime.engine_protocol import InferenceEngine
 from service.serving.lifecycle import wait_for_idle
 
@@ -85,6 +86,7 @@ def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         lifespan="on",
+        http=uvicorn_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     server = DrainingServer(config, app)
