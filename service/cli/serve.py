@@ -25,6 +25,7 @@ _FLAGS = (
     ("--max-upload-bytes", "max_upload_bytes", int, "largest request body"),
     ("--max-image-pixels", "max_image_pixels", int, "largest decoded image (width x height)"),
     ("--max-batch-images", "max_batch_images", int, "most images per /v1/classify/batch request"),
+    ("--workers", "workers", int, "front-end processes feeding one engine process (1 = one process, 0 = automatic)"),
     ("--preprocess-threads", "preprocess_threads", int, "decode/resize threads (0 = one per core)"),
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads (0 = one per core)"),
     ("--providers", "providers", str, "provider order, e.g. cuda,cpu (default: automatic)"),
@@ -79,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
     from service.http.server import serve
     from service.runtime.engine import EngineError
     from service.serving.lifecycle import build_engine
+    from service.serving.supervisor import resolve_workers
 
+    if resolve_workers(settings) > 1:
+        return serve(settings)  # the engine process loads the model (and reports a bad one: exit 2)
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.
     try:

@@ -20,27 +20,43 @@ from service.http.middleware import ServiceMiddleware
 from service.http.slow_clients import BodyDeadline
 from service.http.v2 import router as v2
 from service.runtime.engine_protocol import InferenceEngine
-from service.serving import lifecycle
+from service.runtime.metrics import Metrics
+from service.serving import front_end, lifecycle
+from service.serving.front_end import WorkerContext
 from service.serving.state import ServiceState
 
 
-def create_app(settings: Settings | None = None, *, engine: InferenceEngine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, engine: InferenceEngine | None = None, worker: WorkerContext | None = None
+) -> FastAPI:
     """Build the service.
 
     Args:
         settings: configuration; defaults to ``get_settings()`` (environment variables).
         engine: an already-built engine (see service/runtime/engine_protocol.py); None builds
             ``service.runtime.engine.Engine`` from settings.model.
+        worker: set in a front-end worker of a multi-process server (service/serving/supervisor.py):
+            the engine, batcher and job runner are then the engine process's (service/serving/front_end.py).
     """
-    state = ServiceState(settings or get_settings())
+    settings = settings or get_settings()
+    if worker is None:
+        state = ServiceState(settings)
+    else:
+        state = ServiceState(settings, metrics=Metrics(multiprocess_dir=worker.metrics_dir, worker=worker.index))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await lifecycle.start(state, engine)
+        if worker is not None:
+            await front_end.start_worker(state, worker)
+        else:
+            await lifecycle.start(state, engine)
         try:
             yield
         finally:
-            await lifecycle.stop(state)
+            if worker is not None:
+                await front_end.stop_worker(state, worker)
+            else:
+                await lifecycle.stop(state)
 
     app = FastAPI(
         title="vitserve",

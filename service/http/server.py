@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,7 +23,10 @@ from service.http.app import create_app
 from service.http.deps import state_of
 from service.http.slow_clients import uvicorn_protocol
 from service.runtime.engine_protocol import InferenceEngine
-from service.serving.lifecycle import wait_for_idle
+from service.serving import supervisor
+from service.serving.front_end import WorkerContext
+from service.serving.lifecycle import build_engine, wait_for_idle
+from service.serving.supervisor import resolve_workers
 
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
@@ -29,11 +34,18 @@ _LAST_REQUESTS_S = 0.25
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once."""
+    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once.
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    Args:
+        config: uvicorn's configuration.
+        app: the service app (its state is drained).
+        announce: print the "serving ... on http://..." line once started (one worker of many does).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, announce: bool = True) -> None:
         super().__init__(config)
         self.state = state_of(app)
+        self.announce = announce
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -43,7 +55,7 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.should_exit or not self.servers:
+        if self.should_exit or not self.servers or not self.announce:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
@@ -76,10 +88,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
-    app = create_app(settings, engine=engine)
-    config = uvicorn.Config(
+def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -89,9 +99,40 @@ def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
         http=uvicorn_protocol(settings.header_timeout_s),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
-    server = DrainingServer(config, app)
+
+
+def serve(
+    settings: Settings,
+    *,
+    engine: InferenceEngine | None = None,
+    make_engine: Callable[[], InferenceEngine] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (drained); returns the exit code.
+
+    One process for ``settings.workers`` 1; else the supervisor's front-end workers and engine
+    process (service/serving/supervisor.py), the engine built there by ``make_engine`` (default:
+    from settings.model), or ``engine`` inherited when given (a fake: an ONNX Runtime session must
+    not cross a fork).
+    """
+    workers = resolve_workers(settings)
+    if workers > 1:
+        if make_engine is None:
+            make_engine = (lambda: engine) if engine is not None else partial(build_engine, settings)
+        return supervisor.run(settings, workers, make_engine, partial(_serve_worker, settings))
+    if engine is None and make_engine is not None:
+        engine = make_engine()
+    app = create_app(settings, engine=engine)
+    server = DrainingServer(_uvicorn_config(app, settings), app)
     server.run()
     if not server.started:
         print("vitserve serve: the server did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_worker(settings: Settings, context: WorkerContext) -> int:
+    """One front-end worker: the app on the supervisor's listening socket."""
+    app = create_app(settings, worker=context)
+    server = DrainingServer(_uvicorn_config(app, settings), app, announce=context.index == 0)
+    server.run(sockets=[context.listener])
+    return 0 if server.started else 1

@@ -3,6 +3,13 @@
 Exposed at GET /metrics: requests and latency by route and status, queue depth, in-flight batch,
 batch-size histogram, inference and pre-processing time, images classified (total and per second
 over a sliding window).
+
+A multi-process server (service/serving/supervisor.py) uses prometheus_client's multiprocess mode:
+every process writes its figures to files in one directory and any worker's /metrics sums them
+(counters and histograms over all processes, the engine's gauges as the engine set them). There,
+``worker`` gives per-worker figures (``vitserve_worker_requests_total{worker=...}``), gauges that a
+callable computes are refreshed by ``refresh()`` (the engine process calls it periodically), since
+a scrape in one process cannot call a function in another.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -39,10 +48,19 @@ class RateWindow:
 
 
 class Metrics:
-    """All of the service's metrics in a private registry."""
+    """All of the service's metrics in a private registry.
 
-    def __init__(self) -> None:
+    Args:
+        multiprocess_dir: prometheus_client's multiprocess directory when this process is one of a
+            multi-process server (its value class must already be the multiprocess one); None = alone.
+        worker: this process's front-end worker index (per-worker figures), None for the engine process.
+    """
+
+    def __init__(self, multiprocess_dir: Path | None = None, worker: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
+        self.worker = worker
+        self._queue_depth_fn: Callable[[], float] | None = None
         r = self.registry
         self.requests = Counter(
             "vitserve_requests_total", "HTTP requests answered", ["route", "method", "status"], registry=r
@@ -54,8 +72,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.in_flight_requests = Gauge("vitserve_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("vitserve_queue_depth", "images waiting in the batcher queue", registry=r)
+        self.in_flight_requests = Gauge(
+            "vitserve_requests_in_flight", "HTTP requests being handled", registry=r, multiprocess_mode="livesum"
+        )
+        self.queue_depth = Gauge(
+            "vitserve_queue_depth", "images waiting in the batcher queue", registry=r, multiprocess_mode="livemax"
+        )
         self.batch_size = Histogram("vitserve_batch_size", "images per engine run", buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram(
             "vitserve_inference_seconds", "engine run time per batch", buckets=_LATENCY_BUCKETS_S, registry=r
@@ -70,13 +92,35 @@ class Metrics:
         self.image_errors = Counter("vitserve_image_errors_total", "images rejected or failed", ["code"], registry=r)
         self._rate = RateWindow(10.0)
         self.images_per_second = Gauge(
-            "vitserve_images_per_second", "images classified per second (last 10 s)", registry=r
+            "vitserve_images_per_second",
+            "images classified per second (last 10 s)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.images_per_second.set_function(self._rate.rate)
-        self.ready = Gauge("vitserve_ready", "1 when warmed up and accepting requests", registry=r)
+        self.ready = Gauge(
+            "vitserve_ready", "1 when warmed up and accepting requests", registry=r, multiprocess_mode="livemin"
+        )
+        self.worker_requests: Counter | None = None
+        if multiprocess_dir is None:
+            self.images_per_second.set_function(self._rate.rate)
+        elif worker is not None:
+            self.worker_requests = Counter(
+                "vitserve_worker_requests_total", "HTTP requests answered, per front-end worker", ["worker"], registry=r
+            )
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
-        self.queue_depth.set_function(depth)
+        if self.multiprocess_dir is None:
+            self.queue_depth.set_function(depth)
+        else:
+            self._queue_depth_fn = depth
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the computed gauges (queue depth, images per second) now."""
+        if self.multiprocess_dir is None:
+            return
+        if self._queue_depth_fn is not None:
+            self.queue_depth.set(self._queue_depth_fn())
+        self.images_per_second.set(self._rate.rate())
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -87,6 +131,12 @@ class Metrics:
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method, str(status)).observe(seconds)
+        if self.worker_requests is not None:
+            self.worker_requests.labels(str(self.worker)).inc()
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        return generate_latest(merged), CONTENT_TYPE_LATEST

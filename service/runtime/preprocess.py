@@ -155,27 +155,38 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
     return table
 
 
-def normalise(image: Image.Image, p: Preprocessing) -> np.ndarray:
-    """RGB uint8 image (H, W) -> (3, H, W) float32 normalised with the model's mean and std."""
+def normalise(image: Image.Image, p: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8 image (H, W) -> (3, H, W) float32 normalised with the model's mean and std.
+
+    ``out``: a (3, H, W) float32 array to write into (a shared-memory slot) instead of a new one.
+    """
     pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     table = _normalise_table(p.mean, p.std)
-    out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+    shape = (3, pixels.shape[0], pixels.shape[1])
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
     for channel in range(3):
         np.take(table[channel], pixels[:, :, channel], out=out[channel])
     return out
 
 
-def preprocess(image: Image.Image, p: Preprocessing) -> np.ndarray:
-    """A decoded RGB image -> (3, image_size, image_size) float32, exactly the reference transform."""
+def preprocess(image: Image.Image, p: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded RGB image -> (3, image_size, image_size) float32, exactly the reference transform
+    (written into ``out`` when given)."""
     if image.mode != "RGB":
         image = to_rgb(image)
-    return normalise(resize_and_crop(image, p), p)
+    return normalise(resize_and_crop(image, p), p, out)
 
 
-def load_pixels(data: bytes, p: Preprocessing, *, max_pixels: int, jpeg_draft: bool = False) -> np.ndarray:
+def load_pixels(
+    data: bytes, p: Preprocessing, *, max_pixels: int, jpeg_draft: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Image bytes -> (3, image_size, image_size) float32 model input; InvalidImage on bad input.
 
     ``jpeg_draft`` allows draft decoding of large JPEGs (see the module docstring); off = exact.
+    ``out``: write the result there (a shared-memory slot) instead of into a new array.
     """
     min_short_side = _DRAFT_MARGIN * p.resize_size if jpeg_draft else None
-    return preprocess(decode_image(data, max_pixels=max_pixels, min_short_side=min_short_side), p)
+    return preprocess(decode_image(data, max_pixels=max_pixels, min_short_side=min_short_side), p, out)

@@ -25,7 +25,7 @@ import numpy as np
 from service.core.errors import InferenceFailed, NotReady, Overloaded, ServiceError
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
-from service.runtime.batcher import Batcher
+from service.runtime.batch_queue import BatchQueue
 from service.runtime.preprocess import load_pixels
 from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
 from service.scoring.rows import error_row, prediction_row
@@ -44,6 +44,18 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.data_dir / "jobs" / job_id
 
 
+def job_throughput(job: JobRecord, rate_start: tuple[float, int] | None) -> float | None:
+    """Images per second of ``job``: since ``rate_start`` (monotonic, processed) while it runs, else
+    over its whole run once finished; None before it started."""
+    if rate_start is not None and not job.finished:
+        started, processed = rate_start
+        elapsed = time.monotonic() - started
+        return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
+    if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
+        return job.processed / (job.finished_at - job.started_at)
+    return None
+
+
 class JobRunner:
     """Scores queued jobs through the batcher's low-priority lane.
 
@@ -58,7 +70,7 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        batcher: Batcher,
+        batcher: BatchQueue,
         metadata: ModelMetadata,
         *,
         is_ready: Callable[[], bool],
@@ -121,13 +133,12 @@ class JobRunner:
 
     def images_per_second(self, job: JobRecord) -> float | None:
         """Throughput of the job since this process started it (None before it started)."""
-        if job.id in self._rate_start and not job.finished:
-            started, processed = self._rate_start[job.id]
-            elapsed = time.monotonic() - started
-            return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
-        if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
-            return job.processed / (job.finished_at - job.started_at)
-        return None
+        return job_throughput(job, self._rate_start.get(job.id))
+
+    @property
+    def rate_starts(self) -> dict[str, tuple[float, int]]:
+        """Running jobs: job id -> (time.monotonic(), images processed) when this process started it."""
+        return dict(self._rate_start)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _main(self) -> None:

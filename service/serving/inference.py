@@ -74,14 +74,25 @@ async def classify_bytes(
         # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
         # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
         state.batcher.check_room()
+        # In a front-end worker: a shared-memory slot, so the pixels reach the engine without a copy.
+        out = state.batcher.input_buffer()
         decode = partial(
             load_pixels,
             data,
             state.metadata.preprocessing,
             max_pixels=settings.max_image_pixels,
             jpeg_draft=settings.jpeg_draft,
+            out=out,
         )
-        pixels = await loop.run_in_executor(state.preprocess_pool, decode)
+        job = state.preprocess_pool.submit(decode)
+        try:
+            pixels = await asyncio.wrap_future(job, loop=loop)
+        except BaseException:
+            if out is not None:
+                # The slot goes back only once no thread can still write into it (a cancelled
+                # request's decode may be running).
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(state.batcher.discard_input, out))
+            raise
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

@@ -16,7 +16,7 @@ from service.core.host import cpu_cores
 from service.core.settings import Settings
 from service.runtime.batcher import Batcher
 from service.runtime.engine import Engine
-from service.runtime.engine_protocol import InferenceEngine
+from service.runtime.engine_protocol import InferenceEngine, ModelFacts
 from service.scoring.job_runner import JobRunner
 from service.serving.state import ServiceState
 
@@ -39,7 +39,8 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
-def _fit_settings_to_engine(settings: Settings, engine: InferenceEngine) -> Settings:
+def fit_settings_to_engine(settings: Settings, engine: ModelFacts) -> Settings:
+    """``settings`` with the batch size adjusted to the engine (GPU default, a fixed batch axis)."""
     if engine.on_gpu and "max_batch_size" not in settings.model_fields_set:
         # The default of 8 suits a CPU (compute-bound: bigger batches only add latency); a GPU
         # needs bigger batches to fill it. An explicit setting always wins.
@@ -63,13 +64,15 @@ def _fit_settings_to_engine(settings: Settings, engine: InferenceEngine) -> Sett
 async def start(state: ServiceState, engine: InferenceEngine | None = None) -> None:
     """Build every part into ``state`` (``engine`` injected, or built from the settings) and
     schedule the warm-up; ``state.ready`` turns true when it is done."""
-    state._engine = engine if engine is not None else await asyncio.to_thread(build_engine, state.settings)
-    state.settings = settings = _fit_settings_to_engine(state.settings, state.engine)
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, state.settings)
+    state._engine = engine
+    state.settings = settings = fit_settings_to_engine(state.settings, engine)
     state._preprocess_pool = ThreadPoolExecutor(
         max_workers=settings.preprocess_threads or cpu_cores(), thread_name_prefix="vitserve-preprocess"
     )
-    state._batcher = Batcher(
-        state.engine,
+    batcher = state._batcher = Batcher(
+        engine,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
         max_queue_size=settings.max_queue_size,
@@ -77,7 +80,7 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         low_priority_idle_ms=settings.low_priority_idle_ms,
         low_priority_batch_size=settings.job_batch_size or max(1, settings.max_batch_size // 4),
     )
-    await state.batcher.start()
+    await batcher.start()
     # Scoring jobs: the runner resumes unfinished ones once the engine is warm.
     state._jobs = JobRunner(
         settings,
@@ -87,8 +90,8 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
     )
     await state.jobs.start()
-    state.metrics.watch_queue(lambda: state.batcher.queue_depth)
-    state.warmup_task = asyncio.create_task(warm_up(state), name="vitserve-warmup")
+    state.metrics.watch_queue(lambda: batcher.queue_depth)
+    state.warmup_task = asyncio.create_task(warm_up(state, engine), name="vitserve-warmup")
 
 
 async def stop(state: ServiceState) -> None:
@@ -109,12 +112,12 @@ async def stop(state: ServiceState) -> None:
     log.info("shut down cleanly")
 
 
-async def warm_up(state: ServiceState) -> None:
+async def warm_up(state: ServiceState, engine: InferenceEngine) -> None:
     """Run the engine once at each warm-up batch size, then mark the service ready."""
     sizes = state.settings.warmup_sizes()
     try:
         started = time.perf_counter()
-        timings = await asyncio.to_thread(state.engine.warmup, sizes)
+        timings = await asyncio.to_thread(engine.warmup, sizes)
         if timings:
             log.info(
                 "warm-up done in %.2f s (%s)",

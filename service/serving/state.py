@@ -15,10 +15,10 @@ from typing import TypeVar
 from service.core.errors import NotReady
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
-from service.runtime.batcher import Batcher
-from service.runtime.engine_protocol import InferenceEngine
+from service.runtime.batch_queue import BatchQueue
+from service.runtime.engine_protocol import ModelFacts
 from service.runtime.metrics import Metrics
-from service.scoring.job_runner import JobRunner
+from service.scoring.jobs_control import JobsControl
 
 _Part = TypeVar("_Part")
 
@@ -41,14 +41,16 @@ class ServiceState:
     ready: bool = False  # warm and accepting inference
     draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
     in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
-    _engine: InferenceEngine | None = None
-    _batcher: Batcher | None = None
+    # In a front-end worker of a multi-process server: the engine's facts, the engine client and
+    # the remote job control (service/serving/engine_client.py); in one process: the real ones.
+    _engine: ModelFacts | None = None
+    _batcher: BatchQueue | None = None
     _preprocess_pool: ThreadPoolExecutor | None = None
-    _jobs: JobRunner | None = None
+    _jobs: JobsControl | None = None
     warmup_task: asyncio.Task[None] | None = None
 
     @property
-    def engine(self) -> InferenceEngine:
+    def engine(self) -> ModelFacts:
         return _started(self._engine, "engine")
 
     @property
@@ -56,7 +58,7 @@ class ServiceState:
         return self.engine.metadata
 
     @property
-    def batcher(self) -> Batcher:
+    def batcher(self) -> BatchQueue:
         return _started(self._batcher, "batcher")
 
     @property
@@ -64,7 +66,7 @@ class ServiceState:
         return _started(self._preprocess_pool, "pre-processing pool")
 
     @property
-    def jobs(self) -> JobRunner:
+    def jobs(self) -> JobsControl:
         return _started(self._jobs, "job runner")
 
     @property
