@@ -47,6 +47,25 @@ class RateWindow:
             return sum(n for _, n in self._events) / self.window_s
 
 
+class _BothGauges:
+    """inc/dec two gauges at once: the server-wide figure and this worker's own."""
+
+    def __init__(self, *gauges: Gauge) -> None:
+        self._gauges = gauges
+
+    def inc(self, amount: float = 1) -> None:
+        for gauge in self._gauges:
+            gauge.inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        for gauge in self._gauges:
+            gauge.dec(amount)
+
+    def set(self, value: float) -> None:
+        for gauge in self._gauges:
+            gauge.set(value)
+
+
 class Metrics:
     """All of the service's metrics in a private registry.
 
@@ -103,10 +122,27 @@ class Metrics:
         self.worker_requests: Counter | None = None
         if multiprocess_dir is None:
             self.images_per_second.set_function(self._rate.rate)
-        elif worker is not None:
+        else:
+            process_up = Gauge(
+                "vitserve_process_up",
+                "1 per live process of a multi-process server (role engine or worker; pid label)",
+                ["role", "worker"],
+                registry=r,
+                multiprocess_mode="liveall",
+            )
+            process_up.labels("engine" if worker is None else "worker", "" if worker is None else str(worker)).set(1)
+        if multiprocess_dir is not None and worker is not None:
             self.worker_requests = Counter(
                 "vitserve_worker_requests_total", "HTTP requests answered, per front-end worker", ["worker"], registry=r
             )
+            per_worker = Gauge(
+                "vitserve_worker_requests_in_flight",
+                "HTTP requests being handled, per front-end worker",
+                ["worker"],
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self.in_flight_requests = _BothGauges(self.in_flight_requests, per_worker.labels(str(worker)))  # type: ignore[assignment]
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         if self.multiprocess_dir is None:

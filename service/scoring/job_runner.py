@@ -147,7 +147,9 @@ class JobRunner:
         while True:
             self._wake.clear()
             try:
-                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+                # The database may have been created by another process (a front-end worker) since.
+                has_store = self._store is not None or self.db_path.exists()
+                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if has_store else []
             except Exception:  # noqa: BLE001 - e.g. a full disk: keep the service up, try again
                 log.exception("cannot read the jobs database %s; retrying in 5 s", self.db_path)
                 await asyncio.sleep(5)
