@@ -13,6 +13,20 @@ from typing import Literal
 
 FORMAT_VERSION = "1"
 PREFIX = "vitserve."
+# vitserve.golden: [{"name", "image" (base64), "top1"}], written by `vitserve export --golden`.
+GOLDEN_KEY = "golden"
+# The vitserve.* keys every export carries (format version 1); the rest are optional.
+REQUIRED_KEYS = (
+    "architecture",
+    "labels",
+    "image_size",
+    "resize_size",
+    "resize_mode",
+    "interpolation",
+    "mean",
+    "std",
+    "precision",
+)
 
 ResizeMode = Literal["shortest", "squash"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
@@ -125,18 +139,7 @@ class ModelMetadata:
     def from_props(cls, props: dict[str, str]) -> ModelMetadata:
         """Parse metadata_props; raise MetadataError naming every missing or malformed key."""
         ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
-        required = (
-            "architecture",
-            "labels",
-            "image_size",
-            "resize_size",
-            "resize_mode",
-            "interpolation",
-            "mean",
-            "std",
-            "precision",
-        )
-        missing = [PREFIX + k for k in required if k not in ours]
+        missing = [PREFIX + k for k in REQUIRED_KEYS if k not in ours]
         if missing:
             raise MetadataError(f"ONNX file lacks vitserve metadata keys: {', '.join(missing)}")
         try:
@@ -153,7 +156,7 @@ class ModelMetadata:
             raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
         if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
             raise MetadataError(f"{PREFIX}num_classes={ours['num_classes']} but {len(labels)} labels")
-        known = set(required) | {
+        known = set(REQUIRED_KEYS) | {
             "format_version",
             "num_classes",
             "crop_size",

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from service.core.metadata import PREFIX
+from service.core.metadata import PREFIX, REQUIRED_KEYS
 from service.core.model_spec import (
     GraphIO,
     ModelSpecError,
@@ -25,19 +25,6 @@ from service.core.model_spec import (
 )
 from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
-# Fused attention: the standard op (opset >= 23) and ONNX Runtime's contrib ops.
-# vitserve.* keys the service needs from one of our exports (service/core/metadata.py)
-REQUIRED_METADATA = (
-    "architecture",
-    "labels",
-    "image_size",
-    "resize_size",
-    "resize_mode",
-    "interpolation",
-    "mean",
-    "std",
-    "precision",
-)
 _ITEMSIZE = {
     "float32": 4,
     "float16": 2,
@@ -186,7 +173,7 @@ def _metadata_view(graph: GraphIO) -> dict[str, Any]:
     shown = {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(ours.items())}
     return {
         "vitserve_metadata": shown,
-        "vitserve_metadata_missing": [PREFIX + k for k in REQUIRED_METADATA if k not in ours],
+        "vitserve_metadata_missing": [PREFIX + k for k in REQUIRED_KEYS if k not in ours],
         "other_metadata": {
             k: (v if len(v) <= 200 else v[:200] + "...")
             for k, v in sorted(graph.props.items())

@@ -18,6 +18,7 @@ from service.http import jobs, page, v1
 from service.http.errors import install_error_handlers
 from service.http.middleware import ServiceMiddleware
 from service.http.slow_clients import BodyDeadline
+from service.http.v2 import repository as v2_repository
 from service.http.v2 import router as v2
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
@@ -47,14 +48,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker is not None:
-            await front_end.start_worker(state, worker)
+            client = await front_end.start_worker(state, worker)
         else:
             await lifecycle.start(state, engine)
         try:
             yield
         finally:
             if worker is not None:
-                await front_end.stop_worker(state, worker)
+                await front_end.stop_worker(state, worker, client)
             else:
                 await lifecycle.stop(state)
 
@@ -73,6 +74,7 @@ def create_app(
     app.include_router(v1.health_router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(v2_repository.router)
     app.include_router(page.router)
     app.include_router(jobs.router)
     return app

@@ -143,6 +143,22 @@ class Metrics:
                 multiprocess_mode="livesum",
             )
             self.in_flight_requests = _BothGauges(self.in_flight_requests, per_worker.labels(str(worker)))  # type: ignore[assignment]
+        # Per model version (service/serving/registry.py) and the response cache.
+        self.model_ready = Gauge(
+            "vitserve_model_ready", "1 while a model version takes traffic", ["model", "version"], registry=r
+        )
+        self.model_images = Counter(
+            "vitserve_model_images_total", "images run per model version", ["model", "version"], registry=r
+        )
+        self.model_load_failures = Counter(
+            "vitserve_model_load_failures_total",
+            "model versions that failed to load, warm up or pass their golden check",
+            ["model"],
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "vitserve_cache_events_total", "response cache lookups and evictions", ["event"], registry=r
+        )
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         if self.multiprocess_dir is None:

@@ -32,6 +32,7 @@ import numpy as np
 
 from service.core.errors import ServiceError
 from service.core.host import cpu_cores
+from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
 from service.core.metadata import Preprocessing
 from service.runtime.preprocess import load_pixels
 from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
@@ -47,7 +48,7 @@ from service.scoring.sources import (
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")
-DEFAULT_MAX_PIXELS = 40_000_000  # same default as the service's max_image_pixels
+DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -301,7 +302,7 @@ def make_decode_pool(workers: int) -> Executor:
 def iter_sources(inputs: Inputs, wanted: set[str] | None) -> Iterator[tuple[str, str | bytes]]:
     """(name, file path or bytes) of every input in ``wanted`` (None: all), in input order."""
     if inputs.archive is None:
-        for name, file in zip(inputs.names, inputs.files):
+        for name, file in zip(inputs.names, inputs.files, strict=True):
             if wanted is None or name in wanted:
                 yield name, file
         return

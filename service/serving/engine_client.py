@@ -1,10 +1,12 @@
-"""A front-end worker's side of the engine process: the batcher, the model's facts and the job
+"""A front-end worker's side of the engine process: the model registry, its batchers and the job
 runner as the routes know them, backed by one Unix socket and one shared-memory ring.
 
-``EngineClient`` is a ``BatchQueue`` (service/runtime/batch_queue.py): ``submit`` puts the image's
+``RemoteRegistry`` is the engine process's ``ModelRegistry`` as last reported (the same lookups,
+leases and statuses; load and unload are forwarded). Each of its lanes has an ``EngineLane`` as
+its batcher, a ``BatchQueue`` (service/runtime/batch_queue.py): ``submit`` puts the image's
 pixels in a ring slot (pre-processing already wrote them there: ``input_buffer``), sends the slot
-number, and resolves when the engine answers. ``check_room`` reads the engine's queue depth from the
-shared control block, so a full queue is refused before decoding, as in one process; the engine's
+number and the model version, and resolves when the engine answers. ``check_room`` reads the
+engine's queue depth from the shared control block, so a full queue is refused before decoding, as in one process; the engine's
 own bounded queue decides for good. If the engine process dies, every image in flight fails at once
 with 503 (``EngineUnavailable``) and the client reconnects to its replacement.
 """
@@ -24,11 +26,15 @@ import numpy as np
 
 from service.core.errors import DeadlineExceeded, NotReady, Overloaded
 from service.core.metadata import ModelMetadata
+from service.core.repository import ModelEntry
+from service.core.settings import Settings
 from service.runtime.batcher import overloaded
+from service.runtime.metrics import Metrics
 from service.scoring.job_runner import DB_NAME, job_throughput
 from service.scoring.job_store import JobRecord, JobStore
 from service.serving import engine_wire as wire
 from service.serving.control_block import ControlBlock
+from service.serving.registry import ModelLane, ModelRegistry, VersionState
 from service.serving.shm_ring import ShmRing, SlotPool
 
 log = logging.getLogger("vitserve.worker")
@@ -80,6 +86,7 @@ class EngineClient:
         self.control = control
         self.ring_slots = ring_slots
         self.hello: wire.EngineHello | None = None
+        self.snapshot: wire.RegistrySnapshot | None = None  # the engine's registry, as last reported
         self.job_rates: dict[str, tuple[float, int]] = {}
         self.on_change: Callable[[], None] = lambda: None  # connection state changed
         self._ring: ShmRing | None = None
@@ -89,6 +96,7 @@ class EngineClient:
         self._next_id = 0
         self._stopping = False
         self._reconnect: asyncio.Task[None] | None = None
+        self._calls: dict[int, asyncio.Future[None]] = {}  # repository calls awaiting REPO_DONE
 
     # -- connection ------------------------------------------------------------------------------
     @property
@@ -112,6 +120,7 @@ class EngineClient:
         )
         self._protocol = protocol
         self.hello = hello
+        self.snapshot = hello.snapshot
         log.info("worker %d: connected to engine process (generation %d)", self.worker, hello.generation)
         self.on_change()
         return hello
@@ -125,14 +134,13 @@ class EngineClient:
             payload, _ = wire.recv_blocking(sock)
             hello = wire.parse_engine_hello(payload)
             if self._ring is None:
-                size = hello.metadata.preprocessing.image_size
-                batch = int(hello.fitted.get("max_batch_size", 1))
-                slots = self.ring_slots or int(hello.fitted.get("max_queue_size", 256)) + 2 * batch
-                self._ring = ShmRing(slots, (3, size, size))
+                batch = max((lane.fitted_max_batch_size for lane in hello.snapshot.lanes), default=8)
+                slots = self.ring_slots or hello.max_queue_size + 2 * batch
+                self._ring = ShmRing(slots, hello.slot_capacity)
                 self._slots = SlotPool(slots)
             ring = self._ring
             wire.send_blocking(
-                sock, wire.json_frame(wire.RING, {"slots": ring.slots, "shape": list(ring.shape)}), (ring.fd,)
+                sock, wire.json_frame(wire.RING, {"slots": ring.slots, "capacity": ring.capacity}), (ring.fd,)
             )
             payload, _ = wire.recv_blocking(sock)
             if not payload or payload[0] != wire.RING_OK:
@@ -154,6 +162,10 @@ class EngineClient:
             self._release(item.slot)
             if not item.future.done():
                 item.future.set_exception(error)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            if not call.done():
+                call.set_exception(error)
         self.on_change()
         if not self._stopping:
             log.warning("worker %d: lost the engine process (%s); %d image(s) failed", self.worker, exc, len(pending))
@@ -193,6 +205,27 @@ class EngineClient:
         elif op == wire.STATUS:
             body = wire.parse_json(payload)
             self.job_rates = {job: (float(t), int(n)) for job, (t, n) in body.get("job_rates", {}).items()}
+        elif op == wire.MODELS:
+            self.snapshot = wire.parse_pickle(payload)
+            self.on_change()
+        elif op == wire.REPO_DONE:
+            body = wire.parse_json(payload)
+            call = self._calls.pop(int(body["id"]), None)
+            if call is not None and not call.done():
+                if body.get("error"):
+                    call.set_exception(wire.rebuild_error(body["error"]))
+                else:
+                    call.set_result(None)
+
+    async def repository_call(self, action: str, name: str, force: bool = False) -> None:
+        """Run a repository load/unload in the engine process; raises the ServiceError it raised."""
+        self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        if not self.send(wire.json_frame(wire.REPO, {"id": call_id, "action": action, "name": name, "force": force})):
+            self._calls.pop(call_id, None)
+            raise EngineUnavailable("the engine process is not connected (starting or restarting)", retry_after_s=1)
+        await future
 
     def send(self, data: bytes) -> bool:
         """Send a control message; False when the engine is not connected right now."""
@@ -201,7 +234,7 @@ class EngineClient:
         self._protocol.send(data)
         return True
 
-    # -- BatchQueue ------------------------------------------------------------------------------
+    # -- images (what EngineLane forwards) --------------------------------------------------------------
     @property
     def accepting(self) -> bool:
         return self.connected and not self._stopping
@@ -217,13 +250,13 @@ class EngineClient:
         if self._slots is not None and self._slots.free == 0:
             raise Overloaded(f"all {self._ring.slots if self._ring else 0} image slots of this worker are in use")
 
-    def input_buffer(self) -> np.ndarray | None:
-        if self._ring is None or self._slots is None:
+    def input_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        if self._ring is None or self._slots is None or int(np.prod(shape)) > self._ring.capacity:
             return None
         slot = self._slots.take()
         if slot is None:
             raise Overloaded(f"all {self._ring.slots} image slots of this worker are in use; retry later")
-        return self._ring.view(slot)
+        return self._ring.view(slot, shape)
 
     def discard_input(self, pixels: np.ndarray) -> None:
         slot = self._ring.slot_of(pixels) if self._ring is not None else None
@@ -234,22 +267,21 @@ class EngineClient:
         assert self._slots is not None
         self._slots.give_back(slot)
 
-    def submit(
-        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+    def send_image(
+        self,
+        pixels: np.ndarray,
+        *,
+        lane: int,
+        model: str,
+        version: int,
+        deadline: float | None = None,
+        timings: dict | None = None,
     ) -> Awaitable[np.ndarray]:
-        """Send one image (3, H, W) to the engine's online lane; await the result for its logits (K,).
+        """Send one image (3, H, W) to a model version's lane; await the result for its logits (K,).
 
         Takes the image at once (a buffer from ``input_buffer`` is owned from here on, and freed when
         the engine answers), so a caller cancelled before awaiting leaks nothing.
         """
-        return self._send_image(pixels, wire.ONLINE_LANE, deadline, timings)
-
-    def submit_low(self, pixels: np.ndarray) -> Awaitable[np.ndarray]:
-        return self._send_image(pixels, wire.LOW_LANE, None, None)
-
-    def _send_image(
-        self, pixels: np.ndarray, lane: int, deadline: float | None, timings: dict | None
-    ) -> Awaitable[np.ndarray]:
         ring, slots, protocol = self._ring, self._slots, self._protocol
         slot = ring.slot_of(pixels) if ring is not None else None
         if protocol is None or self._stopping or ring is None or slots is None:
@@ -257,14 +289,16 @@ class EngineClient:
                 self._release(slot)
             raise EngineUnavailable("the engine process is not connected (starting or restarting)", retry_after_s=1)
         if slot is None:  # pixels from elsewhere (v2 FP32 tensors): copy them into a slot
+            if pixels.size > ring.capacity:
+                raise NotReady(f"an input of {pixels.shape} is larger than this worker's shared-memory slots")
             slot = slots.take()
             if slot is None:
                 raise Overloaded(f"all {ring.slots} image slots of this worker are in use; retry later")
-            ring.view(slot)[...] = pixels
+            ring.view(slot, pixels.shape)[...] = pixels
         self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(future, slot, timings)
-        protocol.send(wire.submit(request_id, slot, lane, deadline))
+        protocol.send(wire.submit(request_id, slot, lane, deadline, model, version))
         return self._wait(request_id, future, deadline)
 
     async def _wait(self, request_id: int, future: asyncio.Future[np.ndarray], deadline: float | None) -> np.ndarray:
@@ -297,6 +331,114 @@ class EngineClient:
         for item in self._pending.values():
             if not item.future.done():
                 item.future.set_exception(NotReady("server is shutting down"))
+
+
+class EngineLane:
+    """The batcher of one model version, in the engine process (a ``BatchQueue``).
+
+    Args:
+        client: the worker's link to the engine process.
+        name, version: the model version its images go to.
+        image_size: that version's input side.
+    """
+
+    def __init__(self, client: EngineClient, name: str, version: int, image_size: int) -> None:
+        self.client = client
+        self.name = name
+        self.version = version
+        self.shape = (3, image_size, image_size)
+
+    @property
+    def accepting(self) -> bool:
+        return self.client.accepting
+
+    @property
+    def queue_depth(self) -> int:
+        return self.client.queue_depth
+
+    in_flight = 0  # the engine process runs the batches; a worker never has one running
+    last_batch_s = 0.0
+
+    def check_room(self) -> None:
+        self.client.check_room()
+
+    def input_buffer(self) -> np.ndarray | None:
+        return self.client.input_buffer(self.shape)
+
+    def discard_input(self, pixels: np.ndarray) -> None:
+        self.client.discard_input(pixels)
+
+    def submit(
+        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+    ) -> Awaitable[np.ndarray]:
+        return self.client.send_image(
+            pixels, lane=wire.ONLINE_LANE, model=self.name, version=self.version, deadline=deadline, timings=timings
+        )
+
+    def submit_low(self, pixels: np.ndarray) -> Awaitable[np.ndarray]:
+        return self.client.send_image(pixels, lane=wire.LOW_LANE, model=self.name, version=self.version)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self, drain: bool = True) -> None:
+        return None  # the client drains for every lane at once (EngineClient.stop)
+
+
+def _not_here(source: object) -> Any:
+    raise RuntimeError("a front-end worker builds no engine: models load in the engine process")
+
+
+class RemoteRegistry(ModelRegistry):
+    """The engine process's model registry, as it last reported it (lookups, leases, statuses).
+
+    Args:
+        settings: the service's settings (each lane gets them with its fitted batch size).
+        metrics: the worker's metrics.
+        client: the link to the engine process (its snapshots and repository calls).
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, client: EngineClient) -> None:
+        super().__init__(settings, metrics, _not_here, default_model=settings.default_model)
+        self.client = client
+        self._applied: wire.RegistrySnapshot | None = None
+
+    def follow(self) -> None:
+        """Take the client's latest snapshot (called when it changes)."""
+        snapshot = self.client.snapshot
+        if snapshot is None or snapshot is self._applied:
+            return
+        self._applied = snapshot
+        lanes: dict[tuple[str, int], ModelLane] = {}
+        for facts in snapshot.lanes:
+            key = (facts.name, facts.version)
+            lane = self.lanes.get(key)
+            if lane is None or lane.metadata != facts.metadata:
+                model = RemoteModel(facts.metadata, facts.on_gpu, facts.max_batch_size, facts.describe)
+                batcher = EngineLane(self.client, facts.name, facts.version, facts.metadata.preprocessing.image_size)
+                settings = self.settings.model_copy(update={"max_batch_size": facts.fitted_max_batch_size})
+                lane = ModelLane(facts.name, facts.version, facts.path, model, batcher, settings)  # type: ignore[arg-type]
+            lane.state = VersionState(facts.state)
+            lanes[key] = lane
+        self.lanes = lanes
+        self.current = dict(snapshot.current)
+        self.failures = dict(snapshot.failures)
+        self.known = dict(snapshot.known)
+        self.default_model_setting = snapshot.default_model_setting
+
+    async def apply(self, repository: dict[str, ModelEntry], *, golden: bool = True) -> None:
+        raise RuntimeError("a front-end worker does not load models; the engine process does")
+
+    async def load(self, name: str, repository: dict[str, ModelEntry]) -> None:
+        await self.client.repository_call("load", name)  # the engine reads the repository itself
+        self.follow()
+
+    async def unload(self, name: str, *, force: bool = False) -> None:
+        await self.client.repository_call("unload", name, force)
+        self.follow()
+
+    async def close(self) -> None:
+        return None
 
 
 class RemoteJobs:

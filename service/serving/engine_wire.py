@@ -7,19 +7,22 @@ handshake (once per connection) and errors and status (rare) are JSON or pickle.
 
 Worker -> engine:
     SUBMIT  request id, slot, lane (online / low), deadline (time.monotonic, NaN = none), model name
-            ("" = the server's model; a model repository names one per lane)
+            and version (the registry lane the worker resolved; service/serving/registry.py)
     CANCEL  request id (its client left): the engine skips it if still queued; the answer still comes
     JOBS_NOTIFY, JOBS_CANCEL <job id>: the job runner lives in the engine process
+    REPO    {"id", "action": "load" | "unload", "name", "force"}: the repository extension's calls
 Engine -> worker:
     RESULT  request id, queue ms, inference ms, batch size, logits (K float32)
     ERROR   request id, {"code", "message", "headers"} of a ServiceError
     STATUS  {"job_rates": {job id: [monotonic start, processed at start]}}
+    MODELS  the pickled ``RegistrySnapshot``, whenever the loaded versions change
+    REPO_DONE {"id", "error": null or a ServiceError's {"code", "message", "headers"}}
 Every SUBMIT gets exactly one RESULT or ERROR: only then may the worker reuse the slot.
 
 Handshake, on the blocking socket before the event loop takes it: the worker sends HELLO
-{"worker": index}; the engine answers with the pickled ``EngineHello`` (model metadata and the
-settings it fitted to the engine); the worker sends RING {"slots", "shape"} with the ring's file
-descriptor attached (SCM_RIGHTS) and waits for RING_OK.
+{"worker": index}; the engine answers with the pickled ``EngineHello`` (the loaded versions, the
+slot size their inputs need, the queue limits); the worker sends RING {"slots", "capacity"} with
+the ring's file descriptor attached (SCM_RIGHTS) and waits for RING_OK.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,28 +44,52 @@ import numpy as np
 from service.core import errors
 from service.core.metadata import ModelMetadata
 
-SUBMIT, CANCEL, JOBS_NOTIFY, JOBS_CANCEL = 1, 2, 3, 4
-RESULT, ERROR, STATUS = 16, 17, 18
+SUBMIT, CANCEL, JOBS_NOTIFY, JOBS_CANCEL, REPO = 1, 2, 3, 4, 5
+RESULT, ERROR, STATUS, MODELS, REPO_DONE = 16, 17, 18, 19, 20
 HELLO, ENGINE_HELLO, RING, RING_OK = 32, 33, 34, 35
 
 ONLINE_LANE, LOW_LANE = 0, 1
 
 _LENGTH = struct.Struct("<I")
-_SUBMIT = struct.Struct("<BIIBdB")  # op, request id, slot, lane, deadline, model name length
+_SUBMIT = struct.Struct("<BIIBdIB")  # op, request id, slot, lane, deadline, model version, model name length
 _REQUEST_ID = struct.Struct("<BI")  # op, request id
 _RESULT = struct.Struct("<BIffH")  # op, request id, queue ms, inference ms, batch size
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a frame larger than this is a protocol error, not a message
 
 
 @dataclass(frozen=True)
-class EngineHello:
-    """What a worker learns from the engine when it connects."""
+class LaneFacts:
+    """One loaded model version, as a worker needs to know it (service/serving/registry.py's ModelLane)."""
 
+    name: str
+    version: int
+    path: Path
+    state: str  # VersionState value
     metadata: ModelMetadata
     describe: dict[str, Any]
     on_gpu: bool
     max_batch_size: int | None  # the graph's fixed batch axis (None: dynamic)
-    fitted: dict[str, Any] = field(default_factory=dict)  # settings the engine adjusted (max_batch_size on a GPU)
+    fitted_max_batch_size: int  # the batcher's, fitted to the engine
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """The engine process's model registry: what /v1/models, /v2 and the routes' lookups read."""
+
+    lanes: tuple[LaneFacts, ...]
+    current: dict[str, int]
+    failures: dict[tuple[str, int], str]
+    known: dict[str, Any]  # name -> ModelEntry
+    default_model_setting: str | None
+
+
+@dataclass(frozen=True)
+class EngineHello:
+    """What a worker learns from the engine when it connects."""
+
+    snapshot: RegistrySnapshot
+    slot_capacity: int  # float32 elements per ring slot: the largest model input
+    max_queue_size: int
     generation: int = 0
 
 
@@ -70,11 +98,10 @@ def frame(payload: bytes) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-def submit(request_id: int, slot: int, lane: int, deadline: float | None, model: str = "") -> bytes:
+def submit(request_id: int, slot: int, lane: int, deadline: float | None, model: str, version: int) -> bytes:
     name = model.encode()
-    return frame(
-        _SUBMIT.pack(SUBMIT, request_id, slot, lane, math.nan if deadline is None else deadline, len(name)) + name
-    )
+    when = math.nan if deadline is None else deadline
+    return frame(_SUBMIT.pack(SUBMIT, request_id, slot, lane, when, version, len(name)) + name)
 
 
 def cancel(request_id: int) -> bytes:
@@ -101,8 +128,7 @@ def result(request_id: int, logits: np.ndarray, timings: dict[str, float]) -> by
 
 
 def error(request_id: int, exc: errors.ServiceError) -> bytes:
-    body = json.dumps({"code": exc.code, "message": exc.message, "headers": exc.headers}).encode()
-    return frame(_REQUEST_ID.pack(ERROR, request_id) + body)
+    return frame(_REQUEST_ID.pack(ERROR, request_id) + json.dumps(error_body(exc)).encode())
 
 
 def status(body: dict[str, Any]) -> bytes:
@@ -113,6 +139,14 @@ def json_frame(op: int, body: dict[str, Any]) -> bytes:
     return frame(bytes([op]) + json.dumps(body).encode())
 
 
+def pickle_frame(op: int, body: object) -> bytes:
+    return frame(bytes([op]) + pickle.dumps(body))
+
+
+def error_body(exc: errors.ServiceError) -> dict[str, Any]:
+    return {"code": exc.code, "status": exc.status_code, "message": exc.message, "headers": exc.headers}
+
+
 # -- decoding --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Submit:
@@ -121,12 +155,13 @@ class Submit:
     lane: int
     deadline: float | None
     model: str
+    version: int
 
 
 def parse_submit(payload: memoryview) -> Submit:
-    _, request_id, slot, lane, deadline, name_length = _SUBMIT.unpack_from(payload)
+    _, request_id, slot, lane, deadline, version, name_length = _SUBMIT.unpack_from(payload)
     model = bytes(payload[_SUBMIT.size : _SUBMIT.size + name_length]).decode()
-    return Submit(request_id, slot, lane, None if math.isnan(deadline) else deadline, model)
+    return Submit(request_id, slot, lane, None if math.isnan(deadline) else deadline, model, version)
 
 
 def parse_request_id(payload: memoryview) -> int:
@@ -151,19 +186,30 @@ def _error_classes(cls: type[errors.ServiceError]) -> None:
 def parse_error(payload: memoryview) -> tuple[int, errors.ServiceError]:
     """(request id, the ServiceError the engine raised, rebuilt with its class, message and headers)."""
     request_id = parse_request_id(payload)
-    body = json.loads(bytes(payload[_REQUEST_ID.size :]))
+    return request_id, rebuild_error(json.loads(bytes(payload[_REQUEST_ID.size :])))
+
+
+def rebuild_error(body: dict[str, Any]) -> errors.ServiceError:
+    """The ServiceError ``error_body`` described: its class (found by code), message and headers."""
     if not _ERRORS_BY_CODE:
         _error_classes(errors.ServiceError)
     cls = _ERRORS_BY_CODE.get(body["code"], errors.ServiceError)
     exc = cls.__new__(cls)
     errors.ServiceError.__init__(exc, body["message"], headers=body.get("headers"))
+    if body.get("status", exc.status_code) != exc.status_code:  # a class this process has not imported
+        exc.status_code = body["status"]
+        exc.code = body["code"]
     if "Retry-After" in exc.headers:  # Overloaded, NotReady: keep the hint their handlers read
         exc.retry_after_s = float(exc.headers["Retry-After"])  # type: ignore[attr-defined]
-    return request_id, exc
+    return exc
 
 
 def parse_json(payload: memoryview) -> dict[str, Any]:
     return json.loads(bytes(payload[1:]))
+
+
+def parse_pickle(payload: memoryview) -> Any:
+    return pickle.loads(bytes(payload[1:]))  # noqa: S301 - our own engine process, over a private socket
 
 
 # -- the async side: frames out of a byte stream ------------------------------------------------------

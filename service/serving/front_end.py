@@ -1,8 +1,8 @@
 """A front-end worker's service state: everything a route needs, with the engine in another process.
 
 ``start_worker`` fills a ``ServiceState`` like ``lifecycle.start`` does, but with the engine
-process's stand-ins (service/serving/engine_client.py): the model's facts from the engine's
-handshake, an ``EngineClient`` as the batcher and ``RemoteJobs`` as the job runner. The worker
+process's stand-ins (service/serving/engine_client.py): a ``RemoteRegistry`` whose lanes' batchers
+forward to the engine process, and ``RemoteJobs`` as the job runner. The worker
 keeps its own pre-processing pool: decoding happens here, in parallel across workers.
 
 Readiness (``state.ready``): connected to the engine, the engine warm, every worker of the server
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.core.host import cpu_cores
+from service.serving.cache import ResponseCache
 from service.serving.control_block import ControlBlock
-from service.serving.engine_client import EngineClient, RemoteJobs, RemoteModel
+from service.serving.engine_client import EngineClient, RemoteJobs, RemoteRegistry
 from service.serving.state import ServiceState
 
 log = logging.getLogger("vitserve.worker")
@@ -51,17 +52,21 @@ def preprocess_threads(requested: int, workers: int) -> int:
 async def start_worker(state: ServiceState, context: WorkerContext) -> EngineClient:
     """Connect to the engine process and build the worker's parts into ``state``."""
     client = EngineClient(context.socket_path, context.index, context.control)
-    hello = await client.connect(timeout_s=_CONNECT_TIMEOUT_S)
-    state._engine = RemoteModel(hello.metadata, hello.on_gpu, hello.max_batch_size, hello.describe)
-    state.settings = state.settings.model_copy(update=hello.fitted)
+    await client.connect(timeout_s=_CONNECT_TIMEOUT_S)
+    registry = RemoteRegistry(state.settings, state.metrics, client)
+    registry.follow()
+    state._models = registry
+    state.cache = ResponseCache(
+        state.settings.cache_entries, on_event=lambda e: state.metrics.cache_events.labels(e).inc()
+    )
     state._preprocess_pool = ThreadPoolExecutor(
         max_workers=preprocess_threads(state.settings.preprocess_threads, context.workers),
         thread_name_prefix="vitserve-preprocess",
     )
-    state._batcher = client
     state._jobs = RemoteJobs(state.settings.data_dir, client)
 
     def refresh() -> None:
+        registry.follow()
         control = context.control
         ready = client.connected and control.engine_ready and control.all_workers_up() and not control.draining
         state.ready = ready
@@ -80,7 +85,7 @@ async def start_worker(state: ServiceState, context: WorkerContext) -> EngineCli
     return client
 
 
-async def stop_worker(state: ServiceState, context: WorkerContext) -> None:
+async def stop_worker(state: ServiceState, context: WorkerContext, client: EngineClient) -> None:
     """Drain what this worker sent to the engine (bounded by the grace), then free its parts."""
     state.draining = True
     if state.warmup_task is not None:
@@ -90,9 +95,9 @@ async def stop_worker(state: ServiceState, context: WorkerContext) -> None:
     context.control.set_worker_up(context.index, False)
     grace_s = state.settings.shutdown_grace_s
     try:
-        await asyncio.wait_for(state.batcher.stop(drain=True), timeout=grace_s)
+        await asyncio.wait_for(client.stop(drain=True), timeout=grace_s)
     except TimeoutError:
         log.warning("worker %d: the engine did not answer within %.0f s; failing what is left", context.index, grace_s)
-        await state.batcher.stop(drain=False)
+        await client.stop(drain=False)
     await state.jobs.stop()
     state.preprocess_pool.shutdown(wait=False, cancel_futures=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from service.core.errors import ClientClosedRequest, ServiceError
 from service.runtime.preprocess import load_pixels
+from service.serving.registry import ModelLane
 from service.serving.state import ServiceState
 
 _Result = TypeVar("_Result")
@@ -42,14 +43,17 @@ async def classify_pixels(
     deadline: float | None = None,
     timings: dict[str, float] | None = None,
     client_gone: asyncio.Future[None] | None = None,
+    lane: ModelLane | None = None,
 ) -> np.ndarray:
-    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
+    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher of
+    ``lane`` (a leased model version; None = the default model's current one).
 
     ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
     """
     state.require_ready()
+    lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    return await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    return await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
 
 
 async def classify_bytes(
@@ -58,6 +62,7 @@ async def classify_bytes(
     *,
     deadline: float | None = None,
     client_gone: asyncio.Future[None] | None = None,
+    lane: ModelLane | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
 
@@ -67,19 +72,20 @@ async def classify_bytes(
     """
     started = time.perf_counter()
     state.require_ready()
+    lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
     loop = asyncio.get_running_loop()
     settings = state.settings
     try:
         # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
         # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
-        state.batcher.check_room()
+        lane.batcher.check_room()
         # In a front-end worker: a shared-memory slot, so the pixels reach the engine without a copy.
-        out = state.batcher.input_buffer()
+        out = lane.batcher.input_buffer()
         decode = partial(
             load_pixels,
             data,
-            state.metadata.preprocessing,
+            lane.metadata.preprocessing,
             max_pixels=settings.max_image_pixels,
             jpeg_draft=settings.jpeg_draft,
             out=out,
@@ -91,7 +97,7 @@ async def classify_bytes(
             if out is not None:
                 # The slot goes back only once no thread can still write into it (a cancelled
                 # request's decode may be running).
-                job.add_done_callback(lambda _: loop.call_soon_threadsafe(state.batcher.discard_input, out))
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(lane.batcher.discard_input, out))
             raise
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
@@ -100,7 +106,7 @@ async def classify_bytes(
     state.metrics.preprocess.observe(preprocess_s)
     stage: dict[str, float] = {}
     try:
-        logits = await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
+        logits = await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

@@ -30,20 +30,20 @@ def slot_bytes(shape: tuple[int, ...]) -> int:
 
 
 class ShmRing:
-    """``slots`` arrays of ``shape`` float32 in one shared mapping.
+    """``slots`` float32 arrays of up to ``capacity`` elements each, in one shared mapping.
 
     Args:
         slots: how many arrays the ring holds.
-        shape: each slot's array shape, e.g. (3, 224, 224).
+        capacity: elements per slot (3 x H x W of the largest model input it must carry).
         fd: the memory to map (a descriptor received from the ring's owner); None creates a new memfd.
     """
 
-    def __init__(self, slots: int, shape: tuple[int, ...], fd: int | None = None) -> None:
-        if slots < 1:
-            raise ValueError(f"a ring needs at least one slot, got {slots}")
+    def __init__(self, slots: int, capacity: int, fd: int | None = None) -> None:
+        if slots < 1 or capacity < 1:
+            raise ValueError(f"a ring needs at least one slot of one element, got {slots} x {capacity}")
         self.slots = slots
-        self.shape = tuple(shape)
-        self.slot_bytes = slot_bytes(self.shape)
+        self.capacity = capacity
+        self.slot_bytes = slot_bytes((capacity,))
         size = slots * self.slot_bytes
         if fd is None:
             fd = os.memfd_create("vitserve-ring", os.MFD_CLOEXEC)
@@ -52,22 +52,21 @@ class ShmRing:
             raise ValueError(f"shared memory of {os.fstat(fd).st_size} bytes is smaller than the ring ({size})")
         self.fd = fd
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        count = int(np.prod(self.shape))
-        self._views = [
-            np.frombuffer(self._map, PIXEL_DTYPE, count, offset=i * self.slot_bytes).reshape(self.shape)
-            for i in range(slots)
-        ]
+        self._base = np.frombuffer(self._map, np.uint8, 1).__array_interface__["data"][0]
 
-    def view(self, slot: int) -> np.ndarray:
-        """The slot's array (a view on the shared memory; writes are seen by the other process)."""
-        return self._views[slot]
+    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The slot as a float32 array of ``shape`` (a view on the shared memory: writes are seen by
+        the other process). ValueError when the slot cannot hold that shape or does not exist."""
+        count = int(np.prod(shape))
+        if not 0 <= slot < self.slots or count > self.capacity:
+            raise ValueError(f"slot {slot} of {self.slots} ({self.capacity} elements) cannot hold {shape}")
+        return np.frombuffer(self._map, PIXEL_DTYPE, count, offset=slot * self.slot_bytes).reshape(shape)
 
     def slot_of(self, array: np.ndarray) -> int | None:
-        """The slot whose memory ``array`` is (the same view), or None when it is not one of ours."""
-        if array.shape != self.shape or array.dtype != PIXEL_DTYPE:
+        """The slot whose memory ``array`` starts, or None when it is not a view of this ring."""
+        if array.dtype != PIXEL_DTYPE or array.size > self.capacity or not array.flags.c_contiguous:
             return None
-        base = self._views[0].__array_interface__["data"][0]
-        offset = array.__array_interface__["data"][0] - base
+        offset = array.__array_interface__["data"][0] - self._base
         if offset < 0 or offset % self.slot_bytes or offset // self.slot_bytes >= self.slots:
             return None
         return offset // self.slot_bytes

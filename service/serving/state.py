@@ -15,10 +15,12 @@ from typing import TypeVar
 from service.core.errors import NotReady
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
-from service.runtime.batch_queue import BatchQueue
-from service.runtime.engine_protocol import ModelFacts
+from service.runtime.batcher import Batcher
+from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.scoring.jobs_control import JobsControl
+from service.serving.cache import ResponseCache
+from service.serving.registry import ModelLane, ModelRegistry
 
 _Part = TypeVar("_Part")
 
@@ -41,25 +43,39 @@ class ServiceState:
     ready: bool = False  # warm and accepting inference
     draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
     in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
-    # In a front-end worker of a multi-process server: the engine's facts, the engine client and
-    # the remote job control (service/serving/engine_client.py); in one process: the real ones.
-    _engine: ModelFacts | None = None
-    _batcher: BatchQueue | None = None
+    _models: ModelRegistry | None = None
     _preprocess_pool: ThreadPoolExecutor | None = None
-    _jobs: JobsControl | None = None
+    _jobs: JobsControl | None = None  # in a front-end worker of a multi-process server: RemoteJobs
+    cache: ResponseCache = field(default_factory=lambda: ResponseCache(0))
     warmup_task: asyncio.Task[None] | None = None
+    poll_task: asyncio.Task[None] | None = None
 
     @property
-    def engine(self) -> ModelFacts:
-        return _started(self._engine, "engine")
+    def models(self) -> ModelRegistry:
+        return _started(self._models, "model registry")
+
+    def default_lane(self) -> ModelLane:
+        """The default model's current version; NotReady/NotFound when there is none."""
+        return self.models.resolve()
+
+    def described_lane(self) -> ModelLane:
+        """The default model's current version, or its newest one still loading (for descriptions)."""
+        lane = self.models.newest()
+        if lane is None:
+            raise NotReady("no model is loaded yet", retry_after_s=1)
+        return lane
+
+    @property
+    def engine(self) -> InferenceEngine:
+        return self.described_lane().engine
 
     @property
     def metadata(self) -> ModelMetadata:
-        return self.engine.metadata
+        return self.described_lane().metadata
 
     @property
-    def batcher(self) -> BatchQueue:
-        return _started(self._batcher, "batcher")
+    def batcher(self) -> Batcher:
+        return self.described_lane().batcher
 
     @property
     def preprocess_pool(self) -> ThreadPoolExecutor:

@@ -171,13 +171,13 @@ def assert_clean_error(
 ) -> None:
     """The documented status and code, our JSON error shape, no stack trace, no server-side path.
 
-    /v2 routes answer in the Open Inference Protocol's shape ``{"error": "<message>"}`` (no code);
-    every other route in ours, ``{"error": {"code": ..., "message": ...}}``.
+    /v2 and its routes answer in the Open Inference Protocol's shape ``{"error": "<message>"}`` (no
+    code); every other route in ours, ``{"error": {"code": ..., "message": ...}}``.
     """
     assert response.status_code == status, response.text[:500]
     body = response.json()
     assert set(body) == {"error"}, body
-    if response.url.path.startswith("/v2/"):
+    if response.url.path == "/v2" or response.url.path.startswith("/v2/"):
         assert isinstance(body["error"], str) and body["error"], body
     else:
         assert body["error"]["message"], body
