@@ -134,7 +134,7 @@ class _WorkerConnection:
         self.server.connections.discard(self)
         for task in list(self.tasks.values()):
             task.cancel()
-        if not self.server.stopping:
+        if not self.server.stopping and not self.server.control.draining:
             log.warning("worker %d disconnected (%s); its %d image(s) withdrawn", self.worker, exc, len(self.tasks))
 
 
