@@ -35,6 +35,7 @@ _FLAGS = (
     ("--model-name", "model_name", str, "name the --model file is served under (default: its architecture)"),
     ("--default-model", "default_model", str, "model /v1/classify serves in a repository"),
     ("--repository-poll-s", "repository_poll_s", float, "re-scan the repository this often (0 = on load calls)"),
+    ("--model-control", "model_control", str, "explicit = allow the repository load/unload calls (default none)"),
     ("--model-memory-budget-bytes", "model_memory_budget_bytes", int, "most bytes of model weights loaded at once"),
     ("--cache-entries", "cache_entries", int, "results kept in the response cache (0 = off)"),
     # GPU engine options (off until a GPU benchmark shows they pay; bench/README.md)

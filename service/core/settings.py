@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.image_formats import DEFAULT_FORMATS, SUPPORTED_FORMATS, parse_formats
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
@@ -42,6 +43,22 @@ class Settings(BaseSettings):
         DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="largest decoded image, width x height pixels"
     )
     max_batch_images: int = Field(64, ge=1, le=10_000, description="most images in one /v1/classify/batch call")
+    image_formats: str = Field(
+        ",".join(DEFAULT_FORMATS),
+        description="comma list of image formats decoded (any other is refused before its decoder runs); "
+        f"allowed: {', '.join(SUPPORTED_FORMATS)}",
+    )
+    max_request_pixels: int = Field(
+        0, ge=0, description="most pixels all images of one request may decode together; 0 = 4 x max_image_pixels"
+    )
+    max_request_decodes: int = Field(
+        0, ge=0, le=256, description="most images of one request decoding at once; 0 = half the preprocess threads"
+    )
+    max_decoding_pixels: int = Field(
+        0,
+        ge=0,
+        description="most pixels being decoded at once in the process (bounds memory); 0 = 2 x max_image_pixels",
+    )
     max_top_k: int = Field(100, ge=1, description="largest top_k a client may ask for")
 
     jpeg_draft: bool = Field(
@@ -74,19 +91,34 @@ class Settings(BaseSettings):
     # process; 0 = automatic (service/serving/supervisor.py: automatic_workers, chosen by bench/serve.py).
     workers: int = Field(1, ge=0, le=256, description="front-end processes; 1 = one process, 0 = automatic")
     # Slow clients (service/http/slow_clients.py): a client dribbling bytes cannot hold a connection.
-    header_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="longest a request line + headers may take to arrive (408 after)"
-    )
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="grace for a request body, extended by one second per min_body_rate bytes"
     )
     min_body_rate_bytes_per_s: int = Field(
         4096, ge=1, description="slowest average upload speed accepted once body_timeout_s has passed"
     )
+    # Connections (service/http/connection.py): what one client may hold before its request is read.
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="open client connections; the next one is answered 503 and closed"
+    )
+    max_request_head_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="request line and headers of one request, bytes (431)"
+    )
+    request_head_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="time to send a complete request head, from connect or the last answer (408)"
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, le=3600, description="an idle kept-alive connection is closed after this"
+    )
 
     api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    shutdown_grace_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before pending work is failed")
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="SIGTERM to exit, at most (one deadline for the whole drain); keep it 5 s or more under the "
+        "orchestrator's grace (compose: stop_grace_period 40s)",
+    )
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
     data_dir: Path = Field(Path("vitserve-data"), description="directory of the jobs database and job uploads")
@@ -95,6 +127,12 @@ class Settings(BaseSettings):
     )
     max_job_upload_bytes: int = Field(4 * 1024**3, ge=1024, description="largest archive upload to /v1/jobs, bytes")
     max_job_images: int = Field(1_000_000, ge=1, description="most images in one job")
+    max_manifest_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest manifest (JSON lines or JSON paths) sent to /v1/jobs, bytes"
+    )
+    max_archive_entries: int = Field(
+        50_000, ge=1, description="most entries (files, folders, skipped files) in one uploaded archive"
+    )
     max_archive_bytes: int = Field(16 * 1024**3, ge=1024, description="most bytes one archive may extract to")
     max_archive_ratio: float = Field(100.0, ge=1, description="most uncompressed bytes per archive byte (zip bombs)")
     max_image_file_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest single image file in a job")
@@ -119,6 +157,11 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="name the --model file is served under; unset = its architecture")
     default_model: str | None = Field(
         None, description="model that /v1/classify serves in a repository; unset = the only one, or the first by name"
+    )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit = the repository extension's load/unload calls may change what is served; "
+        "none = they are refused (403), as in Triton's default mode",
     )
     repository_poll_s: float = Field(
         0.0, ge=0, le=86_400, description="re-scan the repository for new versions this often; 0 = only on load calls"
@@ -201,6 +244,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown provider(s) {bad}; use a comma list of tensorrt, cuda, cpu")
         return ",".join(names)
 
+    @field_validator("image_formats", mode="after")
+    @classmethod
+    def _check_formats(cls, value: str) -> str:
+        return ",".join(parse_formats(value))
+
     @field_validator("warmup_batch_sizes", mode="after")
     @classmethod
     def _check_warmup(cls, value: str) -> str:
@@ -211,6 +259,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        for name in ("max_request_pixels", "max_decoding_pixels"):
+            if 0 < getattr(self, name) < self.max_image_pixels:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be 0 or >= max_image_pixels ({self.max_image_pixels})"
+                )
         if self.max_queue_size < self.max_batch_size:
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
@@ -251,6 +304,19 @@ class Settings(BaseSettings):
 
         raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
         return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
+
+    def decode_formats(self) -> tuple[str, ...]:
+        return parse_formats(self.image_formats)
+
+    def request_pixel_budget(self) -> int:
+        return self.max_request_pixels or 4 * self.max_image_pixels
+
+    def decoding_pixel_capacity(self) -> int:
+        return self.max_decoding_pixels or 2 * self.max_image_pixels
+
+    def request_decode_slots(self, preprocess_threads: int) -> int:
+        """Images of one request decoding at once: never every thread of the pool, when it has two or more."""
+        return self.max_request_decodes or max(1, preprocess_threads // 2)
 
     def warmup_sizes(self) -> list[int]:
         sizes = [int(v) for v in self.warmup_batch_sizes.split(",") if v.strip()]

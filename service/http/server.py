@@ -3,15 +3,28 @@
 uvicorn's own SIGTERM handling closes the listening socket and waits for open connections; a
 load balancer polling /readyz would then see connection errors rather than a clean "not ready".
 ``DrainingServer`` first flips the app to draining (new requests and /readyz answer 503), waits
-until every accepted request has been answered (bounded by ``shutdown_grace_s``), then lets
-uvicorn exit; the lifespan then drains the batcher (already empty) and frees the pools.
+until every accepted request has been answered, then lets uvicorn exit; the lifespan then drains
+the batcher (already empty) and frees the pools.
+
+SIGTERM sets ONE deadline, ``shutdown_grace_s`` away, for all of it: the request drain, uvicorn's
+wait for open connections, the batcher and the job runner each get what is left of it, not a
+grace of their own (three in a row took 91 s against compose's 40 s). A watchdog exits the process
+if it is still alive ``_BACKSTOP_S`` after the deadline (a thread stuck in native code would
+otherwise hold the exit), so the orchestrator's SIGKILL never has to.
+
+Connections are served by ``GuardedHttpProtocol`` (service/http/connection.py): head size and
+deadline, and a cap on open connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import sys
+import threading
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -20,8 +33,8 @@ from fastapi import FastAPI
 
 from service.core.settings import Settings
 from service.http.app import create_app
+from service.http.connection import ConnectionLimits, guarded_protocol
 from service.http.deps import state_of
-from service.http.slow_clients import uvicorn_protocol
 from service.runtime.engine_protocol import InferenceEngine
 from service.serving import supervisor
 from service.serving.front_end import WorkerContext
@@ -31,6 +44,14 @@ from service.serving.supervisor import resolve_workers
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
 _LAST_REQUESTS_S = 0.25
+# Of the drain deadline, kept for the batcher, the job runner and the exit after requests are done.
+_RESERVE_S = 2.0
+# After hanging up on requests still running at the deadline: how long their handlers get to end.
+_HANG_UP_S = 0.5
+# The watchdog exits this long after the deadline if the process has not.
+_BACKSTOP_S = 4.0
+# Descriptors kept for the model, the jobs database, uploads and logs when capping connections.
+_RESERVED_FDS = 64
 
 
 class DrainingServer(uvicorn.Server):
@@ -69,23 +90,71 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal (or not started yet): stop now
             return
         self._drain_started = True
-        self.state.draining = True  # a plain attribute: safe to set from the signal handler
+        grace = self.state.settings.shutdown_grace_s
+        self.state.drain_deadline = time.monotonic() + grace  # plain attributes: safe from a signal handler
+        self.state.draining = True
+        watchdog = threading.Timer(grace + _BACKSTOP_S, _exit_now, args=(grace,))
+        watchdog.daemon = True
+        watchdog.start()
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
 
     async def _drain_then_exit(self) -> None:
-        grace = self.state.settings.shutdown_grace_s
-        log.info("draining: refusing new requests, finishing %d accepted", self.state.in_flight_requests)
-        if not await wait_for_idle(self.state, grace):
-            log.warning("drain grace of %.0f s ran out with requests still in flight", grace)
+        state = self.state
+        log.info("draining: refusing new requests, finishing %d accepted", state.in_flight_requests)
+        # Requests get the deadline minus a reserve for what follows (batcher, jobs, pools, exit).
+        reserve = min(_RESERVE_S, 0.2 * state.settings.shutdown_grace_s)
+        if not await wait_for_idle(state, state.drain_time_left() - reserve):
+            log.warning("drain deadline reached with %d requests still in flight", state.in_flight_requests)
         # Stop listening before exiting, then give connections already accepted a moment to
         # deliver their request and get its 503: uvicorn's own shutdown closes a connection whose
         # request it has not read yet, and the client sees a reset instead of an answer (measured:
         # 1-3 ReadErrors per SIGTERM under 16 busy clients, tests/reliability/test_faults.py).
         for listener in self.servers:
             listener.close()
-        await asyncio.sleep(_LAST_REQUESTS_S)
-        await wait_for_idle(self.state, grace)
+        await asyncio.sleep(min(_LAST_REQUESTS_S, state.drain_time_left()))
+        if not await wait_for_idle(state, state.drain_time_left() - reserve):
+            # Past the deadline: hang up on what is left (a stalled upload, say). Its handler then sees a
+            # client disconnect and ends as a 499, instead of uvicorn cancelling it mid-await.
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
+            await wait_for_idle(state, min(_HANG_UP_S, state.drain_time_left()))
+        # uvicorn reads this when it shuts down: its wait for open connections ends with our deadline.
+        self.config.timeout_graceful_shutdown = max(0.1, state.drain_time_left() - reserve)  # type: ignore[assignment]
         self.should_exit = True
+
+
+def _exit_now(grace: float) -> None:
+    log.error("still running %.0f s after the %.0f s drain deadline: exiting now", _BACKSTOP_S, grace)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _open_file_limit() -> int:
+    """Raise the soft open-files limit to the hard one (every connection is a descriptor); the result."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The connection limits in force: ``max_connections`` lowered to what the descriptors allow."""
+    fds = _open_file_limit()
+    usable = max(1, fds - _RESERVED_FDS)
+    if settings.max_connections > usable:
+        log.warning(
+            "max_connections %d lowered to %d: the process may open %d files", settings.max_connections, usable, fds
+        )
+    return ConnectionLimits(
+        max_connections=min(settings.max_connections, usable),
+        max_head_bytes=settings.max_request_head_bytes,
+        head_timeout_s=settings.request_head_timeout_s,
+    )
 
 
 def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -96,8 +165,9 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         lifespan="on",
-        http=uvicorn_protocol(settings.header_timeout_s),
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        http=guarded_protocol(connection_limits(settings)),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),  # lowered to what is left at SIGTERM
     )
 
 

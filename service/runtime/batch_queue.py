@@ -26,14 +26,6 @@ class BatchQueue(Protocol):
         """Raise Overloaded now if the queue is full (before any work is done for an image)."""
         ...
 
-    def input_buffer(self) -> np.ndarray | None:
-        """A (3, H, W) float32 array to pre-process into and then ``submit`` without a copy, or None
-        when a fresh array costs nothing extra (in process). One that is not submitted goes back
-        through ``discard_input``."""
-        ...
-
-    def discard_input(self, pixels: np.ndarray) -> None: ...
-
     async def submit(
         self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
     ) -> np.ndarray: ...

@@ -172,13 +172,6 @@ class Batcher:
         """How long the last engine run took (what Retry-After hints are computed from)."""
         return self._last_batch_s
 
-    def input_buffer(self) -> None:
-        """In process, pre-processing allocates its own array: nothing to hand out (see BatchQueue)."""
-        return None
-
-    def discard_input(self, pixels: np.ndarray) -> None:
-        return None
-
     # -- requests ----------------------------------------------------------------------------
     async def submit(
         self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None

@@ -50,6 +50,8 @@ OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")
 DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+# The user's own archive: no ratio, total or entry bounds (those protect the server from its clients).
+OWN_FILE_LIMITS = ArchiveLimits(max_ratio=float("inf"), max_total_bytes=sys.maxsize, max_entries=sys.maxsize)
 
 
 class ScoringError(Exception):
@@ -99,9 +101,8 @@ def resolve_inputs(spec: str) -> Inputs:
                     raise ScoringError(f"{path}: {exc.message}") from None
             return Inputs("manifest", listed, [str(path.parent / p) for p in listed])
         if archive_kind(path) is not None:
-            limits = ArchiveLimits(max_ratio=float("inf"), max_total_bytes=sys.maxsize)  # the user's own file
             try:
-                names = list_archive(path, limits)
+                names = list_archive(path, OWN_FILE_LIMITS)
             except ServiceError as exc:
                 raise ScoringError(f"{path}: {exc.message}") from None
             return Inputs("archive", names, archive=path)
@@ -306,8 +307,7 @@ def iter_sources(inputs: Inputs, wanted: set[str] | None) -> Iterator[tuple[str,
             if wanted is None or name in wanted:
                 yield name, file
         return
-    limits = ArchiveLimits(max_ratio=float("inf"), max_total_bytes=sys.maxsize)
-    for name, data in iter_archive(inputs.archive, limits):
+    for name, data in iter_archive(inputs.archive, OWN_FILE_LIMITS):
         if wanted is None or name in wanted:
             yield name, data
 

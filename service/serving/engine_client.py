@@ -4,7 +4,7 @@ runner as the routes know them, backed by one Unix socket and one shared-memory 
 ``RemoteRegistry`` is the engine process's ``ModelRegistry`` as last reported (the same lookups,
 leases and statuses; load and unload are forwarded). Each of its lanes has an ``EngineLane`` as
 its batcher, a ``BatchQueue`` (service/runtime/batch_queue.py): ``submit`` puts the image's
-pixels in a ring slot (pre-processing already wrote them there: ``input_buffer``), sends the slot
+pixels in a ring slot (one copy, microseconds), sends the slot
 number and the model version, and resolves when the engine answers. ``check_room`` reads the
 engine's queue depth from the shared control block, so a full queue is refused before decoding, as in one process; the engine's
 own bounded queue decides for good. If the engine process dies, every image in flight fails at once
@@ -250,19 +250,6 @@ class EngineClient:
         if self._slots is not None and self._slots.free == 0:
             raise Overloaded(f"all {self._ring.slots if self._ring else 0} image slots of this worker are in use")
 
-    def input_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        if self._ring is None or self._slots is None or int(np.prod(shape)) > self._ring.capacity:
-            return None
-        slot = self._slots.take()
-        if slot is None:
-            raise Overloaded(f"all {self._ring.slots} image slots of this worker are in use; retry later")
-        return self._ring.view(slot, shape)
-
-    def discard_input(self, pixels: np.ndarray) -> None:
-        slot = self._ring.slot_of(pixels) if self._ring is not None else None
-        if slot is not None:
-            self._release(slot)
-
     def _release(self, slot: int) -> None:
         assert self._slots is not None
         self._slots.give_back(slot)
@@ -279,22 +266,18 @@ class EngineClient:
     ) -> Awaitable[np.ndarray]:
         """Send one image (3, H, W) to a model version's lane; await the result for its logits (K,).
 
-        Takes the image at once (a buffer from ``input_buffer`` is owned from here on, and freed when
-        the engine answers), so a caller cancelled before awaiting leaks nothing.
+        The image is copied into a ring slot at once, and the slot freed when the engine answers, so a
+        caller cancelled before awaiting leaks nothing.
         """
         ring, slots, protocol = self._ring, self._slots, self._protocol
-        slot = ring.slot_of(pixels) if ring is not None else None
         if protocol is None or self._stopping or ring is None or slots is None:
-            if slot is not None:
-                self._release(slot)
             raise EngineUnavailable("the engine process is not connected (starting or restarting)", retry_after_s=1)
-        if slot is None:  # pixels from elsewhere (v2 FP32 tensors): copy them into a slot
-            if pixels.size > ring.capacity:
-                raise NotReady(f"an input of {pixels.shape} is larger than this worker's shared-memory slots")
-            slot = slots.take()
-            if slot is None:
-                raise Overloaded(f"all {ring.slots} image slots of this worker are in use; retry later")
-            ring.view(slot, pixels.shape)[...] = pixels
+        if pixels.size > ring.capacity:
+            raise NotReady(f"an input of {pixels.shape} is larger than this worker's shared-memory slots")
+        slot = slots.take()
+        if slot is None:
+            raise Overloaded(f"all {ring.slots} image slots of this worker are in use; retry later")
+        ring.view(slot, pixels.shape)[...] = pixels
         self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(future, slot, timings)
@@ -361,12 +344,6 @@ class EngineLane:
 
     def check_room(self) -> None:
         self.client.check_room()
-
-    def input_buffer(self) -> np.ndarray | None:
-        return self.client.input_buffer(self.shape)
-
-    def discard_input(self, pixels: np.ndarray) -> None:
-        self.client.discard_input(pixels)
 
     def submit(
         self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None

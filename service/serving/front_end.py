@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.core.host import cpu_cores
+from service.runtime.decode_limits import PixelGate
 from service.serving.cache import ResponseCache
 from service.serving.control_block import ControlBlock
 from service.serving.engine_client import EngineClient, RemoteJobs, RemoteRegistry
@@ -59,10 +60,11 @@ async def start_worker(state: ServiceState, context: WorkerContext) -> EngineCli
     state.cache = ResponseCache(
         state.settings.cache_entries, on_event=lambda e: state.metrics.cache_events.labels(e).inc()
     )
+    state.preprocess_threads = preprocess_threads(state.settings.preprocess_threads, context.workers)
     state._preprocess_pool = ThreadPoolExecutor(
-        max_workers=preprocess_threads(state.settings.preprocess_threads, context.workers),
-        thread_name_prefix="vitserve-preprocess",
+        max_workers=state.preprocess_threads, thread_name_prefix="vitserve-preprocess"
     )
+    state._pixel_gate = PixelGate(state.settings.decoding_pixel_capacity())
     state._jobs = RemoteJobs(state.settings.data_dir, client)
 
     def refresh() -> None:

@@ -279,9 +279,10 @@ class ModelRegistry:
             for lane in lanes:
                 self._retire(lane, force=force)
 
-    async def close(self) -> None:
-        """Drain and free every version (service shutdown), waiting at most the shutdown grace for leases."""
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
+    async def close(self, *, deadline: float | None = None) -> None:
+        """Drain and free every version (service shutdown) by ``deadline`` (time.monotonic(); default:
+        the shutdown grace from now); what is still queued then is failed."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s if deadline is None else deadline
         for lane in list(self.lanes.values()):
             self._retire(lane, deadline=deadline)
         if self._retiring:
@@ -377,7 +378,13 @@ class ModelRegistry:
 
     async def _classify_golden(self, lane: ModelLane, data: bytes) -> np.ndarray:
         pixels = await asyncio.to_thread(
-            load_pixels, data, lane.metadata.preprocessing, max_pixels=self.settings.max_image_pixels
+            partial(
+                load_pixels,
+                data,
+                lane.metadata.preprocessing,
+                max_pixels=self.settings.max_image_pixels,
+                formats=self.settings.decode_formats(),
+            )
         )
         return await lane.batcher.submit(pixels, deadline=time.monotonic() + self.settings.request_timeout_s)
 

@@ -1,6 +1,6 @@
 """A ring of fixed-size slots in shared memory: how pre-processed images reach the engine process.
 
-A front-end worker owns one ring. It pre-processes an image straight into a free slot, sends the
+A front-end worker owns one ring. It copies a pre-processed image into a free slot, sends the
 engine the slot's number (a few bytes on a socket), and gets the slot back when the engine answers;
 the pixels themselves are never pickled or copied through a pipe. The engine maps the same memory
 (the worker hands it the file descriptor over the Unix socket, SCM_RIGHTS) and reads the slot when
@@ -52,7 +52,6 @@ class ShmRing:
             raise ValueError(f"shared memory of {os.fstat(fd).st_size} bytes is smaller than the ring ({size})")
         self.fd = fd
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._base = np.frombuffer(self._map, np.uint8, 1).__array_interface__["data"][0]
 
     def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         """The slot as a float32 array of ``shape`` (a view on the shared memory: writes are seen by
@@ -61,15 +60,6 @@ class ShmRing:
         if not 0 <= slot < self.slots or count > self.capacity:
             raise ValueError(f"slot {slot} of {self.slots} ({self.capacity} elements) cannot hold {shape}")
         return np.frombuffer(self._map, PIXEL_DTYPE, count, offset=slot * self.slot_bytes).reshape(shape)
-
-    def slot_of(self, array: np.ndarray) -> int | None:
-        """The slot whose memory ``array`` starts, or None when it is not a view of this ring."""
-        if array.dtype != PIXEL_DTYPE or array.size > self.capacity or not array.flags.c_contiguous:
-            return None
-        offset = array.__array_interface__["data"][0] - self._base
-        if offset < 0 or offset % self.slot_bytes or offset // self.slot_bytes >= self.slots:
-            return None
-        return offset // self.slot_bytes
 
     def close(self) -> None:
         """Close the descriptor; the mapping goes when the last view of it is garbage."""

@@ -313,7 +313,7 @@ def test_sigterm_drains_every_worker_and_the_engine(tmp_path):
 
 def test_slow_clients_are_cut_off_while_others_are_served(tmp_path):
     with multiprocess_server(
-        tmp_path, 0.01, header_timeout_s=1, body_timeout_s=1, min_body_rate_bytes_per_s=1000
+        tmp_path, 0.01, request_head_timeout_s=1, body_timeout_s=1, min_body_rate_bytes_per_s=1000
     ) as server:
         stop = threading.Event()
         answers: list[bytes] = []
