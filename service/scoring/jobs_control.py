@@ -31,4 +31,9 @@ class JobsControl(Protocol):
 
     def images_per_second(self, job: JobRecord) -> float | None: ...
 
+    @property
+    def paused(self) -> dict[str, str]:
+        """Job id -> why it waits (storage full), while it does."""
+        ...
+
     async def stop(self) -> None: ...

@@ -4,10 +4,10 @@ runner as the routes know them, backed by one Unix socket and one shared-memory 
 ``RemoteRegistry`` is the engine process's ``ModelRegistry`` as last reported (the same lookups,
 leases and statuses; load and unload are forwarded). Each of its lanes has an ``EngineLane`` as
 its batcher, a ``BatchQueue`` (service/runtime/batch_queue.py): ``submit`` puts the image's
-pixels in a ring slot (one copy, microseconds), sends the slot
-number and the model version, and resolves when the engine answers. ``check_room`` reads the
-engine's queue depth from the shared control block, so a full queue is refused before decoding, as in one process; the engine's
-own bounded queue decides for good. If the engine process dies, every image in flight fails at once
+pixels in a ring slot (one copy, microseconds), sends the slot number and the model version, and
+resolves when the engine answers. ``check_room`` reads the engine's queue depth from the shared
+control block, so a full queue is refused before decoding, as in one process; the engine's own
+bounded queue decides for good. If the engine process dies, every image in flight fails at once
 with 503 (``EngineUnavailable``) and the client reconnects to its replacement.
 """
 
@@ -88,6 +88,7 @@ class EngineClient:
         self.hello: wire.EngineHello | None = None
         self.snapshot: wire.RegistrySnapshot | None = None  # the engine's registry, as last reported
         self.job_rates: dict[str, tuple[float, int]] = {}
+        self.jobs_paused: dict[str, str] = {}
         self.on_change: Callable[[], None] = lambda: None  # connection state changed
         self._ring: ShmRing | None = None
         self._slots: SlotPool | None = None
@@ -205,6 +206,7 @@ class EngineClient:
         elif op == wire.STATUS:
             body = wire.parse_json(payload)
             self.job_rates = {job: (float(t), int(n)) for job, (t, n) in body.get("job_rates", {}).items()}
+            self.jobs_paused = dict(body.get("paused", {}))
         elif op == wire.MODELS:
             self.snapshot = wire.parse_pickle(payload)
             self.on_change()
@@ -450,6 +452,10 @@ class RemoteJobs:
 
     def images_per_second(self, job: JobRecord) -> float | None:
         return job_throughput(job, self._client.job_rates.get(job.id))
+
+    @property
+    def paused(self) -> dict[str, str]:
+        return self._client.jobs_paused
 
     async def stop(self) -> None:
         if self._store is not None:

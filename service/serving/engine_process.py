@@ -160,7 +160,7 @@ class EngineServer:
         self.stopping = False
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_rates: dict[str, tuple[float, int]] = {}
+        self._last_rates: dict = {}  # the last job figures sent (nothing to send while both stay empty)
         self._last_models: wire.RegistrySnapshot | None = None
 
     async def start(self) -> None:
@@ -298,12 +298,12 @@ class EngineServer:
             )
             self.state.metrics.refresh()
             self.broadcast_models()
-            rates = self.jobs.rate_starts
-            if rates or self._last_rates:
-                message = wire.status({"job_rates": rates})
+            rates = {"job_rates": self.jobs.rate_starts, "paused": dict(self.jobs.paused)}
+            if rates["job_rates"] or rates["paused"] or self._last_rates:
+                message = wire.status(rates)
                 for connection in list(self.connections):
                     connection.protocol.send(message)
-                self._last_rates = rates
+                self._last_rates = rates["job_rates"] or rates["paused"]
             await asyncio.sleep(_STATUS_EVERY_S)
 
     async def stop(self) -> None:

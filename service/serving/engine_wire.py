@@ -14,7 +14,7 @@ Worker -> engine:
 Engine -> worker:
     RESULT  request id, queue ms, inference ms, batch size, logits (K float32)
     ERROR   request id, {"code", "message", "headers"} of a ServiceError
-    STATUS  {"job_rates": {job id: [monotonic start, processed at start]}}
+    STATUS  {"job_rates": {job id: [monotonic start, processed at start]}, "paused": {job id: why}}
     MODELS  the pickled ``RegistrySnapshot``, whenever the loaded versions change
     REPO_DONE {"id", "error": null or a ServiceError's {"code", "message", "headers"}}
 Every SUBMIT gets exactly one RESULT or ERROR: only then may the worker reuse the slot.

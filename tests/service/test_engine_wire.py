@@ -46,7 +46,7 @@ def test_frames_survive_a_stream_cut_anywhere():
     )
     for cut in range(1, len(stream)):
         frames: list[bytes] = []
-        protocol = wire.FrameProtocol(lambda payload: frames.append(bytes(payload)), lambda exc: None)
+        protocol = wire.FrameProtocol(lambda payload, out=frames: out.append(bytes(payload)), lambda exc: None)
         protocol.data_received(stream[:cut])
         protocol.data_received(stream[cut:])
         assert len(frames) == 4
