@@ -133,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from service.http.server import serve
     from service.runtime.engine import EngineError
     from service.serving.lifecycle import build_engine
+    from service.serving.supervisor import resolve_workers
 
+    if resolve_workers(settings) > 1:
+        return serve(settings, listener=listener)  # the engine process loads the model (a bad one: exit 2)
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.
     try:

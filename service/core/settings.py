@@ -162,6 +162,17 @@ class Settings(BaseSettings):
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
     trt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels (matters for fp32 exports)")
 
+    # Processes (service/serving/supervisor.py): N front-end processes (HTTP, limits, decoding) share
+    # the listening socket and feed ONE engine process through shared memory. 1 = everything in one
+    # process; 0 = automatic (service/serving/supervisor.py: automatic_workers, chosen by bench/serve.py).
+    workers: int = Field(1, ge=0, le=256, description="front-end processes; 1 = one process, 0 = automatic")
+    # Slow clients (service/http/slow_clients.py): a client dribbling bytes cannot hold a connection.
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="grace for a request body, extended by one second per min_body_rate bytes"
+    )
+    min_body_rate_bytes_per_s: int = Field(
+        4096, ge=1, description="slowest average upload speed accepted once body_timeout_s has passed"
+    )
     # Connections (service/http/connection.py): what one client may hold before its request is read.
     max_connections: int = Field(
         1000, ge=1, le=1_000_000, description="open client connections; the next one is answered 503 and closed"

@@ -27,6 +27,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -36,7 +38,10 @@ from service.http.app import create_app
 from service.http.connection import ConnectionLimits, guarded_protocol
 from service.http.deps import state_of
 from service.runtime.engine_protocol import InferenceEngine
-from service.serving.lifecycle import wait_for_idle
+from service.serving import supervisor
+from service.serving.front_end import WorkerContext
+from service.serving.lifecycle import build_engine, wait_for_idle
+from service.serving.supervisor import resolve_workers
 
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
@@ -52,11 +57,18 @@ _RESERVED_FDS = 64
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once."""
+    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once.
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    Args:
+        config: uvicorn's configuration.
+        app: the service app (its state is drained).
+        announce: print the "serving ... on http://..." line once started (one worker of many does).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, announce: bool = True) -> None:
         super().__init__(config)
         self.state = state_of(app)
+        self.announce = announce
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -66,7 +78,7 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.should_exit or not self.servers:
+        if self.should_exit or not self.servers or not self.announce:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
@@ -175,11 +187,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-def serve(settings: Settings, *, engine: InferenceEngine | None = None, listener: socket.socket | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app; ``listener`` from
-    ``bind_listener`` (None: uvicorn binds settings.host:port). Returns the exit code."""
-    app = create_app(settings, engine=engine)
-    config = uvicorn.Config(
+def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -191,9 +200,42 @@ def serve(settings: Settings, *, engine: InferenceEngine | None = None, listener
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),  # lowered to what is left at SIGTERM
     )
-    server = DrainingServer(config, app)
+
+
+def serve(
+    settings: Settings,
+    *,
+    engine: InferenceEngine | None = None,
+    make_engine: Callable[[], InferenceEngine] | None = None,
+    listener: socket.socket | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (drained); returns the exit code. ``listener``: from
+    ``bind_listener`` (None: bound here, at settings.host:port).
+
+    One process for ``settings.workers`` 1; else the supervisor's front-end workers and engine
+    process (service/serving/supervisor.py), the engine built there by ``make_engine`` (default:
+    from settings.model), or ``engine`` inherited when given (a fake: an ONNX Runtime session must
+    not cross a fork).
+    """
+    workers = resolve_workers(settings)
+    if workers > 1:
+        if make_engine is None:
+            make_engine = (lambda: engine) if engine is not None else partial(build_engine, settings)
+        return supervisor.run(settings, workers, make_engine, partial(_serve_worker, settings), listener)
+    if engine is None and make_engine is not None:
+        engine = make_engine()
+    app = create_app(settings, engine=engine)
+    server = DrainingServer(_uvicorn_config(app, settings), app)
     server.run(sockets=[listener] if listener is not None else None)
     if not server.started:
         print("vitserve serve: the server did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_worker(settings: Settings, context: WorkerContext) -> int:
+    """One front-end worker: the app on the supervisor's listening socket."""
+    app = create_app(settings, worker=context)
+    server = DrainingServer(_uvicorn_config(app, settings), app, announce=context.index == 0)
+    server.run(sockets=[context.listener])
+    return 0 if server.started else 1
