@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return EXIT_NOT_STARTED
     configure_logging(settings.log_level, settings.log_format)
-    logging.getLogger("vitserve.auth").info(settings.auth_description())
+    announce_auth = partial(logging.getLogger("vitserve.auth").info, settings.auth_description())
 
     from service.http.server import serve
     from service.runtime.engine import EngineError
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from service.serving.supervisor import resolve_workers
 
     if resolve_workers(settings) > 1:
+        announce_auth()
         return serve(settings, listener=listener)  # the engine process loads the model (a bad one: exit 2)
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.
@@ -145,4 +147,5 @@ def run(args: argparse.Namespace) -> int:
         listener.close()
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    announce_auth()  # after the model loaded: a file that cannot be served is the only line
     return serve(settings, engine=engine, listener=listener)

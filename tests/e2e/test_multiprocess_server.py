@@ -87,7 +87,8 @@ def multiprocess_server(tmp_path: Path, delay_s: float, workers: int = 2, **sett
         log_level="warning",
     )
     args = [f"{k}={v}" for k, v in settings.items()]
-    env = dict(os.environ, PYTHONPATH=str(REPO), VITSERVE_API_KEY="")
+    env = {key: value for key, value in os.environ.items() if key != "VITSERVE_API_KEY"}
+    env["PYTHONPATH"] = str(REPO)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, str(script), str(delay_s), *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
