@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.core.metadata import PREFIX, REQUIRED_KEYS
-from service.core.model_spec import (
+from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
+from service.core.spec import (
     GraphIO,
     ModelSpecError,
     SpecOptions,
@@ -26,7 +27,6 @@ from service.core.model_spec import (
     resolve_spec,
     sidecar_path,
 )
-from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
 if TYPE_CHECKING:
     import onnx

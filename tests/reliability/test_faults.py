@@ -94,8 +94,10 @@ def test_clients_leaving_mid_upload_and_mid_wait_leak_nothing(start_server):
     )
     assert ran <= 2  # the keeper, and at most one leaver already taken into the engine
     assert metric(after, "vitserve_requests_in_flight") == 0
-    # +1 thread at most: a pool may still start one lazily; a leak per request would add 36.
-    assert server.settled_fds(fds) <= fds and server.threads() <= threads + 1, server.thread_names()
+    # +2 threads at most: the pre-processing pool may still start its second thread lazily (one request
+    # decodes on at most half the pool's threads), and a native library one of its own; a leak per
+    # request would add 36.
+    assert server.settled_fds(fds) <= fds and server.threads() <= threads + 2, server.thread_names()
     assert classify(server, body).status_code == 200
 
 
