@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn
 
 # Service-side commands first; model-side ones (they need the `model` extra: torch) after.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -23,15 +22,10 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is one --help away), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitserve", description="Serve Vision Transformer image classifiers with ONNX Runtime.")
+    parser = argparse.ArgumentParser(
+        prog="vitserve", description="Serve Vision Transformer image classifiers with ONNX Runtime."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
