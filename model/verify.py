@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
-from service.core.onnx_facts import is_fused_attention
+from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
 GROUP_NORM_OP = "GroupNormalization"  # opset 21+: what a hybrid's GroupNorm exports to
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -287,7 +287,7 @@ def ort_session(path: str | os.PathLike):
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=[CPU_PROVIDER])
     except Exception as exc:  # ORT raises its own exception types for every load failure
         raise ExportFileError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
 
