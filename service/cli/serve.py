@@ -28,8 +28,9 @@ EXIT_NOT_STARTED = 1
 def settings_flags(field_name: str) -> list[str]:
     """The flags of one Settings field: ``--max-batch-size``, or those the field names (``--name``, ...)."""
     extra = Settings.model_fields[field_name].json_schema_extra
-    if isinstance(extra, dict) and isinstance(extra.get("flags"), list):
-        return [str(flag) for flag in extra["flags"]]
+    flags = extra.get("flags") if isinstance(extra, dict) else None
+    if isinstance(flags, list):
+        return [str(flag) for flag in flags]
     return [flag_name(field_name)]
 
 

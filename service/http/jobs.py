@@ -34,8 +34,9 @@ from service.core.settings import Settings
 from service.http.deps import media_type as request_media_type
 from service.http.deps import service_state
 from service.http.json_body import JsonBounds, parse_json
-from service.scoring.job_runner import JobRunner, job_dir
+from service.scoring.job_runner import job_dir
 from service.scoring.job_store import CANCELLED, JobRecord
+from service.scoring.jobs_control import JobsControl
 from service.scoring.rows import csv_fields, csv_header
 from service.scoring.sources import (
     ArchiveLimits,
@@ -68,7 +69,7 @@ _RESULTS_PAGE = 1000
 _WRITE_CHUNK = 1 << 20  # upload bytes gathered before each write (done in a worker thread)
 
 
-def _runner(request: Request) -> JobRunner:
+def _runner(request: Request) -> JobsControl:
     return service_state(request).jobs
 
 
@@ -199,7 +200,7 @@ async def _read_input(
     return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(settings))
 
 
-def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
+def _describe(runner: JobsControl, job: JobRecord) -> dict[str, Any]:
     rate = runner.images_per_second(job)
     return {
         "id": job.id,
@@ -221,7 +222,7 @@ def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
     }
 
 
-async def _job_or_404(runner: JobRunner, job_id: str) -> JobRecord:
+async def _job_or_404(runner: JobsControl, job_id: str) -> JobRecord:
     job = await asyncio.to_thread(runner.store.get_job, job_id) if runner.db_path.exists() else None
     if job is None:
         raise NotFound(f"no job with id {job_id!r}")

@@ -207,7 +207,7 @@ class ServiceMiddleware:
             # The documented routes, then the app's own top-level ones: /docs and /openapi.json are
             # not in the schema but get their own label too.
             paths = list(self.service.openapi().get("paths", {}))
-            paths += [route.path for route in self.service.routes if isinstance(getattr(route, "path", None), str)]
+            paths += [path for route in self.service.routes if isinstance(path := getattr(route, "path", None), str)]
             self._templates = [(compile_path(path)[0], path) for path in paths]
         for regex, template in self._templates:
             if regex.match(scope["path"]):

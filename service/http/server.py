@@ -220,7 +220,8 @@ def serve(
     workers = resolve_workers(settings)
     if workers > 1:
         if make_engine is None:
-            make_engine = (lambda: engine) if engine is not None else partial(build_engine, settings)
+            given = engine  # never reassigned: the closure keeps it narrowed
+            make_engine = (lambda: given) if given is not None else partial(build_engine, settings)
         return supervisor.run(settings, workers, make_engine, partial(_serve_worker, settings), listener)
     if engine is None and make_engine is not None:
         engine = make_engine()

@@ -171,7 +171,7 @@ async def _upload_bytes(upload: Any, field: str) -> bytes:
     return await upload.read()
 
 
-_CLASSIFY_ROUTE = {
+_CLASSIFY_ROUTE: dict[str, Any] = {
     "summary": "Classify one image",
     "description": "Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
     "or as multipart/form-data field `file`. Returns the top-k classes.",
@@ -276,7 +276,7 @@ async def _batch_inputs(
                 )
             if len(uploads) > limit:
                 raise PayloadTooLarge(f"too many images: {len(uploads)} > max_batch_images={limit}")
-            items = []
+            items: list[tuple[str, bytes | ServiceError]] = []
             for i, upload in enumerate(uploads):
                 item_id = getattr(upload, "filename", None) or str(i)
                 items.append((item_id, await _upload_bytes(upload, "files")))
@@ -297,7 +297,7 @@ async def _batch_inputs(
     top_k = body.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise BadRequest(f"top_k must be an integer, got {top_k!r}")
-    items: list[tuple[str, bytes | ServiceError]] = []
+    items = []
     for i, image in enumerate(images):
         item_id = str(image.get("id", i)) if isinstance(image, dict) else str(i)
         try:
@@ -309,7 +309,7 @@ async def _batch_inputs(
     return items, top_k
 
 
-_BATCH_ROUTE = {
+_BATCH_ROUTE: dict[str, Any] = {
     "summary": "Classify many images in one request",
     "description": 'multipart/form-data with many `files`, or JSON `{"images": [{"id": str, "data": base64}], '
     '"top_k": 5}`. Every image goes through the batcher concurrently and gets its own result or '

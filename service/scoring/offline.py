@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -155,8 +155,8 @@ class ResultWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
         self._file: TextIO | None = None
-        self._csv = None
-        self._parquet = None
+        self._csv: Any = None  # csv.writer (its type is private to the csv module)
+        self._parquet: Any = None  # pyarrow.parquet.ParquetWriter, imported only for .parquet
         self._pending: list[dict] = []
         existing = resume and self.path.exists() and self.path.stat().st_size > 0
         if self.format == ".parquet":

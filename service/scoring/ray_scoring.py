@@ -186,7 +186,7 @@ def score_with_ray(
                 items = [{"path": name, "bytes": data} for name, data in iter_sources(inputs, set(todo))]
                 dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // _ARCHIVE_ITEMS_PER_BLOCK))
             decoded = dataset.map_batches(
-                decode_batch,
+                decode_batch,  # type: ignore[arg-type]  # ray's types do not know fn_kwargs fills the rest
                 fn_kwargs={"preprocessing": meta.preprocessing},
                 batch_size=batch_size,
                 batch_format="numpy",

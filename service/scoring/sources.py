@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 from service.core.errors import BadRequest, PayloadTooLarge, ServiceError, StorageFull, is_storage_full
 from service.core.image_files import is_image_name
@@ -163,7 +163,7 @@ class _Budget:
             )
 
 
-_Opener = Callable[[], BinaryIO]
+_Opener = Callable[[], IO[bytes]]
 
 
 def _zip_directory_size(path: Path) -> tuple[int, int]:
@@ -230,9 +230,16 @@ def _members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str, bool
             if member.isdir():
                 yield member.name, True, None
             elif member.isfile():
-                yield member.name, False, partial(archive.extractfile, member)
+                yield member.name, False, partial(_extract, archive, member)
             else:
                 raise UnsafeArchive(f"archive entry {member.name!r} is a device, FIFO or other special file")
+
+
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    stream = archive.extractfile(member)
+    if stream is None:  # only for entries that are not regular files, which _members never opens
+        raise UnsafeArchive(f"archive entry {member.name!r} is not a regular file")
+    return stream
 
 
 def _image_members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str, _Opener]]:

@@ -416,8 +416,8 @@ class RemoteRegistry(ModelRegistry):
         await self.client.repository_call("unload", name, force)
         self.follow()
 
-    async def close(self) -> None:
-        return None
+    async def close(self, *, deadline: float | None = None) -> None:
+        return None  # the engine process drains the models
 
 
 class RemoteJobs:

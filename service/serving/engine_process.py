@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.core.errors import BadRequest, ClientClosedRequest, InferenceFailed, ServiceError
 from service.core.settings import Settings
@@ -298,7 +299,7 @@ class EngineServer:
             )
             self.state.metrics.refresh()
             self.broadcast_models()
-            rates = {"job_rates": self.jobs.rate_starts, "paused": dict(self.jobs.paused)}
+            rates: dict[str, dict[str, Any]] = {"job_rates": self.jobs.rate_starts, "paused": dict(self.jobs.paused)}
             if rates["job_rates"] or rates["paused"] or self._last_rates:
                 message = wire.status(rates)
                 for connection in list(self.connections):
@@ -348,7 +349,8 @@ async def _serve(settings: Settings, engine: InferenceEngine, context: EnginePro
     # Load and warm the models before the workers come: their rings are sized for the inputs.
     if state.warmup_task is not None:
         warm = asyncio.ensure_future(asyncio.shield(state.warmup_task))
-        await asyncio.wait({warm, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {warm, asyncio.ensure_future(stop.wait())}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     server = EngineServer(state, state.models, jobs, context)
     await server.start()
     control.set_batching(state.settings.max_queue_size, state.settings.max_batch_size)

@@ -278,7 +278,9 @@ def recv_blocking(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[in
 
 
 def _recv_exactly(sock: socket.socket, n: int, max_fds: int) -> tuple[bytes, list[int]]:
-    chunks, fds, got = [], [], 0
+    chunks: list[bytes] = []
+    fds: list[int] = []
+    got = 0
     while got < n:
         if max_fds:
             data, ancdata, _, _ = sock.recvmsg(n - got, socket.CMSG_SPACE(max_fds * 4))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,7 +29,8 @@ async def unless_client_leaves(work: Awaitable[_Result], client_gone: asyncio.Fu
     if client_gone is None:
         return await work
     task = asyncio.ensure_future(work)
-    await asyncio.wait({task, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+    waiters: set[asyncio.Future[Any]] = {task, client_gone}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         return task.result()
     task.cancel()

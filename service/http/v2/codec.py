@@ -90,7 +90,10 @@ class InferRequest:
 
     @property
     def batch_size(self) -> int:
-        return len(self.images) if self.images is not None else int(self.pixel_values.shape[0])
+        if self.images is not None:
+            return len(self.images)
+        assert self.pixel_values is not None  # exactly one is set
+        return int(self.pixel_values.shape[0])
 
 
 # --- metadata --------------------------------------------------------------------------------
@@ -254,7 +257,7 @@ def _parameters(obj: dict, where: str) -> dict:
 
 def _split_binary(inputs: list, binary: bytes) -> list[tuple[dict, bytes | None]]:
     """Pair each input spec with its slice of the binary section (None for JSON data)."""
-    tensors = []
+    tensors: list[tuple[dict, bytes | None]] = []
     offset = 0
     for position, spec in enumerate(inputs):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -383,7 +386,7 @@ def _flatten(data: Any, name: str) -> list:
 
 def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
     """Split a binary BYTES tensor: each element is a uint32 little-endian length, then its bytes."""
-    elements = []
+    elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
         if offset + 4 > len(raw):
@@ -409,7 +412,7 @@ def _parse_outputs(outputs: Any, default_binary: bool) -> tuple[RequestedOutput,
         return tuple(RequestedOutput(name, binary=default_binary) for name in OUTPUT_NAMES)
     if not isinstance(outputs, list) or not outputs:
         raise V2ProtocolError("'outputs' must be a non-empty list when present")
-    parsed = []
+    parsed: list[RequestedOutput] = []
     for position, spec in enumerate(outputs):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise V2ProtocolError(f"outputs[{position}] must be an object with a string 'name'")
@@ -479,7 +482,7 @@ def build_infer_response(
         scores = values[requested.name]
         if requested.class_count > 0:
             rows = classification_strings(scores, labels, requested.class_count)
-            entry = {"name": requested.name, "datatype": "BYTES", "shape": [len(rows), len(rows[0])]}
+            entry: dict[str, Any] = {"name": requested.name, "datatype": "BYTES", "shape": [len(rows), len(rows[0])]}
             flat = [s for row in rows for s in row]
             if requested.binary:
                 section = serialize_bytes([s.encode("utf-8") for s in flat])

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -73,7 +74,7 @@ def _health(ok: bool) -> Response:
 
 # Health answers have no body: documenting them as such (response_class=Response) keeps the OpenAPI
 # schema truthful; without it FastAPI documented an application/json body the routes never send.
-_EMPTY_HEALTH = {
+_EMPTY_HEALTH: dict[str, Any] = {
     "response_class": Response,
     "responses": {200: {"description": "yes (empty body)"}, 400: {"description": "no (empty body)"}},
 }
@@ -221,6 +222,7 @@ async def _infer(request: Request, state: ServiceState, lane: ModelLane) -> Resp
 
         jobs = [classify_image(i, data) for i, data in enumerate(parsed.images)]
     else:
+        assert parsed.pixel_values is not None  # the codec sets exactly one of images / pixel_values
         jobs = [
             classify_pixels(state, pixels, deadline=deadline, client_gone=gone, lane=lane)
             for pixels in parsed.pixel_values
@@ -239,7 +241,7 @@ async def _infer(request: Request, state: ServiceState, lane: ModelLane) -> Resp
     return Response(content, media_type=_OCTET_STREAM, headers={v2_codec.HEADER_LENGTH_HEADER: str(json_length)})
 
 
-async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]:
+async def _all_or_nothing(jobs: Sequence[Awaitable[np.ndarray]]) -> list[np.ndarray]:
     """Run every job concurrently (they batch together); on the first failure cancel the rest.
 
     A v2 response has no per-element errors, so one bad element fails the request: the others'
@@ -249,8 +251,9 @@ async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:  # in element order, so the error names the first bad element that failed
-            if task.done() and task.exception() is not None:
-                raise task.exception()
+            failure = task.exception() if task.done() else None
+            if failure is not None:
+                raise failure
         return [task.result() for task in tasks]
     finally:
         for task in tasks:
