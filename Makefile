@@ -37,9 +37,14 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The reliability tests at full size (CI runs them small): ~300 schemathesis cases per operation and
-# mode, 3000 hypothesis examples per property, a 10,000-request soak, 30 s of overload.
+# mode, 3000 hypothesis examples per property, a 10,000-request soak, 30 s of overload; decoding
+# bombs at the production 40 Mpx limit, 30,000 reads and a 4000-path job under symlink swaps, a
+# 16 MiB manifest, a 128 MiB unterminated header, JSON of 6.9 M elements, 1000 idle connections.
 # Figures and what each test proves: docs/RELIABILITY.md.
 .PHONY: fuzz
 fuzz: $(VENV)/.installed-test
 	RELIABILITY_FUZZ_CASES=300 RELIABILITY_PROPERTY_EXAMPLES=3000 RELIABILITY_SOAK_REQUESTS=10000 \
-	RELIABILITY_OVERLOAD_SECONDS=30 $(PY) -m pytest tests/reliability -s -p no:cacheprovider
+	RELIABILITY_OVERLOAD_SECONDS=30 RELIABILITY_DECODE_LIMIT_PIXELS=40000000 RELIABILITY_SWAP_READS=30000 \
+	RELIABILITY_SWAP_JOB_PATHS=4000 RELIABILITY_MANIFEST_BYTES=16777216 RELIABILITY_HEAD_BOMB_BYTES=134217728 \
+	RELIABILITY_JSON_BOMB_ELEMENTS=6900000 RELIABILITY_IDLE_CONNECTIONS=1000 \
+	$(PY) -m pytest tests/reliability -s -p no:cacheprovider

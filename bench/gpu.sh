@@ -202,7 +202,7 @@ stage_serve() {
       echo "## the same with the multi-process front end (--workers 16)"
       echo
       env "${env[@]}" "$PY" bench/serve.py --model "$SERVE_MODEL" "${load[@]}" --concurrency "$worker_levels" \
-        --server-args "--workers 16" --gpu-memory --json "$WORK/serve-workers.json" || status=1
+        --workers 16 --gpu-memory --json "$WORK/serve-workers.json" || status=1
     else
       echo "(\`vitserve serve\` has no --workers flag yet: the multi-process front end is not measured)"
     fi

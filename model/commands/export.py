@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -51,7 +52,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--opset", type=int, default=23, help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23"
     )
+    export.add_argument(
+        "--name",
+        default=None,
+        help="the name the service serves the model under (default: its architecture), e.g. for a fine-tune",
+    )
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
+    export.add_argument(
+        "--golden",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="IMAGE",
+        help="images whose top-1 (from the exported file) a server checks before a new version takes traffic",
+    )
     export.add_argument(
         "--external-data-threshold-mb",
         type=float,
@@ -59,9 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="weights above this many MiB go to <output>.data (default 2000; protobuf's limit is 2 GiB)",
     )
     _add_checkpoint_options(export)
-    from service.core.model_spec import add_spec_arguments
-
-    add_spec_arguments(export, skip=("--image-size",))  # --from-onnx: --mean, --labels ... as for `serve`
+    _add_description_options(export)
     export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     export.set_defaults(func=run_export)
 
@@ -76,6 +88,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_options(verify)
     verify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     verify.set_defaults(func=run_verify)
+
+
+def _add_description_options(parser: argparse.ArgumentParser) -> None:
+    """--mean, --labels ... for --from-onnx, the fields `vitserve serve` takes (--image-size is shared above)."""
+    from service.core.spec import SPEC_FIELDS, flag_name
+
+    group = parser.add_argument_group("model description for --from-onnx (as for `vitserve serve`)")
+    for name, help_text in SPEC_FIELDS.items():
+        if name != "image_size":
+            group.add_argument(flag_name(name), dest=name, default=None, help=help_text)
 
 
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +116,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"vitserve export: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.from_onnx:
-        return run_from_onnx(args, external_data_threshold_bytes=external_data_threshold_bytes(args))
+        code = run_from_onnx(args, external_data_threshold_bytes=external_data_threshold_bytes(args))
+        return code if code else _write_golden(args)
     from model.export import ExportError, export_checkpoint
     from model.verify import ExportFileError, VerificationFailed, format_summary, inspect_export
 
@@ -111,6 +134,7 @@ def run_export(args: argparse.Namespace) -> int:
             external_data_threshold_bytes=external_data_threshold_bytes(args),
             verify=args.verify,
             progress=args.progress,
+            name=args.name or "",
         )
     except VerificationFailed as exc:
         print(format_summary(exc.report.info, exc.report))
@@ -123,6 +147,20 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"vitserve export: error: {_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_summary(report.info if report else inspect_export(result.path), report))
+    return _write_golden(args)
+
+
+def _write_golden(args: argparse.Namespace) -> int:
+    if not args.golden:
+        return 0
+    from model.golden import GoldenError, add_golden_images
+
+    try:
+        entries = add_golden_images(args.output, args.golden)
+    except GoldenError as exc:
+        print(f"vitserve export: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("golden images: " + ", ".join(f"{e['name']} -> class {e['top1']}" for e in entries))
     return 0
 
 

@@ -8,6 +8,8 @@ bad parameters) are 400.
 
 from __future__ import annotations
 
+import errno
+
 
 class ServiceError(Exception):
     """Base class: an HTTP status, a short snake_case code and a human-readable message.
@@ -52,6 +54,13 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The client sent its request too slowly (headers or body past their timeout); the connection closes."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     code = "unsupported_media_type"
@@ -91,6 +100,24 @@ class ClientClosedRequest(ServiceError):
 
     status_code = 499
     code = "client_closed_request"
+
+
+class StorageFull(_RetryLater):
+    """The data directory's disk is full (or over quota): nothing was lost, retry once space is freed."""
+
+    status_code = 507
+    code = "storage_full"
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL (not imported here: this module stays free of I/O libraries)
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """True for a write that failed for want of space: ENOSPC/EDQUOT, or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return True
+    return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
 
 
 class InferenceFailed(ServiceError):

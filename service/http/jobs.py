@@ -21,9 +21,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from service.core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.core.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    StorageFull,
+    UnsupportedMediaType,
+    is_storage_full,
+)
+from service.core.image_files import describe_suffixes
+from service.core.settings import Settings
 from service.http.deps import media_type as request_media_type
 from service.http.deps import service_state
+from service.http.json_body import JsonBounds, parse_json
 from service.scoring.job_runner import JobRunner, job_dir
 from service.scoring.job_store import CANCELLED, JobRecord
 from service.scoring.rows import csv_fields, csv_header
@@ -55,26 +65,78 @@ MANIFEST_TYPES = frozenset(
     {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/x-jsonlines", "text/plain"}
 )
 _RESULTS_PAGE = 1000
+_WRITE_CHUNK = 1 << 20  # upload bytes gathered before each write (done in a worker thread)
 
 
 def _runner(request: Request) -> JobRunner:
     return service_state(request).jobs
 
 
-def _limits(request: Request) -> ArchiveLimits:
-    s = service_state(request).settings
+def _limits(settings: Settings) -> ArchiveLimits:
     return ArchiveLimits(
-        max_members=s.max_job_images,
-        max_member_bytes=s.max_image_file_bytes,
-        max_total_bytes=s.max_archive_bytes,
-        max_ratio=s.max_archive_ratio,
+        max_members=settings.max_job_images,
+        max_member_bytes=settings.max_image_file_bytes,
+        max_total_bytes=settings.max_archive_bytes,
+        max_ratio=settings.max_archive_ratio,
+        max_entries=settings.max_archive_entries,
     )
 
 
+def _input_kind(request: Request, settings: Settings) -> str:
+    """ "archive", "multipart", "lines" or "json", refusing what is not allowed before the body is read."""
+    media_type = request_media_type(request)
+    if media_type in ARCHIVE_TYPES:
+        return "archive"
+    if media_type == "multipart/form-data":
+        return "multipart"
+    if media_type not in MANIFEST_TYPES and media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'!r} is not supported; send a zip or tar "
+            "(application/zip, application/x-tar, application/gzip), a manifest "
+            '(application/x-ndjson), JSON {"paths": [...]}, or multipart/form-data'
+        )
+    _check_manifests_allowed(settings)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_manifest_bytes:
+        raise _manifest_too_large(settings, int(declared))
+    return "json" if media_type == "application/json" else "lines"
+
+
+def _check_manifests_allowed(settings: Settings) -> None:
+    if settings.job_root is None:
+        raise Forbidden("manifest jobs are disabled on this server (VITSERVE_JOB_ROOT is not set)")
+
+
+def _manifest_too_large(settings: Settings, size: int | None = None) -> PayloadTooLarge:
+    what = f"of {size} bytes " if size is not None else ""
+    return PayloadTooLarge(
+        f"manifest {what}is over the limit of {settings.max_manifest_bytes} bytes (max_manifest_bytes)"
+    )
+
+
+async def _read_capped(request: Request, limit: int, settings: Settings) -> bytes:
+    """The body, refused as soon as it passes ``limit`` bytes (a manifest never gets the upload limit)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _manifest_too_large(settings)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _save_body(request: Request, target: Path) -> None:
+    """Stream the body to ``target`` (the middleware stops it at max_job_upload_bytes); writes off the loop."""
+    pending, size = [], 0
     with open(target, "wb") as out:
-        async for chunk in request.stream():  # the middleware counts bytes against max_job_upload_bytes
-            out.write(chunk)
+        async for chunk in request.stream():
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _WRITE_CHUNK:
+                await asyncio.to_thread(out.write, b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            await asyncio.to_thread(out.write, b"".join(pending))
 
 
 def _archive_items(upload: Path, dest: Path, limits: ArchiveLimits) -> tuple[str, list[tuple[str, str]]]:
@@ -86,54 +148,55 @@ def _archive_items(upload: Path, dest: Path, limits: ArchiveLimits) -> tuple[str
     return kind, [(name, str(dest.joinpath(*name.split("/")))) for name in names]
 
 
-def _manifest_items(paths: list[str], root: Path | None, max_images: int) -> list[tuple[str, str]]:
-    if root is None:
-        raise Forbidden("manifest jobs are disabled on this server (VITSERVE_JOB_ROOT is not set)")
-    if len(paths) > max_images:
-        raise PayloadTooLarge(f"manifest lists {len(paths)} images; the limit is {max_images} (max_job_images)")
+def _manifest_items(body: bytes, kind: str, settings: Settings) -> list[tuple[str, str]]:
+    """(path, where it is) per manifest line or JSON path: parsed and checked in a worker thread."""
+    root = settings.job_root
+    assert root is not None  # _check_manifests_allowed ran first
+    if kind == "json":
+        bounds = JsonBounds(max_objects=4096, max_arrays=4096, max_values=settings.max_job_images + 16)
+        document = parse_json(body, bounds, "JSON manifest")
+        if not isinstance(document, dict) or not isinstance(document.get("paths"), list):
+            raise BadRequest('JSON body must be {"paths": ["relative/or/absolute/path.jpg", ...]}')
+        paths = manifest_paths(json.dumps(p) for p in document["paths"])
+    else:
+        paths = manifest_paths(body.splitlines())
+    if len(paths) > settings.max_job_images:
+        raise PayloadTooLarge(
+            f"manifest lists {len(paths)} images; the limit is {settings.max_job_images} (max_job_images)"
+        )
     return [(path, str(resolve_under_root(path, root))) for path in paths]
 
 
-async def _read_input(request: Request, workdir: Path) -> tuple[str, list[tuple[str, str]]]:
+async def _read_input(
+    request: Request, settings: Settings, kind: str, workdir: Path
+) -> tuple[str, list[tuple[str, str]]]:
     """The request's images as (kind, [(reported path, file on this host)])."""
-    settings = service_state(request).settings
-    media_type = request_media_type(request)
+    if kind in ("lines", "json"):
+        body = await _read_capped(request, settings.max_manifest_bytes, settings)
+        return "manifest", await asyncio.to_thread(_manifest_items, body, kind, settings)
+    await asyncio.to_thread(workdir.mkdir, parents=True)
     upload = workdir / "upload"
-    if media_type in ARCHIVE_TYPES:
+    if kind == "archive":
         await _save_body(request, upload)
-        return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(request))
-    if media_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
+        return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(settings))
+    form = await request.form(max_files=1, max_fields=8)
+    try:
         field = form.get("file") or form.get("manifest")
         if not isinstance(field, UploadFile):
             raise BadRequest("multipart body needs a file field 'file' (a zip or tar) or 'manifest' (JSON lines)")
         if "manifest" in form:
-            lines = (await field.read()).splitlines()
-            paths = manifest_paths(lines)
-            return "manifest", await asyncio.to_thread(
-                _manifest_items, paths, settings.job_root, settings.max_job_images
-            )
+            _check_manifests_allowed(settings)
+            if field.size is not None and field.size > settings.max_manifest_bytes:
+                raise _manifest_too_large(settings, field.size)
+            body = await field.read(settings.max_manifest_bytes + 1)
+            if len(body) > settings.max_manifest_bytes:
+                raise _manifest_too_large(settings)
+            return "manifest", await asyncio.to_thread(_manifest_items, body, "lines", settings)
         with open(upload, "wb") as out:
-            await asyncio.to_thread(shutil.copyfileobj, field.file, out, 1 << 20)
-        return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(request))
-    if media_type in MANIFEST_TYPES or media_type == "application/json":
-        body = await request.body()
-        if media_type == "application/json":
-            try:
-                document = json.loads(body)
-            except ValueError as exc:
-                raise BadRequest(f"malformed JSON body: {exc}") from None
-            if not isinstance(document, dict) or not isinstance(document.get("paths"), list):
-                raise BadRequest('JSON body must be {"paths": ["relative/or/absolute/path.jpg", ...]}')
-            paths = manifest_paths(json.dumps(p) for p in document["paths"])
-        else:
-            paths = manifest_paths(body.splitlines())
-        return "manifest", await asyncio.to_thread(_manifest_items, paths, settings.job_root, settings.max_job_images)
-    raise UnsupportedMediaType(
-        f"Content-Type {media_type or '(none)'!r} is not supported; send a zip or tar "
-        "(application/zip, application/x-tar, application/gzip), a manifest "
-        '(application/x-ndjson), JSON {"paths": [...]}, or multipart/form-data'
-    )
+            await asyncio.to_thread(shutil.copyfileobj, field.file, out, _WRITE_CHUNK)
+    finally:
+        await form.close()
+    return await asyncio.to_thread(_archive_items, upload, workdir / "files", _limits(settings))
 
 
 def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
@@ -153,6 +216,7 @@ def _describe(runner: JobRunner, job: JobRecord) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "error": job.error,
+        "paused": runner.paused.get(job.id),  # why it waits (e.g. storage full), while it does
         "results": f"/v1/jobs/{job.id}/results",
     }
 
@@ -179,31 +243,37 @@ async def create_job(
     version: int | None = Query(None, ge=1, description="its version; default: the one serving now"),
 ):
     state = service_state(request)
+    settings = state.settings
     # The job is pinned to the version serving now: a later swap does not change its answers.
     lane = state.models.resolve(model, version)
-    if not 1 <= top_k <= state.settings.max_top_k:
-        raise BadRequest(f"top_k must be between 1 and {state.settings.max_top_k}, got {top_k}")
+    if not 1 <= top_k <= settings.max_top_k:
+        raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
+    kind = _input_kind(request, settings)  # 415 / 403 / 413 before a byte of the body is read
     runner = _runner(request)
     job_id = uuid.uuid4().hex
-    workdir = job_dir(state.settings, job_id)
-    workdir.mkdir(parents=True)
+    workdir = job_dir(settings, job_id)
     try:
-        kind, items = await _read_input(request, workdir)
+        source, items = await _read_input(request, settings, kind, workdir)
         if not items:
-            raise BadRequest(
-                "the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, .tif, .tiff)"
-            )
-        if len(items) > state.settings.max_job_images:
-            raise PayloadTooLarge(f"{len(items)} images; the limit is {state.settings.max_job_images}")
+            raise BadRequest(f"the job has no images (image files end in {describe_suffixes()})")
+        if len(items) > settings.max_job_images:
+            raise PayloadTooLarge(f"{len(items)} images; the limit is {settings.max_job_images}")
         job = await asyncio.to_thread(
             runner.store.create_job,
             job_id,
-            kind=kind,
+            kind=source,
             top_k=min(top_k, lane.metadata.num_classes),
             model=lane.name,
             model_version=lane.version,
             items=items,
         )
+    except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if is_storage_full(exc):
+            raise StorageFull(
+                "the disk is full: the upload could not be stored; retry later", retry_after_s=30
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

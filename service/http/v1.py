@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import time
 from typing import Any
 
@@ -17,9 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.http.deps import ReadyState, State, client_gone, media_type
+from service.http.json_body import JsonBounds, parse_json_off_loop
 from service.runtime.postprocess import top_k as top_k_of
 from service.serving.cache import image_digest
-from service.serving.inference import classify_bytes
+from service.serving.inference import classify_bytes, request_decodes
 from service.serving.registry import ModelLane, VersionState
 from service.serving.state import ServiceState
 
@@ -57,7 +57,7 @@ class TimingMs(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model: str = Field(description="the served model's architecture name")
+    model: str = Field(description="the served model's name (--name, else its architecture)")
     predictions: list[Prediction]
     timing_ms: TimingMs
 
@@ -253,6 +253,13 @@ def _decode_base64(value: Any, item_id: str) -> bytes:
         raise BadRequest(f"image {item_id!r}: invalid base64 ({exc})") from None
 
 
+def _batch_json_bounds(max_images: int) -> JsonBounds:
+    # {"images": [{"id": ..., "data": ...}, ...], "top_k": k}: one object and two values per image; the
+    # bounds allow twice the images (so "too many images" gets its exact message) and brackets and
+    # commas inside ids and data: URLs.
+    return JsonBounds(max_objects=4 * max_images + 16, max_arrays=2 * max_images + 16, max_values=16 * max_images + 64)
+
+
 async def _batch_inputs(
     request: Request, state: ServiceState
 ) -> tuple[list[tuple[str, bytes | ServiceError]], int | None]:
@@ -281,10 +288,7 @@ async def _batch_inputs(
             f"Content-Type {content_type or '(none)'!r} is not supported here; send "
             "multipart/form-data with 'files' or application/json with 'images'"
         )
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from None
+    body = await parse_json_off_loop(await request.body(), _batch_json_bounds(limit), "JSON body")
     if not isinstance(body, dict) or not isinstance(body.get("images"), list) or not body["images"]:
         raise BadRequest('JSON body must be {"images": [{"id": str, "data": base64}, ...], "top_k": int}')
     images = body["images"]
@@ -348,6 +352,7 @@ async def _classify_batch(
         items, json_top_k = await _batch_inputs(request, state)
         k = _check_top_k(state, lane, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
         gone = client_gone(request)
+        decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all the images
 
         async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
             if isinstance(data, ServiceError):
@@ -357,7 +362,9 @@ async def _classify_batch(
             if cached is not None:
                 return {"id": item_id, "predictions": cached}, None
             try:
-                logits, timing = await classify_bytes(state, data, deadline=deadline, client_gone=gone, lane=lane)
+                logits, timing = await classify_bytes(
+                    state, data, deadline=deadline, client_gone=gone, lane=lane, decodes=decodes
+                )
             except ServiceError as exc:
                 return {"id": item_id, "error": exc.to_dict()}, None
             predictions = top_k_of(logits, lane.metadata.labels, k)

@@ -25,20 +25,43 @@ reduction. For 224-pixel models that means JPEGs with a short side >= 992 px; sm
 upscaled to 1-6 Mpx: mean |diff| 0.002-0.008 and max |diff| <= 0.7 in normalised units (a few
 pixels on sharp edges) against the full decode, for 3-13x faster decoding. ``jpeg_draft=False``
 turns it off for strict parity.
+
+Only the allowed formats are opened, and nothing is decoded before every block the decoder will
+allocate has been checked against the pixel limit (service/runtime/decode_guards.py). Decoding
+is split so that callers can count and gate it: ``open_image`` (headers only) returns the image
+and the pixels its decode will touch, ``decode_opened`` decodes it; ``load_pixels`` and
+``decode_image`` take an ``admit`` hook entered between the two (service/runtime/decode_limits.py).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.core.errors import InvalidImage
+from service.core.image_formats import DEFAULT_FORMATS, describe
 from service.core.metadata import Preprocessing
+from service.runtime.decode_guards import (
+    check_before_open,
+    opened_format_allowed,
+    pixels_to_decode,
+    refused_format_name,
+)
+
+# Our own limits (decode_guards) are the ones that count; Pillow's global one only warns. Set once
+# here: warnings.catch_warnings() per decode would race between the pre-processing threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# Entered with the pixel count of a checked, not yet decoded image; held while it is decoded.
+Admit = Callable[[int], AbstractContextManager]
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -53,50 +76,85 @@ _MAX_RESIZED_AREA_FACTOR = 16
 _DRAFT_MARGIN = 2
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
-    """Decode bytes into an 8-bit RGB image, upright, first frame, alpha composited on white.
+def open_image(
+    data: bytes, *, max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS, min_short_side: int | None = None
+) -> tuple[Image.Image, int]:
+    """Open ``data`` (headers only: no pixel decoded yet) and check it; returns it and what it will cost.
 
     Args:
         data: the encoded image.
-        max_pixels: width x height limit, checked from the header before decoding.
+        max_pixels: the limit every block the decoder allocates is checked against (decode_guards).
+        formats: the formats that may be opened (Pillow's names); any other is InvalidImage.
         min_short_side: if given, a JPEG may be decoded in draft mode (downscaled by a power of
             two in the DCT domain) as long as its short side stays >= this.
 
-    Raises InvalidImage (naming the problem) for empty input, non-images, truncated files and
-    images with more than ``max_pixels`` pixels.
+    Returns (image, pixels): ``pixels`` is what decoding it will allocate (draft applied).
+    Raises InvalidImage (naming the problem) for empty input, non-images, formats not allowed,
+    and images with a block over ``max_pixels``.
     """
     if not data:
         raise InvalidImage("empty body: expected image bytes")
+    with _as_invalid_image(formats, data):
+        check_before_open(data, formats, max_pixels)
+        image = Image.open(io.BytesIO(data), formats=formats)
+        if not opened_format_allowed(image.format, formats):
+            raise InvalidImage(f"image format {image.format} is not accepted ({_accepted(formats)})")
+        pixels_to_decode(image, max_pixels)
+        image.seek(0)  # animations (GIF, APNG, WebP): the first frame
+        width, height = image.size
+        if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
+            k = min_short_side / min(width, height)
+            image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
+        return image, pixels_to_decode(image, max_pixels)
+
+
+def decode_opened(image: Image.Image, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
+    """Decode an image from ``open_image`` into 8-bit RGB, upright, alpha composited on white."""
+    with _as_invalid_image(formats):
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no second copy of a large image
+        return to_rgb(image)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_short_side: int | None = None,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+    admit: Admit | None = None,
+) -> Image.Image:
+    """Decode bytes into an 8-bit RGB image, upright, first frame, alpha composited on white.
+
+    Arguments as ``open_image``; ``admit(pixels)`` (if given) is entered after every check and
+    before any pixel is decoded, and left when the decode is done (service.runtime.decode_limits).
+    """
+    image, pixels = open_image(data, max_pixels=max_pixels, formats=formats, min_short_side=min_short_side)
+    with admit(pixels) if admit is not None else nullcontext():
+        return decode_opened(image, formats)
+
+
+def _accepted(formats: tuple[str, ...]) -> str:
+    return "this server decodes " + describe(formats)
+
+
+@contextmanager
+def _as_invalid_image(formats: tuple[str, ...], data: bytes = b"") -> Iterator[None]:
+    """Pillow's many ways of saying "bad file" -> InvalidImage naming the problem."""
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below is the one that counts; Pillow's global one only warns.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidImage(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels"
-                )
-            if width < 1 or height < 1:
-                raise InvalidImage(f"image has no pixels ({width}x{height})")
-            image.seek(0)  # animations (GIF, APNG, WebP): the first frame
-            if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
-                k = min_short_side / min(width, height)
-                image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
-            image.load()
-            image = ImageOps.exif_transpose(image)
+        yield
     except InvalidImage:
         raise
     except UnidentifiedImageError:
-        raise InvalidImage(
-            "not an image: the bytes are not in any format this server decodes (JPEG, PNG, WebP, GIF, BMP, TIFF)"
-        ) from None
+        refused = refused_format_name(data)
+        if refused is not None and refused not in formats:
+            raise InvalidImage(f"image format {refused} is not accepted ({_accepted(formats)})") from None
+        raise InvalidImage(f"not an image: the bytes are in no format {_accepted(formats)}") from None
     except Image.DecompressionBombError as exc:
         raise InvalidImage(f"image over the pixel limit: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated ...").
         raise InvalidImage(f"cannot decode image: {exc}") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -172,10 +230,21 @@ def preprocess(image: Image.Image, p: Preprocessing) -> np.ndarray:
     return normalise(resize_and_crop(image, p), p)
 
 
-def load_pixels(data: bytes, p: Preprocessing, *, max_pixels: int, jpeg_draft: bool = False) -> np.ndarray:
+def load_pixels(
+    data: bytes,
+    p: Preprocessing,
+    *,
+    max_pixels: int,
+    jpeg_draft: bool = False,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+    admit: Admit | None = None,
+) -> np.ndarray:
     """Image bytes -> (3, image_size, image_size) float32 model input; InvalidImage on bad input.
 
     ``jpeg_draft`` allows draft decoding of large JPEGs (see the module docstring); off = exact.
+    ``formats`` and ``admit`` as in ``decode_image``; the admission is held until the array is built.
     """
     min_short_side = _DRAFT_MARGIN * p.resize_size if jpeg_draft else None
-    return preprocess(decode_image(data, max_pixels=max_pixels, min_short_side=min_short_side), p)
+    image, pixels = open_image(data, max_pixels=max_pixels, formats=formats, min_short_side=min_short_side)
+    with admit(pixels) if admit is not None else nullcontext():
+        return preprocess(decode_opened(image, formats), p)

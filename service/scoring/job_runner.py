@@ -7,6 +7,8 @@ decoding never queues in front of online requests in the online pre-processing p
 pixels with ``batcher.submit_low`` (the engine serves jobs only while online traffic is quiet),
 and writes results to the store in small transactions. Result writes are idempotent, so an
 image in flight when the process dies is scored again after the restart and recorded once.
+A full disk pauses the job (StorageFull): nothing is marked failed, the unrecorded images stay
+pending, and the job resumes by itself once writes succeed again.
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from service.core.errors import InferenceFailed, NotFound, NotReady, Overloaded, ServiceError
+from service.core.errors import InferenceFailed, NotFound, NotReady, Overloaded, ServiceError, StorageFull
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
-from service.runtime.batcher import Batcher
+from service.runtime.batch_queue import BatchQueue
+from service.runtime.decode_limits import PixelGate
 from service.runtime.preprocess import load_pixels
 from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
 from service.scoring.rows import error_row, prediction_row
-from service.scoring.sources import Forbidden, read_limited, resolve_under_root
+from service.scoring.sources import Forbidden, read_limited, read_under_root
 
 log = logging.getLogger("vitserve.jobs")
 
@@ -39,11 +42,24 @@ DB_NAME = "jobs.sqlite3"
 _PAGE = 512  # pending items fetched from the store at a time
 _FLUSH_ITEMS = 64  # results per store transaction...
 _FLUSH_S = 0.25  # ...or at least this often
+STORAGE_RETRY_S = 2.0  # a job paused by a full disk tries again this often
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     """Where a job's upload and extracted files live (removed once the job is finished)."""
     return settings.data_dir / "jobs" / job_id
+
+
+def job_throughput(job: JobRecord, rate_start: tuple[float, int] | None) -> float | None:
+    """Images per second of ``job``: since ``rate_start`` (monotonic, processed) while it runs, else
+    over its whole run once finished; None before it started."""
+    if rate_start is not None and not job.finished:
+        started, processed = rate_start
+        elapsed = time.monotonic() - started
+        return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
+    if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
+        return job.processed / (job.finished_at - job.started_at)
+    return None
 
 
 class ScoringLane(Protocol):
@@ -53,7 +69,7 @@ class ScoringLane(Protocol):
     def metadata(self) -> ModelMetadata: ...
 
     @property
-    def batcher(self) -> Batcher: ...
+    def batcher(self) -> BatchQueue: ...
 
 
 class LaneProvider(Protocol):
@@ -70,6 +86,7 @@ class JobRunner:
         lanes: the loaded model versions; a job holds its version until it ends.
         is_ready: True once the engine has warmed up; jobs wait for it.
         decode_threads: threads decoding job images.
+        decode_gate: the process-wide PixelGate job decodes share with online ones, or None.
     """
 
     def __init__(
@@ -79,10 +96,12 @@ class JobRunner:
         *,
         is_ready: Callable[[], bool],
         decode_threads: int,
+        decode_gate: PixelGate | None = None,
     ) -> None:
         self.settings = settings
         self.lanes = lanes
         self.is_ready = is_ready
+        self.decode_gate = decode_gate
         self.max_in_flight = settings.job_max_in_flight or 2 * settings.max_batch_size
         self._decode_pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="vitserve-job-decode")
         self._store: JobStore | None = None
@@ -90,6 +109,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._cancelled: set[str] = set()
         self._rate_start: dict[str, tuple[float, int]] = {}  # job id -> (monotonic, processed) when this run began
+        self.paused: dict[str, str] = {}  # job id -> why it waits (storage full), until it runs again
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -107,6 +127,7 @@ class JobRunner:
         if self.db_path.exists():
             await asyncio.to_thread(lambda: self.store)
             self._wake.set()  # unfinished jobs from before the restart
+        await asyncio.to_thread(self.remove_orphan_folders)
         self._task = asyncio.create_task(self._main(), name="vitserve-jobs")
 
     async def stop(self) -> None:
@@ -117,10 +138,36 @@ class JobRunner:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        # Not waiting: a decode already running finishes on its own; nothing reads its result.
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def remove_orphan_folders(self) -> int:
+        """Remove the job folders that no unfinished job owns; returns how many.
+
+        Run at start-up, before any upload is accepted: a folder left by an upload cut short by
+        SIGKILL (or a crash before a finished job's clean-up) belongs to nothing and would stay
+        for ever. One process per data dir is assumed (a second one starting would remove the
+        first one's uploads in progress).
+        """
+        jobs = self.settings.data_dir / "jobs"
+        if not jobs.is_dir():
+            return 0
+        keep = {job.id for job in self.store.unfinished_jobs()} if self.db_path.exists() else set()
+        removed = 0
+        for folder in jobs.iterdir():
+            if folder.name in keep:
+                continue
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("removed %d orphan job folder(s) from %s", removed, jobs)
+        return removed
 
     def notify(self) -> None:
         """A job was submitted."""
@@ -136,13 +183,12 @@ class JobRunner:
 
     def images_per_second(self, job: JobRecord) -> float | None:
         """Throughput of the job since this process started it (None before it started)."""
-        if job.id in self._rate_start and not job.finished:
-            started, processed = self._rate_start[job.id]
-            elapsed = time.monotonic() - started
-            return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
-        if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
-            return job.processed / (job.finished_at - job.started_at)
-        return None
+        return job_throughput(job, self._rate_start.get(job.id))
+
+    @property
+    def rate_starts(self) -> dict[str, tuple[float, int]]:
+        """Running jobs: job id -> (time.monotonic(), images processed) when this process started it."""
+        return dict(self._rate_start)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _main(self) -> None:
@@ -151,7 +197,9 @@ class JobRunner:
         while True:
             self._wake.clear()
             try:
-                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+                # The database may have been created by another process (a front-end worker) since.
+                has_store = self._store is not None or self.db_path.exists()
+                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if has_store else []
             except Exception:  # noqa: BLE001 - e.g. a full disk: keep the service up, try again
                 log.exception("cannot read the jobs database %s; retrying in 5 s", self.db_path)
                 await asyncio.sleep(5)
@@ -166,6 +214,13 @@ class JobRunner:
                     raise
                 except NotReady:
                     return  # shutting down: what is pending stays pending for the next start
+                except StorageFull as exc:
+                    # Nothing is lost (the failed transaction rolled back; its images stay pending):
+                    # wait for space, then go through the unfinished jobs again.
+                    self.paused[job.id] = exc.message
+                    log.warning("job %s paused: %s; retrying in %.0f s", job.id, exc.message, STORAGE_RETRY_S)
+                    await asyncio.sleep(STORAGE_RETRY_S)
+                    break
                 except Exception as exc:  # noqa: BLE001 - one broken job must not stop the others
                     log.exception("job %s failed", job.id)
                     await asyncio.to_thread(self.store.finish, job.id, FAILED, f"{type(exc).__name__}: {exc}")
@@ -199,7 +254,8 @@ class JobRunner:
 
     async def _run_leased(self, job: JobRecord, lane: ScoringLane) -> None:
         store = self.store
-        await asyncio.to_thread(store.mark_running, job.id)
+        await asyncio.to_thread(store.mark_running, job.id)  # a write: StorageFull here pauses the job
+        self.paused.pop(job.id, None)
         self._rate_start[job.id] = (time.monotonic(), job.processed)
         log.info("job %s: scoring %d of %d images", job.id, job.total - job.processed, job.total)
         slots = asyncio.Semaphore(self.max_in_flight)
@@ -265,7 +321,10 @@ class JobRunner:
             for task in tasks:
                 task.cancel()
             if buffer:
-                store.record_results(job.id, buffer)  # keep what was scored; a plain blocking write here
+                try:
+                    store.record_results(job.id, buffer)  # keep what was scored; a plain blocking write here
+                except StorageFull:
+                    pass  # those images stay pending and are scored again when the job resumes
             raise
         if job.id in self._cancelled:
             log.info("job %s cancelled", job.id)
@@ -304,11 +363,21 @@ class JobRunner:
         if kind == "manifest":
             if settings.job_root is None:
                 raise Forbidden("manifest jobs are disabled (VITSERVE_JOB_ROOT is not set)")
-            path = resolve_under_root(file, settings.job_root)  # again: a symlink may have been swapped in
+            # Opened beneath the root, component by component: a symlink swapped in since the job was
+            # submitted (or while this very file is opened) is refused, and only regular files are read.
+            data = read_under_root(file, settings.job_root, settings.max_image_file_bytes)
         else:
-            path = Path(file)
-        data = read_limited(path, settings.max_image_file_bytes)
-        return load_pixels(data, metadata.preprocessing, max_pixels=settings.max_image_pixels)
+            data = read_limited(Path(file), settings.max_image_file_bytes, follow_symlinks=False)
+        return load_pixels(
+            data,
+            metadata.preprocessing,
+            max_pixels=settings.max_image_pixels,
+            formats=settings.decode_formats(),
+            admit=self._admit,
+        )
+
+    def _admit(self, pixels: int) -> AbstractContextManager:
+        return self.decode_gate.hold(pixels) if self.decode_gate is not None else nullcontext()
 
     def _cleanup(self, job_id: str) -> None:
         """Remove a finished job's upload and extracted files; its results live in the store."""

@@ -9,6 +9,8 @@ exactly once and the counters always equal the rows.
 
 WAL with synchronous=NORMAL survives a killed process (SIGKILL) with every committed
 transaction; a power cut may lose the last few, which are then simply scored again.
+A full disk makes a write raise ``StorageFull`` (507): the transaction is rolled back whole, the
+file stays intact, and the same write succeeds once there is space again.
 Methods are blocking and thread-safe (one connection behind a lock); async code calls them
 through ``asyncio.to_thread``.
 """
@@ -19,9 +21,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from service.core.errors import StorageFull, is_storage_full
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 FINISHED_STATES = frozenset({DONE, CANCELLED, FAILED})
@@ -105,16 +110,45 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "model_version" not in columns:  # a database made before models had versions
-            self._db.execute("ALTER TABLE jobs ADD COLUMN model_version INTEGER")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "model_version" not in columns:  # a database made before models had versions
+                self._db.execute("ALTER TABLE jobs ADD COLUMN model_version INTEGER")
+        except sqlite3.Error as exc:
+            self._db.close()
+            if is_storage_full(exc):
+                raise StorageFull(f"cannot create the jobs database {self.path.name}: the disk is full") from None
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction under the lock; a full disk is StorageFull, and the database is left as it was.
+
+        SQLite may already have rolled back on its own (SQLITE_FULL does): a second ROLLBACK would
+        raise "no transaction is active" and hide the real error, so it is only sent when one is open.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if is_storage_full(exc):
+                    raise StorageFull(
+                        f"storage full: the jobs database could not be written ({exc}); "
+                        "nothing was lost, retry once there is space",
+                        retry_after_s=30,
+                    ) from None
+                raise
 
     # -- jobs --------------------------------------------------------------------------------
     def create_job(
@@ -128,22 +162,16 @@ class JobStore:
         model_version: int | None = None,
     ) -> JobRecord:
         """Insert a queued job and its items ((path, file) in scoring order) in one transaction."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO jobs (id, state, kind, top_k, model, model_version, total, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, kind, top_k, model, model_version, len(items), time.time()),
-                )
-                self._db.executemany(
-                    "INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",
-                    ((job_id, seq, path, file) for seq, (path, file) in enumerate(items)),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO jobs (id, state, kind, top_k, model, model_version, total, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, kind, top_k, model, model_version, len(items), time.time()),
+            )
+            self._db.executemany(
+                "INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",
+                ((job_id, seq, path, file) for seq, (path, file) in enumerate(items)),
+            )
         record = self.get_job(job_id)
         assert record is not None
         return record
@@ -161,8 +189,23 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*row) for row in rows]
 
-    def mark_running(self, job_id: str) -> None:
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{"jobs": {state: n}, "images": {"scored", "failed", "pending": n}} over every job held."""
         with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*), SUM(scored), SUM(failed), SUM(total) FROM jobs GROUP BY state"
+            ).fetchall()
+        jobs = {state: n for state, n, _, _, _ in rows}
+        images = {
+            "scored": sum(s for _, _, s, _, _ in rows),
+            "failed": sum(f for _, _, _, f, _ in rows),
+            # Only unfinished jobs still have images to score: a cancelled job's rest never will be.
+            "pending": sum(t - s - f for state, _, s, f, t in rows if state not in FINISHED_STATES),
+        }
+        return {"jobs": jobs, "images": images}
+
+    def mark_running(self, job_id: str) -> None:
+        with self._transaction():
             self._db.execute(
                 "UPDATE jobs SET state = ?, started_at = COALESCE(started_at, ?) WHERE id = ? AND state IN (?, ?)",
                 (RUNNING, time.time(), job_id, QUEUED, RUNNING),
@@ -171,7 +214,7 @@ class JobStore:
     def finish(self, job_id: str, state: str = DONE, error: str | None = None) -> bool:
         """Move an unfinished job to a final state; False when it had already finished (e.g. cancelled)."""
         assert state in FINISHED_STATES
-        with self._lock:
+        with self._transaction():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state IN (?, ?)",
                 (state, time.time(), error, job_id, QUEUED, RUNNING),
@@ -193,29 +236,23 @@ class JobStore:
         A row with an "error" key counts as failed, any other as scored.
         """
         scored = failed = 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for seq, row in results:
-                    status = ERROR if "error" in row else SCORED
-                    cursor = self._db.execute(
-                        "UPDATE items SET status = ?, result = ? WHERE job_id = ? AND seq = ? AND status = ?",
-                        (status, json.dumps(row, ensure_ascii=False), job_id, seq, PENDING),
-                    )
-                    if cursor.rowcount == 1:
-                        if status == ERROR:
-                            failed += 1
-                        else:
-                            scored += 1
-                if scored or failed:
-                    self._db.execute(
-                        "UPDATE jobs SET scored = scored + ?, failed = failed + ? WHERE id = ?",
-                        (scored, failed, job_id),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            for seq, row in results:
+                status = ERROR if "error" in row else SCORED
+                cursor = self._db.execute(
+                    "UPDATE items SET status = ?, result = ? WHERE job_id = ? AND seq = ? AND status = ?",
+                    (status, json.dumps(row, ensure_ascii=False), job_id, seq, PENDING),
+                )
+                if cursor.rowcount == 1:
+                    if status == ERROR:
+                        failed += 1
+                    else:
+                        scored += 1
+            if scored or failed:
+                self._db.execute(
+                    "UPDATE jobs SET scored = scored + ?, failed = failed + ? WHERE id = ?",
+                    (scored, failed, job_id),
+                )
         return scored + failed
 
     def results(self, job_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:

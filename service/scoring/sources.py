@@ -1,20 +1,24 @@
 """Where a scoring job's images come from: zip/tar archives and manifests of paths, checked for safety.
 
 Archives are untrusted input. Every member name is checked before anything is written:
-absolute names, ``..`` components, backslashes, NUL bytes, symlinks, hard links, devices and
-duplicate names refuse the whole archive (``UnsafeArchive``, 422). Sizes are never trusted from
+absolute names, ``..`` components, backslashes, NUL bytes, names that are not UTF-8 or too long
+for the file system, symlinks, hard links, devices, duplicate names and a name used as both a
+file and a folder refuse the whole archive (``UnsafeArchive``, 422). Sizes are never trusted from
 headers: bytes are counted while they are copied, and extraction stops at the first limit
 crossed (``ArchiveLimits``: member count, bytes per member, total bytes, expansion ratio over
 the archive's own size: the zip-bomb guard) with ``PayloadTooLarge`` (413).
 
-Manifests (JSON lines of paths) name files under the operator's ``job_root``. A path with a
-``..`` component, an absolute path outside the root, or a path whose symlinks resolve outside
-the root is refused with ``Forbidden`` (403); the check is repeated when the file is read, so
-a symlink swapped in after submission is still refused.
+Manifests (one path per line: plain, or a JSON string or ``{"path": ...}`` object) name files
+under the operator's ``job_root``. A path with a ``..`` component, an absolute path outside the
+root, or a path whose symlinks resolve outside the root is refused with ``Forbidden`` (403). When
+the file is read it is opened beneath the root one component at a time
+(service/scoring/safe_open.py), so a symlink swapped in after submission, or during the read, is
+still refused, and only regular files are read.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import lzma
 import os
@@ -29,11 +33,16 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from service.core.errors import BadRequest, PayloadTooLarge, ServiceError
+from service.core.errors import BadRequest, PayloadTooLarge, ServiceError, StorageFull, is_storage_full
+from service.core.image_files import is_image_name
+from service.scoring.safe_open import Forbidden, open_regular, open_under_root, read_descriptor
 
-# Files taken from archives and folders; anything else (READMEs, .DS_Store...) is skipped.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _COPY_CHUNK = 1 << 20
+# Linux's NAME_MAX and a PATH_MAX with room for the job folder the names are extracted under.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 3072
+_NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+_ZIP_MAX_ENTRY_BYTES = 1024  # what one entry may take on average (name + extras) before we refuse
 # What a damaged or unsupported archive raises while it is read: a 400, never a 500. zlib/lzma
 # errors come from garbage in a member's compressed data (zipfile passes them through), and
 # NotImplementedError from zip members with a compression method or encryption zipfile lacks.
@@ -45,14 +54,8 @@ _CORRUPT_ARCHIVE = (
     zlib.error,
     lzma.LZMAError,
     NotImplementedError,
+    UnicodeDecodeError,  # a zip member name flagged UTF-8 that is not
 )
-
-
-class Forbidden(ServiceError):
-    """A manifest path the operator did not allow (outside VITSERVE_JOB_ROOT, ``..``, symlink out)."""
-
-    status_code = 403
-    code = "forbidden"
 
 
 class UnsafeArchive(ServiceError):
@@ -71,18 +74,15 @@ class ArchiveLimits:
         max_member_bytes: largest single image, uncompressed.
         max_total_bytes: most bytes all extracted images may take together.
         max_ratio: most uncompressed bytes per archive byte (zip bombs compress ~1000:1; photos ~1:1).
+        max_entries: most entries of any kind (folders and skipped files too): each costs parsing
+            time, an inode and a database row, whatever its size (100k empty entries fit in 760 KiB).
     """
 
     max_members: int = 1_000_000
     max_member_bytes: int = 64 * 1024 * 1024
     max_total_bytes: int = 16 * 1024**3
     max_ratio: float = 100.0
-
-
-def is_image_name(name: str) -> bool:
-    path = PurePosixPath(name)
-    hidden = any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
-    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES
+    max_entries: int = 50_000
 
 
 def archive_kind(path: Path) -> str | None:
@@ -97,8 +97,11 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def safe_member_name(name: str) -> str:
-    """An archive member name as a clean relative POSIX path, or UnsafeArchive."""
+def safe_member_name(name: str, *, directory: bool = False) -> str:
+    """An archive member name as a clean relative POSIX path, or UnsafeArchive.
+
+    A directory entry may name the archive's own root (``./``, as ``tar -C dir .`` writes): "" then.
+    """
     if not name or "\x00" in name or "\\" in name:
         raise UnsafeArchive(f"archive entry {name!r}: empty name, NUL byte or backslash")
     path = PurePosixPath(name)
@@ -108,8 +111,25 @@ def safe_member_name(name: str) -> str:
         raise UnsafeArchive(f"archive entry {name!r} points outside the archive ('..')")
     clean = str(PurePosixPath(*[p for p in path.parts if p not in ("", ".")])) if path.parts else ""
     if clean in ("", "."):
+        if directory:
+            return ""
         raise UnsafeArchive(f"archive entry {name!r} has no file name")
+    try:
+        encoded = clean.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile keeps undecodable bytes as surrogates
+        raise UnsafeArchive(f"archive entry {name!r}: the name is not valid UTF-8") from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise UnsafeArchive(f"archive entry {_short(name)}: path of {len(encoded)} bytes, over {MAX_PATH_BYTES}")
+    long_part = next((part for part in PurePosixPath(clean).parts if len(part.encode()) > MAX_NAME_BYTES), None)
+    if long_part is not None:
+        raise UnsafeArchive(
+            f"archive entry {_short(name)}: a name of {len(long_part.encode())} bytes, over {MAX_NAME_BYTES}"
+        )
     return clean
+
+
+def _short(name: str) -> str:
+    return repr(name) if len(name) <= 120 else f"{name[:60]!r}...{name[-40:]!r} ({len(name)} characters)"
 
 
 @dataclass
@@ -117,7 +137,13 @@ class _Budget:
     limits: ArchiveLimits
     archive_bytes: int
     members: int = 0
+    entries: int = 0
     total: int = 0
+
+    def admit_entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise PayloadTooLarge(f"archive has more than {self.limits.max_entries} entries (max_archive_entries)")
 
     def admit_member(self, name: str) -> None:
         self.members += 1
@@ -140,14 +166,51 @@ class _Budget:
 _Opener = Callable[[], BinaryIO]
 
 
-def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, _Opener | None]]:
+def _zip_directory_size(path: Path) -> tuple[int, int]:
+    """(entries, central directory bytes) from a zip's end records, read before zipfile parses it all."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_at = max(0, size - (22 + 65535 + 20))
+        f.seek(tail_at)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            raise zipfile.BadZipFile("no end of central directory record")
+        entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+        directory_bytes = int.from_bytes(tail[at + 12 : at + 16], "little")
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if locator >= 0 and (entries == 0xFFFF or directory_bytes == 0xFFFFFFFF):
+            f.seek(int.from_bytes(tail[locator + 8 : locator + 16], "little"))
+            record = f.read(56)
+            if record[:4] != b"PK\x06\x06" or len(record) < 56:
+                raise zipfile.BadZipFile("corrupt zip64 end of central directory record")
+            entries = int.from_bytes(record[32:40], "little")
+            directory_bytes = int.from_bytes(record[40:48], "little")
+    return entries, directory_bytes
+
+
+def _check_zip_directory(path: Path, budget: _Budget) -> None:
+    # zipfile reads the whole central directory into memory first: refuse a huge one before it does.
+    entries, directory_bytes = _zip_directory_size(path)
+    limit = budget.limits.max_entries
+    if entries > limit or directory_bytes > max(limit, 1) * _ZIP_MAX_ENTRY_BYTES:
+        raise PayloadTooLarge(
+            f"archive declares {entries} entries in a {directory_bytes}-byte directory; the limit is "
+            f"{limit} entries (max_archive_entries)"
+        )
+
+
+def _members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str, bool, _Opener | None]]:
     """(raw name, is a directory, opener of its stream) per entry; links and devices raise UnsafeArchive.
 
     A stream must be read before the next entry is taken; entries never opened are skipped cheaply.
+    Every entry counts against ``max_entries``.
     """
     if kind == "zip":
+        _check_zip_directory(path, budget)
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
+                budget.admit_entry()
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     raise UnsafeArchive(f"archive entry {info.filename!r} is a symbolic link")
@@ -161,6 +224,7 @@ def _members(path: Path, kind: str) -> Iterator[tuple[str, bool, _Opener | None]
     # Streaming mode ("r|*"): one pass, never seeks back, works for .tar.gz of any size.
     with tarfile.open(path, "r|*") as archive:
         for member in archive:
+            budget.admit_entry()
             if member.issym() or member.islnk():
                 raise UnsafeArchive(f"archive entry {member.name!r} is a link (to {member.linkname!r})")
             if member.isdir():
@@ -175,16 +239,23 @@ def _image_members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str
     """(checked name, opener) of every image entry, in archive order, before anything is read.
 
     Names are checked even for skipped entries (one bad name refuses the whole archive); a name seen
-    twice is refused; every image counts against the member budget.
+    twice is refused, and so is a name used both as a file and as a folder (``x.png`` and
+    ``x.png/y.png``); every image counts against the member budget.
     """
     seen: set[str] = set()
-    for raw_name, is_dir, stream in _members(path, kind):
-        name = safe_member_name(raw_name)
+    folders: set[str] = set()
+    for raw_name, is_dir, stream in _members(path, kind, budget):
+        name = safe_member_name(raw_name, directory=is_dir)
         if is_dir or not is_image_name(name):
             continue
         if name in seen:
             raise UnsafeArchive(f"archive entry {name!r} appears twice")
+        parents = [str(parent) for parent in PurePosixPath(name).parents if str(parent) != "."]
+        clash = name if name in folders else next((parent for parent in parents if parent in seen), None)
+        if clash is not None:
+            raise UnsafeArchive(f"archive entry {_short(name)}: {clash!r} is both a file and a folder")
         seen.add(name)
+        folders.update(parents)
         budget.admit_member(name)
         assert stream is not None
         yield name, stream
@@ -248,6 +319,15 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
     except _CORRUPT_ARCHIVE as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise BadRequest(f"corrupt archive: {exc}") from None
+    except OSError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if is_storage_full(exc):
+            raise StorageFull(
+                "the disk is full: the archive could not be extracted; retry later", retry_after_s=30
+            ) from None
+        if exc.errno in _NAME_ERRNOS:  # whatever the name checks missed: the archive's fault, not ours
+            raise UnsafeArchive(f"archive entry could not be written ({exc.strerror or exc})") from None
+        raise
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -255,16 +335,28 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
 
 
 def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
-    """Paths from JSON lines: each line a JSON string or an object with "path"; blank lines skipped."""
+    """One path per line, blank lines skipped: a plain path (``a/b.jpg``), or JSON lines, each a
+    string (``"a/b.jpg"``) or an object with "path". A line that starts with ``"`` or ``{`` is JSON."""
     paths = []
     for number, line in enumerate(lines, start=1):
-        text = line.decode("utf-8", errors="strict") if isinstance(line, bytes) else line
+        try:
+            text = line.decode("utf-8", errors="strict") if isinstance(line, bytes) else line
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"manifest line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         if not text.strip():
+            continue
+        if not text.lstrip().startswith(('"', "{")):
+            paths.append(text.strip())  # a plain path; surrounding white space is never part of a name here
             continue
         try:
             value = json.loads(text)
-        except ValueError as exc:
-            raise BadRequest(f"manifest line {number}: not JSON ({exc})") from None
+        except RecursionError:
+            raise BadRequest(f"manifest line {number}: JSON nested too deeply") from None
+        except ValueError as exc:  # bad syntax, or an integer past Python's 4300-digit conversion limit
+            raise BadRequest(
+                f"manifest line {number}: starts like JSON but is not ({exc}); give a plain path or a JSON "
+                'string / {"path": "..."} per line'
+            ) from None
         if isinstance(value, dict):
             value = value.get("path")
         if not isinstance(value, str) or not value:
@@ -288,10 +380,11 @@ def resolve_under_root(path: str, root: Path) -> Path:
     return real
 
 
-def read_limited(path: Path, max_bytes: int) -> bytes:
-    """A file's bytes, refusing files larger than ``max_bytes`` (checked while reading)."""
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(f"{path.name} is larger than {max_bytes} bytes")
-    return data
+def read_limited(path: Path, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+    """A regular file's bytes, refusing larger than ``max_bytes`` (checked while reading), FIFOs and devices."""
+    return read_descriptor(open_regular(path, follow_symlinks=follow_symlinks), path.name, max_bytes)
+
+
+def read_under_root(path: str, root: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` under ``root``, opened without ever leaving the root (safe_open)."""
+    return read_descriptor(open_under_root(path, root), PurePosixPath(path).name, max_bytes)

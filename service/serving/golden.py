@@ -17,9 +17,7 @@ from importlib import resources
 
 import numpy as np
 
-from service.core.metadata import ModelMetadata
-
-GOLDEN_KEY = "golden"  # vitserve.golden in the ONNX metadata: [{"name", "image" (base64), "top1"}]
+from service.core.metadata import GOLDEN_KEY, ModelMetadata
 
 
 class GoldenCheckFailed(RuntimeError):

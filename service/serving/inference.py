@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from functools import partial
 from typing import TypeVar
 
 import numpy as np
 
 from service.core.errors import ClientClosedRequest, ServiceError
-from service.runtime.preprocess import load_pixels
+from service.runtime.decode_limits import RequestDecodes
+from service.runtime.preprocess import Admit, load_pixels
 from service.serving.registry import ModelLane
 from service.serving.state import ServiceState
 
@@ -50,10 +50,53 @@ async def classify_pixels(
 
     ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
     """
+    started = time.perf_counter()
     state.require_ready()
     lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    return await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    timings = {} if timings is None else timings
+    try:
+        logits = await unless_client_leaves(
+            lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone
+        )
+    except ServiceError:
+        lane.stats.observe_failure(time.perf_counter() - started)
+        raise
+    _observe_success(state, lane, started, timings, preprocess_s=None)
+    return logits
+
+
+def _observe_success(
+    state: ServiceState, lane: ModelLane, started: float, stage: dict[str, float], *, preprocess_s: float | None
+) -> None:
+    queue_s = stage.get("queue_ms", 0.0) / 1000.0
+    state.metrics.queue_wait.observe(queue_s)
+    lane.stats.observe_success(
+        time.perf_counter() - started,
+        queue_s=queue_s,
+        preprocess_s=preprocess_s,
+        infer_s=stage.get("inference_ms", 0.0) / 1000.0,
+    )
+
+
+def request_decodes(
+    state: ServiceState, deadline: float, client_gone: asyncio.Future[None] | None = None
+) -> RequestDecodes:
+    """One request's decode share (service/runtime/decode_limits.py): its pixel budget, at most
+    ``max_request_decodes`` of its images in the pool at once, nothing decoded past its deadline or
+    once its client has gone. A request with several images passes one to every ``classify_bytes``."""
+    settings = state.settings
+    decodes = RequestDecodes(
+        pixel_budget=settings.request_pixel_budget(),
+        max_concurrent=settings.request_decode_slots(state.preprocess_threads),
+        deadline=deadline,
+        gate=state.pixel_gate,
+    )
+    if client_gone is not None:
+        client_gone.add_done_callback(
+            lambda _: decodes.stop(ClientClosedRequest("client disconnected; its remaining images were not decoded"))
+        )
+    return decodes
 
 
 async def classify_bytes(
@@ -63,33 +106,41 @@ async def classify_bytes(
     deadline: float | None = None,
     client_gone: asyncio.Future[None] | None = None,
     lane: ModelLane | None = None,
+    decodes: RequestDecodes | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
 
-    Decoding and pre-processing run in the state's thread pool (overlapping inference); the timing
-    dict has ``queue``, ``preprocess``, ``inference`` and ``total`` in milliseconds.
+    Decoding and pre-processing run in the state's thread pool (overlapping inference), within the
+    request's ``decodes`` share (one is made for this image alone when None); the timing dict has
+    ``queue``, ``preprocess``, ``inference`` and ``total`` in milliseconds.
     Raises ServiceError subclasses (InvalidImage, Overloaded, NotReady, DeadlineExceeded, ...).
     """
     started = time.perf_counter()
     state.require_ready()
     lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    loop = asyncio.get_running_loop()
     settings = state.settings
+    decodes = request_decodes(state, deadline, client_gone) if decodes is None else decodes
     try:
         # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
         # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
         lane.batcher.check_room()
-        decode = partial(
-            load_pixels,
-            data,
-            lane.metadata.preprocessing,
-            max_pixels=settings.max_image_pixels,
-            jpeg_draft=settings.jpeg_draft,
-        )
-        pixels = await loop.run_in_executor(state.preprocess_pool, decode)
+        preprocessing = lane.metadata.preprocessing
+
+        def decode(admit: Admit) -> np.ndarray:
+            return load_pixels(
+                data,
+                preprocessing,
+                max_pixels=settings.max_image_pixels,
+                jpeg_draft=settings.jpeg_draft,
+                formats=settings.decode_formats(),
+                admit=admit,
+            )
+
+        pixels = await unless_client_leaves(decodes.run(state.preprocess_pool, decode), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
+        lane.stats.observe_failure(time.perf_counter() - started)
         raise
     preprocess_s = time.perf_counter() - started
     state.metrics.preprocess.observe(preprocess_s)
@@ -98,7 +149,9 @@ async def classify_bytes(
         logits = await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
+        lane.stats.observe_failure(time.perf_counter() - started)
         raise
+    _observe_success(state, lane, started, stage, preprocess_s=preprocess_s)
     timing_ms = {
         "queue": round(stage.get("queue_ms", 0.0), 3),
         "preprocess": round(preprocess_s * 1000.0, 3),

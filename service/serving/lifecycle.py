@@ -18,6 +18,7 @@ from functools import partial
 from service.core.host import cpu_cores
 from service.core.repository import ModelEntry, ModelVersionSource, scan_repository, single_file_repository
 from service.core.settings import Settings
+from service.runtime.decode_limits import PixelGate
 from service.runtime.engine import Engine
 from service.runtime.engine_protocol import InferenceEngine
 from service.scoring.job_runner import JobRunner
@@ -71,25 +72,29 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         factory: Callable[[ModelVersionSource], InferenceEngine] = partial(build_version_engine, settings)
     else:
         single = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        repository = single_file_repository(settings.model, settings.model_name or single.metadata.architecture)
+        repository = single_file_repository(settings.model, settings.model_name or single.metadata.served_name)
 
         def factory(source: ModelVersionSource) -> InferenceEngine:
             return single
 
     state._models = ModelRegistry(settings, state.metrics, factory, default_model=settings.default_model)
     state.cache = ResponseCache(settings.cache_entries, on_event=lambda e: state.metrics.cache_events.labels(e).inc())
+    state.preprocess_threads = settings.preprocess_threads or cpu_cores()
     state._preprocess_pool = ThreadPoolExecutor(
-        max_workers=settings.preprocess_threads or cpu_cores(), thread_name_prefix="vitserve-preprocess"
+        max_workers=state.preprocess_threads, thread_name_prefix="vitserve-preprocess"
     )
+    state._pixel_gate = PixelGate(settings.decoding_pixel_capacity())
     # Scoring jobs: the runner resumes unfinished ones once the models are up.
-    state._jobs = JobRunner(
+    state._jobs = jobs = JobRunner(
         settings,
         state.models,
         is_ready=lambda: state.ready,
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
+        decode_gate=state.pixel_gate,
     )
-    await state.jobs.start()
+    await jobs.start()
     state.metrics.watch_queue(lambda: sum(lane.batcher.queue_depth for lane in state.models.lanes.values()))
+    state.metrics.watch_jobs(lambda: state.jobs.store.counts())
     state.warmup_task = asyncio.create_task(bring_up(state, repository), name="vitserve-warmup")
     if scan is not None and settings.repository_poll_s > 0:
         state.poll_task = asyncio.create_task(
@@ -125,8 +130,12 @@ async def stop(state: ServiceState) -> None:
     for task in (state.warmup_task, state.poll_task):
         if task is not None:
             task.cancel()
-    await state.jobs.stop()  # jobs are durable: stop feeding, unscored images stay pending
-    await state.models.close()
+    # Each step gets what is left of the one drain deadline (state.drain_deadline), never a grace of its own.
+    try:
+        await asyncio.wait_for(state.jobs.stop(), timeout=state.drain_time_left())
+    except TimeoutError:  # jobs are durable: stop feeding, unscored images stay pending
+        log.warning("the job runner did not stop before the drain deadline")
+    await state.models.close(deadline=time.monotonic() + state.drain_time_left())
     state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     log.info("shut down cleanly")
 

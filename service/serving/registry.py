@@ -32,6 +32,7 @@ from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.runtime.preprocess import load_pixels
 from service.serving.golden import check_golden
+from service.serving.stats import ModelStats
 
 log = logging.getLogger("vitserve.models")
 
@@ -72,6 +73,7 @@ class ModelLane:
     state: VersionState = VersionState.LOADING
     leases: int = 0  # requests (and jobs) holding this version
     loaded_at: float = field(default_factory=time.time)
+    stats: ModelStats = field(default_factory=ModelStats)  # Triton's statistics (GET /v2/models/{name}/stats)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -279,9 +281,10 @@ class ModelRegistry:
             for lane in lanes:
                 self._retire(lane, force=force)
 
-    async def close(self) -> None:
-        """Drain and free every version (service shutdown), waiting at most the shutdown grace for leases."""
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
+    async def close(self, *, deadline: float | None = None) -> None:
+        """Drain and free every version (service shutdown) by ``deadline`` (time.monotonic(); default:
+        the shutdown grace from now); what is still queued then is failed."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s if deadline is None else deadline
         for lane in list(self.lanes.values()):
             self._retire(lane, deadline=deadline)
         if self._retiring:
@@ -320,8 +323,15 @@ class ModelRegistry:
             self._check_budget(source)
             engine = await asyncio.to_thread(self.engine_factory, source)
             settings = fit_settings_to_engine(self.settings, engine)
+            stats = ModelStats()
             lane = ModelLane(
-                source.name, source.version, source.path, engine, self._batcher(source, engine, settings), settings
+                source.name,
+                source.version,
+                source.path,
+                engine,
+                self._batcher(source, engine, settings, stats),
+                settings,
+                stats=stats,
             )
             self.lanes[key] = lane
             await lane.batcher.start()
@@ -357,13 +367,14 @@ class ModelRegistry:
             f"; now serving it instead of version {previous}" if previous and source.version > previous else "",
         )
 
-    def _batcher(self, source: ModelVersionSource, engine: InferenceEngine, s: Settings) -> Batcher:
+    def _batcher(self, source: ModelVersionSource, engine: InferenceEngine, s: Settings, stats: ModelStats) -> Batcher:
         max_batch = s.max_batch_size
         labels = (source.name, str(source.version))
 
         def observe(size: int, seconds: float) -> None:
             self.metrics.observe_batch(size, seconds)
             self.metrics.model_images.labels(*labels).inc(size)
+            stats.observe_execution(size, seconds)
 
         return Batcher(
             engine,
@@ -377,7 +388,13 @@ class ModelRegistry:
 
     async def _classify_golden(self, lane: ModelLane, data: bytes) -> np.ndarray:
         pixels = await asyncio.to_thread(
-            load_pixels, data, lane.metadata.preprocessing, max_pixels=self.settings.max_image_pixels
+            partial(
+                load_pixels,
+                data,
+                lane.metadata.preprocessing,
+                max_pixels=self.settings.max_image_pixels,
+                formats=self.settings.decode_formats(),
+            )
         )
         return await lane.batcher.submit(pixels, deadline=time.monotonic() + self.settings.request_timeout_s)
 

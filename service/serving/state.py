@@ -16,9 +16,10 @@ from service.core.errors import NotReady
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
 from service.runtime.batcher import Batcher
+from service.runtime.decode_limits import PixelGate
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
-from service.scoring.job_runner import JobRunner
+from service.scoring.jobs_control import JobsControl
 from service.serving.cache import ResponseCache
 from service.serving.registry import ModelLane, ModelRegistry
 
@@ -44,8 +45,11 @@ class ServiceState:
     draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
     in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
     _models: ModelRegistry | None = None
+    drain_deadline: float | None = None  # time.monotonic() by which a SIGTERM'd process must have exited
     _preprocess_pool: ThreadPoolExecutor | None = None
-    _jobs: JobRunner | None = None
+    preprocess_threads: int = 0  # the pool's size, once built
+    _pixel_gate: PixelGate | None = None
+    _jobs: JobsControl | None = None  # in a front-end worker of a multi-process server: RemoteJobs
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(0))
     warmup_task: asyncio.Task[None] | None = None
     poll_task: asyncio.Task[None] | None = None
@@ -82,7 +86,12 @@ class ServiceState:
         return _started(self._preprocess_pool, "pre-processing pool")
 
     @property
-    def jobs(self) -> JobRunner:
+    def pixel_gate(self) -> PixelGate:
+        """Pixels being decoded at once in the process, online and job decodes together."""
+        return _started(self._pixel_gate, "pixel gate")
+
+    @property
+    def jobs(self) -> JobsControl:
         return _started(self._jobs, "job runner")
 
     @property
@@ -99,6 +108,12 @@ class ServiceState:
         if not self.ready:
             raise NotReady("model is not ready (warming up or shutting down)", retry_after_s=1)
         return self
+
+    def drain_time_left(self) -> float:
+        """Seconds left before the drain deadline (the whole grace when no SIGTERM came: e.g. tests)."""
+        if self.drain_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(0.0, self.drain_deadline - time.monotonic())
 
     def deadline(self) -> float:
         """The time.monotonic() by which a request arriving now must be answered."""

@@ -150,3 +150,195 @@ def zip_patched(entries: dict[str, bytes], *, method: int | None = None, encrypt
                 data[at + method_at : at + method_at + 2] = method.to_bytes(2, "little")
             at = data.find(signature, at + 4)
     return bytes(data)
+
+
+# -- files whose decode cost their header size does not show -----------------------------------
+_TIFF_COMPRESSION = {"none": 1, "lzw": 5, "deflate": 8, "packbits": 32773}
+
+
+def tiff_blocks(
+    width: int,
+    height: int,
+    *,
+    tile: tuple[int, int] | None = None,
+    rows_per_strip: int | None = None,
+    compression: str = "deflate",
+    complete: bool = True,
+) -> bytes:
+    """A little-endian 8-bit grey TIFF, tiled (``tile``) or in strips (``rows_per_strip``).
+
+    ``complete`` writes every block's data (a valid file); otherwise one block of a few bytes
+    follows a header that still declares the full block size (the memory bomb: libtiff sizes its
+    buffer from the declared tile, not from the data).
+    """
+    import struct
+
+    if tile is not None:
+        block_w, block_h = tile
+        count = -(-width // block_w) * -(-height // block_h)
+    else:
+        block_w, block_h = width, min(rows_per_strip or height, height)
+        count = -(-height // block_h)
+    if compression == "deflate":
+        pack = zlib.compress
+    elif compression == "lzw":
+        pack = _tiff_lzw
+    elif compression == "packbits":
+        pack = _packbits
+    else:
+        pack = bytes
+    blocks = [pack(b"\x80" * (block_w * block_h)) for _ in range(count)] if complete else [pack(b"\x80" * 64)]
+    offsets_tag, counts_tag = (324, 325) if tile is not None else (273, 279)
+    entries: list[tuple[int, int, list[int]]] = [
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [8]),
+        (259, 3, [_TIFF_COMPRESSION[compression]]),
+        (262, 3, [1]),
+        (277, 3, [1]),
+        (offsets_tag, 4, []),
+        (counts_tag, 4, [len(b) for b in blocks]),
+    ]
+    if tile is not None:
+        entries += [(322, 4, [block_w]), (323, 4, [block_h])]
+    else:
+        entries.append((278, 4, [rows_per_strip or height]))
+    entries.sort()
+    ifd_size = 2 + 12 * len(entries) + 4
+    arrays_at = 8 + ifd_size  # values over 4 bytes live after the IFD
+    array_bytes = sum(4 * len(v) for _, _, v in entries if len(v) > 1) + (4 * len(blocks) if len(blocks) > 1 else 0)
+    data_at = arrays_at + array_bytes
+    offsets, at = [], data_at
+    for block in blocks:
+        offsets.append(at)
+        at += len(block)
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    extra = bytearray()
+    for tag, kind, values in entries:
+        values = offsets if tag == offsets_tag else values
+        if len(values) == 1:
+            packed = struct.pack("<HH", values[0], 0) if kind == 3 else struct.pack("<I", values[0])
+        else:
+            packed = struct.pack("<I", arrays_at + len(extra))
+            extra += struct.pack(f"<{len(values)}I", *values)
+        out += struct.pack("<HHI", tag, kind, len(values)) + packed
+    out += struct.pack("<I", 0) + extra + b"".join(blocks)
+    return bytes(out)
+
+
+def _packbits(data: bytes) -> bytes:
+    out = bytearray()
+    for i in range(0, len(data), 128):
+        run = data[i : i + 128]
+        out += bytes([257 - len(run)]) + run[:1] if len(set(run)) == 1 and len(run) > 1 else bytes([len(run) - 1]) + run
+    return bytes(out)
+
+
+def _tiff_lzw(data: bytes) -> bytes:
+    """TIFF LZW (MSB-first codes, 9-12 bits, early change), enough for test images."""
+    clear, eoi = 256, 257
+    table = {bytes([i]): i for i in range(256)}
+    next_code, width = 258, 9
+    bits, nbits, out = 0, 0, bytearray()
+
+    def emit(code: int) -> None:
+        nonlocal bits, nbits
+        bits = (bits << width) | code
+        nbits += width
+        while nbits >= 8:
+            nbits -= 8
+            out.append((bits >> nbits) & 0xFF)
+
+    emit(clear)
+    current = b""
+    for value in data:
+        candidate = current + bytes([value])
+        if candidate in table:
+            current = candidate
+            continue
+        emit(table[current])
+        table[candidate] = next_code
+        next_code += 1
+        if next_code == 4094:  # table full: start over (as libtiff's encoder does)
+            emit(clear)
+            table = {bytes([i]): i for i in range(256)}
+            next_code, width = 258, 9
+        elif next_code > (1 << width) - 1:  # as libtiff: the decoder, one code behind, widens early
+            width += 1
+        current = bytes([value])
+    if current:
+        emit(table[current])
+    emit(eoi)
+    if nbits:
+        out.append((bits << (8 - nbits)) & 0xFF)
+    return bytes(out)
+
+
+def ico_embedding(member: bytes, *, declared: tuple[int, int] = (16, 16)) -> bytes:
+    """An ICO whose one directory entry says ``declared`` but holds ``member`` (a PNG, say, of any size)."""
+    width, height = (0 if d >= 256 else d for d in declared)
+    entry = bytes([width, height, 0, 0]) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    entry += len(member).to_bytes(4, "little") + (6 + 16).to_bytes(4, "little")
+    return b"\x00\x00\x01\x00" + (1).to_bytes(2, "little") + entry + member
+
+
+def webp_with_canvas(width: int, height: int, frame_side: int = 16) -> bytes:
+    """An animated WebP of two small frames on a canvas declared ``width`` x ``height``."""
+    frames = [Image.new("RGB", (frame_side, frame_side), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"VP8X")
+    data[at + 12 : at + 15] = (width - 1).to_bytes(3, "little")
+    data[at + 15 : at + 18] = (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+def _gif_descriptors(data: bytes) -> list[int]:
+    """Offsets of every image descriptor (0x2C) of a GIF, found by walking its blocks."""
+
+    def skip_sub_blocks(at: int) -> int:
+        while data[at]:
+            at += 1 + data[at]
+        return at + 1
+
+    flags = data[10]
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    found = []
+    while data[at] != 0x3B:
+        if data[at] == 0x21:  # extension: label, then sub-blocks
+            at = skip_sub_blocks(at + 2)
+        else:  # image descriptor, local colour table, LZW code size, sub-blocks
+            found.append(at)
+            local = data[at + 9]
+            at += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0)
+            at = skip_sub_blocks(at + 1)
+    return found
+
+
+def _gif_claiming(frames: int, which: int, width: int, height: int, side: int) -> bytes:
+    images = [Image.new("RGB", (side, side), ("red", "blue", "green")[i % 3]) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=frames > 1, append_images=images[1:])
+    data = bytearray(buf.getvalue())
+    at = _gif_descriptors(bytes(data))[which]
+    data[at + 5 : at + 7] = width.to_bytes(2, "little")
+    data[at + 7 : at + 9] = height.to_bytes(2, "little")
+    return bytes(data)
+
+
+def gif_with_later_frame_claiming(width: int, height: int, side: int = 16) -> bytes:
+    """A two-frame GIF whose second frame's descriptor claims ``width`` x ``height`` pixels."""
+    return _gif_claiming(2, 1, width, height, side)
+
+
+def gif_first_frame_claiming(width: int, height: int, side: int = 16) -> bytes:
+    """A GIF whose logical screen is ``side`` square and whose first frame claims ``width`` x ``height``."""
+    return _gif_claiming(1, 0, width, height, side)
+
+
+def encoded(image_format: str, side: int = 32, mode: str = "RGB") -> bytes:
+    """A small real image in ``image_format`` (as Pillow writes it)."""
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), "red" if mode == "RGB" else 128).save(buf, image_format)
+    return buf.getvalue()

@@ -11,11 +11,13 @@ RELIABILITY_OVERLOAD_SECONDS (overload duration).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +77,11 @@ class LiveServer:
             "VITSERVE_INTRA_OP_THREADS": "1",
             "VITSERVE_PREPROCESS_THREADS": "2",
             "VITSERVE_DATA_DIR": str(workdir / "data"),
-            "VITSERVE_API_KEY": "",
             "VITSERVE_JOB_ROOT": "",
         }
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **settings, **env}
+        # No API key unless ``env`` gives one (an empty key is refused: the variable is left out).
+        outer = {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"}
+        full_env = {**outer, "PYTHONPATH": str(REPO), **settings, **env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(FAULT_SERVER)], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
@@ -156,6 +159,71 @@ class Guarded:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def metric(text: str, sample: str) -> float:
+    """One sample's value from Prometheus text (``name{label="x"}``), 0 when absent."""
+    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+class Bystander:
+    """A well-behaved client classifying a small photo in a loop while hostile requests run.
+
+    Args:
+        url: the server's base URL.
+        headers: extra headers (the API key).
+        interval_s: pause between its requests.
+        timeout_s: how long one of its requests may take before it counts as not answered.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, interval_s: float = 0.1, timeout_s: float = 30):
+        self.url = url
+        self.headers = {**(headers or {}), "Content-Type": "image/jpeg"}
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.outcomes: list[int | str] = []  # status codes, or the exception's name
+        self._photo = photo_bytes("coffee")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bystander", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(f"{self.url}/v1/classify", content=self._photo, headers=self.headers)
+                    self.outcomes.append(response.status_code)
+                except httpx.HTTPError as exc:
+                    self.outcomes.append(type(exc).__name__)
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(self.timeout_s + 5)
+
+    def assert_served(self, at_least: int = 1) -> None:
+        """Every request it sent was answered 200, and it got to send some."""
+        assert len(self.outcomes) >= at_least, f"the bystander sent only {len(self.outcomes)} requests"
+        assert all(o == 200 for o in self.outcomes), f"the bystander was not served: {self.outcomes}"
+
+
+def wait_job(url: str, job_id: str, *, until=("done",), timeout_s: float = 120.0, headers=None) -> dict:
+    """Poll GET /v1/jobs/{id} until its state is one of ``until``; the job's description."""
+    deadline = time.monotonic() + timeout_s
+    while (job := httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10, headers=headers).json())["state"] not in until:
+        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout_s} s: {job}"
+        time.sleep(0.05)
+    return job
+
+
+def job_rows(url: str, job_id: str, headers=None) -> list[dict]:
+    """A job's result rows (JSON lines), in submission order."""
+    text = httpx.get(f"{url}/v1/jobs/{job_id}/results", timeout=60, headers=headers).text
+    return [json.loads(line) for line in text.splitlines()]
 
 
 STACK_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")

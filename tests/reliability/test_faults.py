@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import socket
 import threading
 import time
@@ -20,14 +19,9 @@ import numpy as np
 import pytest
 from load_generator import LOST, REFUSED, closed_loop
 from PIL import Image
-from reliability_lib import STACK_TRACE, photo_bytes
+from reliability_lib import STACK_TRACE, metric, photo_bytes
 
 pytestmark = pytest.mark.slow
-
-
-def metric(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def metrics(server) -> str:
@@ -155,8 +149,10 @@ def test_clients_leaving_mid_upload_and_mid_wait_leak_nothing(start_server):
     )
     assert ran <= 2  # the keeper, and at most one leaver already taken into the engine
     assert metric(after, "vitserve_requests_in_flight") == 0
-    # +1 thread at most: a pool may still start one lazily; a leak per request would add 36.
-    assert server.settled_fds(fds) <= fds and server.threads() <= threads + 1, server.thread_names()
+    # +2 threads at most: the pre-processing pool may still start its second thread lazily (one request
+    # decodes on at most half the pool's threads), and a native library one of its own; a leak per
+    # request would add 36.
+    assert server.settled_fds(fds) <= fds and server.threads() <= threads + 2, server.thread_names()
     assert classify(server, body).status_code == 200
 
 

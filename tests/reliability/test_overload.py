@@ -9,13 +9,12 @@ least 0.8 of the unloaded throughput (rejecting must not cost the engine its wor
 from __future__ import annotations
 
 import io
-import re
 
 import httpx
 import pytest
 from load_generator import LOST, closed_loop, percentile
 from PIL import Image
-from reliability_lib import scale
+from reliability_lib import metric, scale
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +33,6 @@ def small_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(skimage.data.astronaut()).resize((64, 64)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def metric(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_four_times_the_queue_is_refused_fast_and_costs_no_throughput(start_server):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.core.errors import NotFound, NotReady
+from service.core.metadata import GOLDEN_KEY
 from service.core.repository import (
     RepositoryError,
     VersionPolicy,
@@ -21,7 +22,6 @@ from service.core.repository import (
 from service.core.settings import Settings
 from service.runtime.metrics import Metrics
 from service.serving.cache import ResponseCache
-from service.serving.golden import GOLDEN_KEY
 from service.serving.registry import ModelNotLoadable, ModelRegistry, UnloadRefused, VersionState
 
 

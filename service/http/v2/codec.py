@@ -40,6 +40,7 @@ import numpy as np
 
 from service.core.errors import BadRequest
 from service.core.metadata import ModelMetadata
+from service.http.json_body import JsonBounds, parse_json
 from service.runtime.postprocess import softmax
 
 IMAGES_INPUT = "images"
@@ -49,10 +50,13 @@ PROBABILITIES_OUTPUT = "probabilities"
 OUTPUT_NAMES = (LOGITS_OUTPUT, PROBABILITIES_OUTPUT)
 MODEL_VERSION = "1"  # the version of a model served from one file (--model)
 PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
-EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
+EXTENSIONS = ("classification", "binary_tensor_data", "model_repository", "model_configuration", "statistics")
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 
 _LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements: uint32 little-endian length, then the bytes
+
+
+_MAX_TIMEOUT_US = 2**64 - 1  # Triton's request timeout is a uint64 of microseconds
 
 
 class V2ProtocolError(BadRequest):
@@ -116,6 +120,37 @@ def model_metadata(model_name: str, metadata: ModelMetadata, versions: Sequence[
     }
 
 
+def model_config(
+    model_name: str, metadata: ModelMetadata, *, max_batch_size: int, max_queue_delay_ms: float, on_gpu: bool
+) -> dict:
+    """Body of ``GET /v2/models/{name}/config``: Triton's model configuration (its protobuf as JSON).
+
+    With ``max_batch_size`` > 0 Triton's ``dims`` leave out the batch axis. Pre-processing travels as
+    string ``parameters`` (``vitserve.image_size`` ...), as Triton models carry their own settings.
+    """
+    size = metadata.preprocessing.image_size
+    k = metadata.num_classes
+    described = {key: value for key, value in metadata.to_props().items() if not key.endswith(".labels")}
+    return {
+        "name": model_name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": max_batch_size,
+        "input": [
+            # One encoded image per batch element: Triton writes a scalar per element as dims [1] + reshape [].
+            {"name": IMAGES_INPUT, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+            {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [3, size, size]},
+        ],
+        "output": [
+            {"name": LOGITS_OUTPUT, "data_type": "TYPE_FP32", "dims": [k]},
+            {"name": PROBABILITIES_OUTPUT, "data_type": "TYPE_FP32", "dims": [k]},
+        ],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_ms * 1000)},
+        "instance_group": [{"name": f"{model_name}_0", "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}],
+        "parameters": {key: {"string_value": value} for key, value in sorted(described.items())},
+    }
+
+
 # --- requests --------------------------------------------------------------------------------
 
 
@@ -144,9 +179,9 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
     """
     json_end = len(body) if header_length is None else header_length
     try:
-        header = json.loads(body[:json_end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise V2ProtocolError(f"request body is not valid JSON: {exc}") from None
+        header = parse_json(body[:json_end], infer_json_bounds(image_size, max_batch), "request body")
+    except BadRequest as exc:  # too many elements stays a 413 (PayloadTooLarge is no BadRequest)
+        raise V2ProtocolError(exc.message) from None
     if not isinstance(header, dict):
         raise V2ProtocolError("request body must be a JSON object")
 
@@ -155,9 +190,15 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
         raise V2ProtocolError("'id' must be a string")
     parameters = _parameters(header, "request")
     timeout_us = parameters.get("timeout")
-    if timeout_us is not None and (not _is_int(timeout_us) or timeout_us <= 0):
+    if timeout_us is not None and (not _is_int(timeout_us) or not 0 < timeout_us <= _MAX_TIMEOUT_US):
+        shown = (
+            repr(timeout_us)
+            if len(repr(timeout_us)) <= 40
+            else f"{repr(timeout_us)[:20]}... ({len(repr(timeout_us))} characters)"
+        )
         raise V2ProtocolError(
-            f"request parameter 'timeout' must be a positive integer (microseconds), got {timeout_us!r}"
+            f"request parameter 'timeout' must be a positive integer of microseconds up to 2**64 - 1 "
+            f"(Triton's uint64), got {shown}"
         )
 
     inputs = header.get("inputs")
@@ -185,6 +226,17 @@ def parse_infer_request(body: bytes, header_length: int | None, *, image_size: i
 
     outputs = _parse_outputs(header.get("outputs"), default_binary=bool(parameters.get("binary_data_output", False)))
     return InferRequest(id=request_id, outputs=outputs, images=images, pixel_values=pixels, timeout_us=timeout_us)
+
+
+def infer_json_bounds(image_size: int, max_batch: int) -> JsonBounds:
+    """Twice what the JSON of a valid infer request can hold (at most ``max_batch`` images as FP32
+    [N, 3, S, S] data, nested or flat, plus a few objects for inputs, outputs and parameters): a
+    coarse bound on memory, so that a request a little over the batch limit gets the exact message."""
+    return JsonBounds(
+        max_objects=256,
+        max_arrays=2 * max_batch * (3 * image_size + 4) + 256,
+        max_values=2 * max_batch * 3 * image_size * image_size + 1024,
+    )
 
 
 def _is_int(value: Any) -> bool:

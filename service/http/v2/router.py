@@ -5,8 +5,10 @@
     GET  /v2/models/{name}[/versions/1]            model metadata: inputs, outputs, datatypes, shapes
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer      encoded images (BYTES) or pixels (FP32) -> logits / top-k
+    GET  /v2/models/{name}[/versions/1]/config     Triton's model configuration extension
+    GET  /v2/models[/{name}[/versions/1]]/stats    Triton's statistics extension (per loaded version)
 
-The model name is the served model's architecture (from its ONNX metadata). The wire format
+The model name is the served name (--name, else the architecture in its ONNX metadata). The wire format
 (JSON, Triton's binary tensor and classification extensions) is in ``service.http.v2.codec``; this
 module only moves bytes between HTTP, the pre-processing pool and the batcher.
 
@@ -23,7 +25,6 @@ import asyncio
 import time
 import zlib
 from collections.abc import Awaitable
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -32,7 +33,7 @@ from fastapi import APIRouter, Request, Response
 from service.core.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError
 from service.http.deps import ReadyState, State, client_gone
 from service.http.v2 import codec as v2_codec
-from service.serving.inference import classify_bytes, classify_pixels
+from service.serving.inference import classify_bytes, classify_pixels, request_decodes
 from service.serving.registry import ModelLane, VersionState
 from service.serving.state import ServiceState
 
@@ -96,6 +97,39 @@ async def server_ready(state: State) -> Response:
     return _health(state.serving)
 
 
+@router.get("/models/stats", summary="Statistics of every loaded model version (Triton's statistics extension)")
+async def all_model_stats(state: State) -> dict:
+    lanes = sorted(state.models.lanes.values(), key=lambda lane: (lane.name, lane.version))
+    return {"model_stats": [lane.stats.as_triton(lane.name, str(lane.version)) for lane in lanes]}
+
+
+@router.get("/models/{model_name}/stats", summary="Statistics of a model's loaded versions")
+@router.get("/models/{model_name}/versions/{model_version}/stats", summary="Statistics of one model version")
+async def model_stats(state: State, model_name: str, model_version: str | None = None) -> dict:
+    if model_version is not None:
+        lanes = [_lane(state, model_name, model_version)]
+    else:
+        lanes = sorted(
+            (lane for lane in state.models.lanes.values() if lane.name == model_name), key=lambda x: x.version
+        )
+        if not lanes:
+            _lane(state, model_name, None)  # the registry's own 404 (or 503 while it loads)
+    return {"model_stats": [lane.stats.as_triton(lane.name, str(lane.version)) for lane in lanes]}
+
+
+@router.get("/models/{model_name}/config", summary="Model configuration (Triton's model configuration extension)")
+@router.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration (one version)")
+async def model_config(state: State, model_name: str, model_version: str | None = None) -> dict:
+    lane = _lane(state, model_name, model_version)
+    return v2_codec.model_config(
+        model_name,
+        lane.metadata,
+        max_batch_size=lane.settings.max_batch_size,
+        max_queue_delay_ms=lane.settings.max_queue_delay_ms,
+        on_gpu=lane.engine.on_gpu,
+    )
+
+
 @router.get("/models/{model_name}", summary="Model metadata")
 @router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata (one version)")
 async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict:
@@ -149,20 +183,22 @@ async def infer(request: Request, state: ReadyState, model_name: str, model_vers
 
 async def _infer(request: Request, state: ServiceState, lane: ModelLane) -> Response:
     settings = state.settings
-    body = await _read_body(request, settings.max_upload_bytes)
-    header_length = v2_codec.parse_header_length(request.headers.get(v2_codec.HEADER_LENGTH_HEADER), len(body))
+    body = await request.body()  # bounded by the middleware
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    length_header = request.headers.get(v2_codec.HEADER_LENGTH_HEADER)
 
-    # Parsing JSON pixel data is CPU work (milliseconds per image): keep it off the event loop.
-    parsed = await asyncio.get_running_loop().run_in_executor(
-        state.preprocess_pool,
-        partial(
-            v2_codec.parse_infer_request,
-            body,
+    def parse() -> v2_codec.InferRequest:
+        inflated = _inflate(body, encoding, settings.max_upload_bytes)
+        header_length = v2_codec.parse_header_length(length_header, len(inflated))
+        return v2_codec.parse_infer_request(
+            inflated,
             header_length,
             image_size=lane.metadata.preprocessing.image_size,
             max_batch=settings.max_batch_images,
-        ),
-    )
+        )
+
+    # Inflating and parsing are CPU work (milliseconds per image, more for hostile bodies): off the event loop.
+    parsed = await asyncio.get_running_loop().run_in_executor(state.preprocess_pool, parse)
     deadline = state.deadline()
     if parsed.timeout_us is not None:  # the client's own deadline (Triton's "timeout"), if sooner
         deadline = min(deadline, time.monotonic() + parsed.timeout_us / 1e6)
@@ -171,10 +207,13 @@ async def _infer(request: Request, state: ServiceState, lane: ModelLane) -> Resp
     # Every element goes through the batcher on its own, like /v1 images: they batch with each
     # other and with concurrent requests.
     if parsed.images is not None:
+        decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all elements
 
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
-                logits, _ = await classify_bytes(state, data, deadline=deadline, client_gone=gone, lane=lane)
+                logits, _ = await classify_bytes(
+                    state, data, deadline=deadline, client_gone=gone, lane=lane, decodes=decodes
+                )
             except ServiceError as exc:
                 exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
                 raise
@@ -221,15 +260,12 @@ async def _all_or_nothing(jobs: list[Awaitable[np.ndarray]]) -> list[np.ndarray]
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate = zlib stream (RFC 9110)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body decompressed (tritonclient may gzip/deflate it), at most ``limit`` bytes.
 
     The body itself is bounded by the middleware (service/http/middleware.py); a compressed body is
     inflated here with the same cap, so a small "zip bomb" cannot exhaust memory.
     """
-    body = await request.body()
-
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in _DECODERS:
