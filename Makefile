@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # FAST=1 skips the slow tests (image builds, browser, load); CI always runs everything.
 PYTEST_FLAGS := $(if $(FAST),-m "not slow",)
 
-.PHONY: run test clean-venv
+.PHONY: run test lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 run: $(VENV)/.installed-run
 	$(VENV)/bin/vitserve serve
 
-test: $(VENV)/.installed-test
+# CI runs `make test`, so a lint or format finding fails it before any test runs.
+test: lint
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+# Lint and format (ruff, settings in pyproject.toml).
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import import_checkpoint  # noqa: E402
-from model.export import export_model, save_model, torch_to_onnx  # noqa: E402
-from model.verify import graph_stats  # noqa: E402
+from model.checkpoint import import_checkpoint  # noqa: E402 - needs sys.path above
+from model.export import export_model, torch_to_onnx  # noqa: E402 - needs sys.path above
+from model.onnx_io import save_onnx  # noqa: E402 - needs sys.path above
+from model.verify import graph_stats  # noqa: E402 - needs sys.path above
 
 VARIANTS = ("PyTorch eager", "ONNX unfused", "ONNX fused fp32", "ONNX int8")
 
@@ -83,7 +84,7 @@ def build_variants(model_name: str, workdir: Path, threads: int | None) -> dict[
         unfused = torch_to_onnx(model, config)
     finally:
         model.set_explicit_attention(False)
-    save_model(unfused, workdir / "unfused.onnx")
+    save_onnx(unfused, workdir / "unfused.onnx")
     fused = export_model(model, config, workdir / "fused.onnx", precision="fp32", **common)
     int8 = export_model(model, config, workdir / "int8.onnx", precision="int8", **common)
     stats = {name: graph_stats(onnx.load(workdir / f"{name}.onnx")) for name in ("unfused", "fused", "int8")}

@@ -19,32 +19,35 @@ was checked, so a bad checkpoint raises CheckpointError instead of giving a half
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model import native
 from model.config import ViTConfig
+from model.convert import hf as hf_format
+from model.convert import npz as npz_format
+from model.convert import timm as timm_format
+from model.convert.raw import (
+    STATE_DICT_SUFFIXES,
+    CheckpointError,
+    RawCheckpoint,
+    StateDict,
+    check_state_dict,
+    read_json,
+    read_state_dict_file,
+)
 from model.labels import check_labels, default_labels
 from model.pos_embed import resample_pos_embed
 from model.vit import VisionTransformer
-from service.core.metadata import MetadataError, Preprocessing
+from service.core.metadata import Preprocessing
 
-StateDict = dict[str, torch.Tensor]
-
-STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# How many key names an error message lists before it says "... and N more".
-_MAX_KEYS_IN_MESSAGE = 12
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be imported; the message names the file, key or shape at fault."""
+__all__ = ["CheckpointError", "LoadedCheckpoint", "RawCheckpoint", "import_checkpoint", "load_native"]
 
 
 @dataclass
@@ -73,35 +76,6 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class RawCheckpoint:
-    """What a format reader hands back: weights already in our names, plus what the source says about them.
-
-    Args:
-        state_dict: tensors under our (timm's) parameter names, not yet checked.
-        config: the architecture the weights were trained with (image size included).
-        labels: class names from the source, or None when it carries none.
-        preprocessing: the source's eval transform, or None for the default.
-        preprocessing_at: the source's eval transform for any input size, when the source states it
-            as a rule (timm's crop_pct) rather than as pixels; preferred over ``preprocessing``.
-        origin: see LoadedCheckpoint.origin.
-        extra: see LoadedCheckpoint.extra.
-    """
-
-    state_dict: StateDict
-    config: ViTConfig
-    labels: tuple[str, ...] | None = None
-    preprocessing: Preprocessing | None = None
-    preprocessing_at: Callable[[int], Preprocessing] | None = None
-    origin: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks shared by every format (and by model/native.py)
-# ---------------------------------------------------------------------------------------------
-
-
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the weights: sorted keys, each key's name, dtype, shape and raw bytes."""
     digest = hashlib.sha256()
@@ -113,48 +87,6 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _name_list(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_MAX_KEYS_IN_MESSAGE])
-    more = len(keys) - _MAX_KEYS_IN_MESSAGE
-    return shown + (f", ... and {more} more" if more > 0 else "")
-
-
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, *, where: str) -> None:
-    """Raise CheckpointError unless ``state_dict`` has exactly the keys and shapes ``config`` needs.
-
-    The expected shapes come from a model built on the meta device, so the check is instant.
-    """
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{where}: entries that are not tensors: {_name_list(not_tensors)}")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VisionTransformer(config).state_dict().items()}
-    # Listed in the model's own order (embeddings, blocks, head), which reads like the architecture.
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} (expected {expected[k]}, got {tuple(state_dict[k].shape)})"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_name_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_name_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_name_list(mismatched)}")
-    if problems:
-        raise CheckpointError(f"{where} does not fit {config.name} ({describe(config)}): " + "; ".join(problems))
-
-
-def describe(config: ViTConfig) -> str:
-    return (
-        f"D={config.embed_dim}, L={config.depth}, heads={config.num_heads}, mlp={config.mlp_dim}, "
-        f"P={config.patch_size}, {config.image_size}px, K={config.num_classes}, pool={config.pool}"
-    )
-
-
 def build_loaded_model(state_dict: Mapping[str, torch.Tensor], config: ViTConfig, *, where: str) -> VisionTransformer:
     """Check every key and shape, then load strictly into a fresh fp32 model in eval mode."""
     check_state_dict(state_dict, config, where=where)
@@ -164,57 +96,6 @@ def build_loaded_model(state_dict: Mapping[str, torch.Tensor], config: ViTConfig
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
     return model.eval()
-
-
-def read_state_dict_file(path: Path) -> StateDict:
-    """Read a .safetensors or torch pickle (.pth/.pt/.bin) file into a flat dict of tensors."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path), device="cpu")
-        else:
-            # weights_only: a checkpoint is data, never code to run.
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # each reader fails its own way on a truncated file; all mean "unreadable"
-        raise CheckpointError(f"cannot read checkpoint file {path} (truncated or not a checkpoint?): {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict")
-    return dict(data)
-
-
-def read_npz_file(path: Path) -> dict[str, Any]:
-    """Read every array of an .npz eagerly, so a truncated member fails here and not half-way through loading."""
-    import numpy as np
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"cannot read .npz checkpoint {path} (truncated or not an .npz?): {exc}") from exc
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"file not found: {path}") from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def preprocessing_from_dict(data: Mapping[str, Any], *, where: str) -> Preprocessing:
-    try:
-        return Preprocessing(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
-    except (KeyError, TypeError, MetadataError) as exc:
-        raise CheckpointError(f"bad preprocessing in {where}: {exc}") from exc
 
 
 def resize_preprocessing(preprocessing: Preprocessing, image_size: int) -> Preprocessing:
@@ -341,6 +222,11 @@ def _resample_to(
     return {**state_dict, "pos_embed": resampled}, new_config
 
 
+def load_native(directory: str | os.PathLike) -> LoadedCheckpoint:
+    """Load a directory written by ``save_native``; its ``source`` is the directory, ``origin`` the recorded source."""
+    return assemble(native.read_native(directory), str(directory))
+
+
 def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str, Any] | None) -> RawCheckpoint:
     scheme, _, rest = source.partition(":")
     # An existing path wins; a one-letter "scheme" is a Windows drive; a separator before ":" means a path.
@@ -349,28 +235,18 @@ def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str
         if scheme == "random":
             return _random_checkpoint(rest, model_args)
         if scheme == "timm":
-            from model.convert import timm as timm_format
-
-            return timm_format.read_hub_dir(
-                _download(f"timm/{rest}", timm_format.HUB_FILES), source, model_args=model_args
-            )
+            directory = _download(f"timm/{rest}", timm_format.HUB_FILES)
+            return timm_format.read_hub_dir(directory, source, model_args=model_args)
         if scheme == "hf":
-            from model.convert import hf as hf_format
-
             return hf_format.read_dir(_download(rest, hf_format.HUB_FILES), source)
         raise CheckpointError(f"unknown checkpoint scheme {scheme!r} in {source!r}; use timm:, hf:, random: or a path")
 
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_directory(path, source, model_name=model_name, model_args=model_args)
+        return _read_directory(path, source, model_args=model_args)
     if path.suffix == ".npz":
-        from model.convert import npz as npz_format
-
-        config = _config_for_bare_file(path, model_name, model_args)
-        return npz_format.read_file(path, config)
+        return npz_format.read_file(path, _config_for_bare_file(path, model_name, model_args))
     if path.suffix in STATE_DICT_SUFFIXES:
-        from model.convert import timm as timm_format
-
         config = _config_for_bare_file(path, model_name, model_args)
         return timm_format.read_state_dict(read_state_dict_file(path), config, where=source)
     if not path.exists():
@@ -380,9 +256,8 @@ def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str
     )
 
 
-def _read_directory(path: Path, source: str, *, model_name: str | None, model_args) -> RawCheckpoint:
-    from model import native
-
+def _read_directory(path: Path, source: str, *, model_args: Mapping[str, Any] | None) -> RawCheckpoint:
+    """A directory's format is told by one file (vitserve.json) or one key of its config.json."""
     if (path / native.CONFIG_NAME).is_file():
         return native.read_native(path)
     config_path = path / "config.json"
@@ -392,30 +267,23 @@ def _read_directory(path: Path, source: str, *, model_name: str | None, model_ar
         )
     config_json = read_json(config_path)
     if "architecture" in config_json:
-        from model.convert import timm as timm_format
-
         return timm_format.read_hub_dir(path, source, model_args=model_args)
     if "model_type" in config_json:
-        from model.convert import hf as hf_format
-
         return hf_format.read_dir(path, source)
     raise CheckpointError(f"{config_path} has neither 'architecture' (timm) nor 'model_type' (Hugging Face)")
 
 
-def _config_for_bare_file(path: Path, model_name: str | None, model_args) -> ViTConfig:
+def _config_for_bare_file(path: Path, model_name: str | None, model_args: Mapping[str, Any] | None) -> ViTConfig:
     if model_name is None:
         raise CheckpointError(
-            f"{path} is a bare state dict: pass model_name= (e.g. 'vit_base_patch16_224' or 'B/16') to say its architecture"
+            f"{path} is a bare state dict: pass model_name= (e.g. 'vit_base_patch16_224' or 'B/16') "
+            "to say its architecture"
         )
-    from model.convert import timm as timm_format
-
     return timm_format.config_from_timm(model_name, model_args or {})
 
 
 def _random_checkpoint(variant: str, model_args: Mapping[str, Any] | None) -> RawCheckpoint:
     """Random weights, seeded so the same variant always gives the same weights (and hash)."""
-    from model.convert import timm as timm_format
-
     config = timm_format.config_from_timm(variant, model_args or {})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -15,11 +15,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from model.onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, save_onnx
 from service.core.metadata import PREFIX
 from service.core.model_spec import IO_METADATA_KEYS, ModelSpec, SpecOptions, graph_io_from_onnx, resolve_spec
-
-# protobuf cannot serialise a message over 2 GiB: bigger models keep their weights in <output>.data.
-EXTERNAL_DATA_THRESHOLD_BYTES = 1800 * 1024**2
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -31,7 +29,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def embed_metadata(
-    source: str | os.PathLike, output: str | os.PathLike, options: SpecOptions | None = None, *, verify: bool = True
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    options: SpecOptions | None = None,
+    *,
+    verify: bool = True,
+    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> ModelSpec:
     """Write ``output``: ``source`` with the effective model description as vitserve metadata.
 
@@ -40,6 +43,7 @@ def embed_metadata(
         output: the copy to write (may not be ``source``).
         options: explicit values, as `vitserve serve` flags give them.
         verify: load the copy with the service's engine, with no flags, to prove it is servable.
+        external_data_threshold_bytes: weights above this size go to ``<output>.data`` (model/onnx_io.py).
     Returns the spec the copy now carries. Raises ModelSpecError naming what is missing or wrong.
     """
     import onnx
@@ -68,33 +72,13 @@ def embed_metadata(
     others = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {**dict(others), **metadata.to_props()})
-    _save(model, output)
+    save_onnx(model, output, external_data_threshold_bytes=external_data_threshold_bytes)
     if verify:
         from service.runtime.engine import Engine
 
         # No options: the copy alone must be enough. A sidecar next to the copy would hide a gap.
         Engine(output, providers="cpu", intra_op_threads=1, log_placement=False)
     return replace(spec, metadata=metadata)
-
-
-def _save(model, output: Path) -> None:
-    import onnx
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES:
-        data = output.with_name(output.name + ".data")
-        data.unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(
-            model,
-            str(output),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(output))
 
 
 def check_export_mode(args) -> str | None:
@@ -114,7 +98,7 @@ def check_export_mode(args) -> str | None:
     return None
 
 
-def run_from_onnx(args) -> int:
+def run_from_onnx(args, *, external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES) -> int:
     """The `vitserve export --from-onnx SOURCE -o OUTPUT [flags]` handler."""
     import sys
 
@@ -122,7 +106,13 @@ def run_from_onnx(args) -> int:
     from service.runtime.engine import EngineError
 
     try:
-        spec = embed_metadata(args.from_onnx, args.output, options_from_args(args), verify=args.verify)
+        spec = embed_metadata(
+            args.from_onnx,
+            args.output,
+            options_from_args(args),
+            verify=args.verify,
+            external_data_threshold_bytes=external_data_threshold_bytes,
+        )
     except (ModelSpecError, EngineError, ValueError, FileNotFoundError) as exc:
         print(f"vitserve export: error: {exc}", file=sys.stderr)
         return 2

@@ -36,16 +36,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import onnx
 import torch
 
+from model.checkpoint import import_checkpoint
 from model.config import ViTConfig
+from model.hybrid import fold_weight_standardization
+from model.onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, save_onnx
+from model.quantize import quantize_int8
+from model.verify import VerifyReport, verify_export
 from service.core.metadata import ModelMetadata, Preprocessing
-
-if TYPE_CHECKING:
-    from model.verify import VerifyReport
 
 Precision = Literal["fp32", "fp16", "int8"]
 Target = Literal["gpu", "cpu"]
@@ -61,9 +63,6 @@ DEFAULT_OPSET = 23
 # The newest opset torch 2.14 + onnxscript 0.7 convert ViT to (26 fails on Gelu and the exporter
 # silently falls back to opset 18); ONNX Runtime 1.31 runs 23-25.
 MAX_OPSET = 25
-# Protobuf cannot serialise a message over 2 GiB; above this many bytes of weights they go to
-# ``<name>.onnx.data`` next to the model (ViT-H fp32 is 2.5 GB). The margin covers the graph itself.
-DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES = 2000 * 1024**2
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 ATTENTION_OP = "Attention"  # the standard ONNX op, default domain
@@ -122,6 +121,7 @@ def torch_to_onnx(module: torch.nn.Module, config: ViTConfig, *, opset: int = DE
     # Example batch 2, not 1: torch.export specialises a size-1 dimension to a constant.
     example = torch.zeros(2, config.in_chans, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    module = fold_weight_standardization(module)  # a hybrid's convs as plain Conv with fixed weights
     was_training = module.training
     module.eval()
     try:
@@ -194,6 +194,10 @@ def build_metadata(
         "attention_op": ATTENTION_OP,
         "exporter": f"torch {torch.__version__}, onnxscript {onnxscript.__version__}, onnx {onnx.__version__}",
     }
+    if config.is_hybrid:
+        # The hybrid's patches come from a CNN: say which, and at what stride (patch_size is on its map).
+        extra["backbone"] = config.backbone_name
+        extra["backbone_stride"] = str(config.backbone_stride)
     if precision == "int8":
         import onnxruntime
 
@@ -259,63 +263,22 @@ def export_model(
     steps = ["export to ONNX"] + (["quantize int8"] if precision == "int8" else []) + ["write"]
     with tqdm(total=len(steps), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
         bar.set_description(f"{steps[0]} ({precision}, opset {opset})")
-        module = Fp16Graph(model) if precision == "fp16" else model
+        # Standardise a hybrid's conv weights in fp32, before any cast to half.
+        module = fold_weight_standardization(model)
+        module = Fp16Graph(module) if precision == "fp16" else module
         graph = torch_to_onnx(module, config, opset=opset)
         bar.update()
         if precision == "int8":
-            from model.quantize import quantize_int8
-
             bar.set_description("quantize int8")
             graph = quantize_int8(graph)
             bar.update()
         bar.set_description("write")
         onnx.helper.set_model_props(graph, metadata.to_props())
-        external = save_model(graph, output, external_data_threshold_bytes=external_data_threshold_bytes)
+        external = save_onnx(graph, output, external_data_threshold_bytes=external_data_threshold_bytes)
         bar.update()
     path = Path(output)
     size = path.stat().st_size + (external.stat().st_size if external else 0)
     return ExportResult(path=path, external_data=external, metadata=metadata, file_bytes=size)
-
-
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of weights held in the graph (raw or typed fields alike)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
-
-
-def save_model(
-    model: onnx.ModelProto,
-    output: str | os.PathLike,
-    *,
-    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
-) -> Path | None:
-    """Write ``model``; weights over the threshold go to ``<output>.data``. Returns that file or None."""
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + ".data")
-    # onnx appends to an existing external-data file, so a stale one from an earlier export would
-    # be silently kept in front of the new weights.
-    data_path.unlink(missing_ok=True)
-    if initializer_bytes(model) <= external_data_threshold_bytes:
-        onnx.save_model(model, path)
-        return None
-    onnx.save_model(
-        model,
-        path,
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_path.name,
-        size_threshold=1024,
-    )
-    # onnx creates the weights file 0600; a service running as another user (the Docker image)
-    # could then read the model but not its weights. Give it the .onnx file's umask-made mode.
-    data_path.chmod(path.stat().st_mode & 0o777)
-    return data_path
 
 
 def export_checkpoint(
@@ -338,8 +301,6 @@ def export_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from model.checkpoint import import_checkpoint
-
     precision = resolve_precision(precision, target)
     check_options(precision, opset)
     with tqdm(total=1, desc=f"import {source}", disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
@@ -360,8 +321,6 @@ def export_checkpoint(
     )
     report = None
     if verify:
-        from model.verify import verify_export
-
         report = verify_export(result.path, loaded.model, expected_sha256=loaded.weights_sha256, progress=progress)
         report.raise_for_failures()
     return result, report

@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from model.checkpoint import (
+from model.config import ViTConfig
+from model.convert.raw import (
     CheckpointError,
-    LoadedCheckpoint,
     RawCheckpoint,
-    assemble,
     check_state_dict,
     preprocessing_from_dict,
     read_json,
     read_state_dict_file,
 )
-from model.config import ViTConfig
 from model.labels import check_labels
 from service.core.metadata import Preprocessing
 
@@ -59,8 +58,6 @@ def save_native(
         source: where the weights came from (e.g. the checkpoint that was fine-tuned).
         extra: JSON-serialisable provenance (training recipe, dataset, metrics...).
     """
-    from safetensors.torch import save_file
-
     labels = check_labels(labels, config.num_classes)
     # Weights saved as fp32: the format is the reference copy, precision is chosen at export.
     state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -83,7 +80,7 @@ def save_native(
 
 
 def read_native(directory: str | os.PathLike) -> RawCheckpoint:
-    """Read a native checkpoint's weights and description, unchecked (see ``load_native``)."""
+    """Read a native checkpoint's weights and description, unchecked (model.checkpoint.load_native checks and loads)."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     document = read_json(config_path)
@@ -109,8 +106,3 @@ def read_native(directory: str | os.PathLike) -> RawCheckpoint:
         origin=str(document.get("source", "")),
         extra=dict(document.get("extra") or {}),
     )
-
-
-def load_native(directory: str | os.PathLike) -> LoadedCheckpoint:
-    """Load a directory written by ``save_native``; its ``source`` is the directory, ``origin`` the recorded source."""
-    return assemble(read_native(directory), str(directory))

@@ -5,6 +5,8 @@ An export is verified, not trusted (shared/DESIGN.md). Checks:
   in and ``logits`` [batch, K] out; anything else is an ExportFileError with one clear sentence;
 - fused attention nodes == depth, and no Softmax anywhere in the graph (each would mean an
   unfused MatMul-Softmax-MatMul attention);
+- for a hybrid: one GroupNormalization node per GroupNorm of the PyTorch model, and no
+  BatchNormalization (its weight standardisation is folded into the Conv weights at export);
 - ONNX Runtime (CPU provider, deterministic) vs the fp32 PyTorch model on two input sets, random
   normal inputs and real photographs (skimage.data, preprocessed exactly as the service does):
   max abs diff of logits within a bound relative to the logit scale, and top-1 agreement.
@@ -29,16 +31,9 @@ import numpy as np
 import onnx
 
 from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
+from service.core.onnx_facts import is_fused_attention
 
-# (domain, op_type) of the nodes that compute a whole attention; "" and "ai.onnx" are the standard domain.
-FUSED_ATTENTION_OPS = frozenset(
-    {
-        ("", "Attention"),
-        ("ai.onnx", "Attention"),
-        ("com.microsoft", "MultiHeadAttention"),
-        ("com.microsoft", "Attention"),
-    }
-)
+GROUP_NORM_OP = "GroupNormalization"  # opset 21+: what a hybrid's GroupNorm exports to
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 NUM_RANDOM = 8
 
@@ -131,6 +126,7 @@ class VerifyReport:
     depth: int
     parity: list[Parity] = field(default_factory=list)
     weights_match: bool | None = None  # the source's weights hash vs the file's, when both are known
+    group_norms: int = 0  # GroupNorm layers of the PyTorch model (a hybrid's backbone), each one ONNX node
 
     def failures(self) -> list[str]:
         out = []
@@ -139,6 +135,11 @@ class VerifyReport:
             out.append(f"{graph.fused_attention} fused attention nodes, expected depth {self.depth}")
         if graph.softmax:
             out.append(f"{graph.softmax} Softmax node(s) outside fused attention")
+        group_norm_nodes = graph.op_counts.get(GROUP_NORM_OP, 0)
+        if group_norm_nodes != self.group_norms:
+            out.append(f"{group_norm_nodes} {GROUP_NORM_OP} nodes, expected {self.group_norms} (one per GroupNorm)")
+        if batch_norms := graph.op_counts.get("BatchNormalization", 0):
+            out.append(f"{batch_norms} BatchNormalization node(s): weight standardisation was not folded at export")
         if self.weights_match is False:
             out.append(
                 f"the file was exported from other weights (sha256 {self.info.metadata.weights_sha256[:12]}) "
@@ -171,7 +172,7 @@ def graph_stats(model: onnx.ModelProto) -> GraphStats:
     fused = softmax = 0
     for node in _all_nodes(model):
         counts[node.op_type] += 1
-        if (node.domain, node.op_type) in FUSED_ATTENTION_OPS:
+        if is_fused_attention(node.domain, node.op_type):
             fused += 1
         elif node.op_type == "Softmax":
             softmax += 1
@@ -333,7 +334,8 @@ def verify_export(
     info = inspect_export(path)
     meta = info.metadata
     tolerance = TOLERANCES[meta.precision]
-    report = VerifyReport(info=info, depth=torch_model.config.depth)
+    group_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in torch_model.modules())
+    report = VerifyReport(info=info, depth=torch_model.config.depth, group_norms=group_norms)
     if expected_sha256 and meta.weights_sha256:
         report.weights_match = expected_sha256 == meta.weights_sha256
     input_sets = {
@@ -408,6 +410,12 @@ def format_summary(info: ExportInfo, report: VerifyReport | None = None) -> str:
         f"graph         opset {graph.opset}, {graph.node_count} nodes ({top_ops})",
         f"attention     {graph.fused_attention} fused node(s) for depth {depth}, {graph.softmax} Softmax outside them",
     ]
+    if "backbone" in meta.extra:
+        lines.append(
+            f"backbone      {meta.extra['backbone']}, stride {meta.extra.get('backbone_stride', '?')}: "
+            f"{graph.op_counts.get(GROUP_NORM_OP, 0)} {GROUP_NORM_OP}, "
+            f"{graph.op_counts.get('BatchNormalization', 0)} BatchNormalization"
+        )
     if report is None:
         lines.append("verification  skipped")
         return "\n".join(lines)

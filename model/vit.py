@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ViTConfig
+from model.hybrid import HybridEmbed
 
 
 class PatchEmbed(nn.Module):
@@ -88,7 +89,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         D = config.embed_dim
-        self.patch_embed = PatchEmbed(config)
+        # The paper's hybrid (Sec. 3.1) cuts the patches from a CNN feature map instead (model/hybrid.py).
+        self.patch_embed = HybridEmbed(config) if config.is_hybrid else PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if config.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + config.num_prefix_tokens, D))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/train_digits.py            # writes models/digits/ (checkpoint, model.onnx, README.md)
 
 Recipe: scikit-learn's 1,797 handwritten digits (8x8, ink 0..16) rendered as 32x32 RGB PNG files,
-dark ink on white (model/datasets.py); 20% of every digit held out with a fixed seed and never
+dark ink on white (scripts/digits_data.py); 20% of every digit held out with a fixed seed and never
 trained on; a ViT with patch 8 (16 tokens), D=96, depth 6, 4 heads, trained from random weights
 by `model.finetune` (mode "full", AdamW, cosine schedule, small random rotations/scalings/shifts);
 exported to fp32 ONNX by `model.export`; accuracy measured on the held-out images through that
@@ -26,9 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import LoadedCheckpoint, state_dict_sha256
-from model.config import ViTConfig
-from model.datasets import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages first
+
+from model.checkpoint import LoadedCheckpoint, state_dict_sha256  # noqa: E402
+from model.config import ViTConfig  # noqa: E402
+from model.finetune import FinetuneOptions, finetune  # noqa: E402
+from model.vit import VisionTransformer  # noqa: E402
+from scripts.digits_data import (  # noqa: E402
     DIGITS_HELDOUT_FRACTION,
     DIGITS_SIZE,
     DIGITS_SPLIT_SEED,
@@ -36,9 +40,7 @@ from model.datasets import (
     heldout_digit_pixels,
     write_digits_folder,
 )
-from model.finetune import FinetuneOptions, finetune
-from model.vit import VisionTransformer
-from service.core.metadata import Preprocessing
+from service.core.metadata import Preprocessing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = Path("models/digits")  # relative to the repository: it is the `source` recorded in the ONNX metadata
@@ -124,6 +126,54 @@ def write_readme(output: Path, accuracy: float, count: int, train_seconds: float
     onnx_kb = (output / "model.onnx").stat().st_size / 1024
     params = sum(p.numel() for p in VisionTransformer(CONFIG).parameters())
     val = result.val_accuracy
+    sha = file_sha256(output / "model.safetensors")
+    rows = [
+        (
+            "held-out accuracy",
+            f"**{accuracy:.2%}** ({round(accuracy * count)}/{count} images never trained on), "
+            "measured through `model.onnx` with the service's preprocessing",
+        ),
+        ("validation accuracy during training", f"{val:.2%} (10% of the training split)"),
+        (
+            "architecture",
+            f"ViT, image {CONFIG.image_size}, patch {CONFIG.patch_size} ({CONFIG.num_patches} tokens + class token), "
+            f"D={CONFIG.embed_dim}, depth {CONFIG.depth}, {CONFIG.num_heads} heads, MLP {CONFIG.mlp_dim}; "
+            f"{params:,} parameters",
+        ),
+        ("labels", '"0" .. "9"'),
+        (
+            "preprocessing",
+            f"shortest side to {PREPROCESSING.resize_size} ({PREPROCESSING.interpolation}), "
+            f"centre crop {PREPROCESSING.image_size}, mean = std = 0.5",
+        ),
+        (
+            "files",
+            f"`model.safetensors` + `vitserve.json` (native checkpoint, {ckpt_kb:.0f} KiB), "
+            f"`model.onnx` (fp32, {onnx_kb:.0f} KiB)",
+        ),
+        (
+            "data",
+            "`sklearn.datasets.load_digits`, rendered 32x32 RGB PNG, dark ink on white, bicubic upsampling; "
+            f"held out: {DIGITS_HELDOUT_FRACTION:.0%} of every digit, seed {DIGITS_SPLIT_SEED}",
+        ),
+        (
+            "recipe",
+            f"mode full from random init, {OPTIONS.epochs} epochs, batch {OPTIONS.batch_size}, AdamW lr {OPTIONS.lr} "
+            f"(warm-up {OPTIONS.warmup_fraction:.0%}, cosine), weight decay {OPTIONS.weight_decay}, "
+            f"label smoothing {OPTIONS.label_smoothing}, random rotation/scale/shift, seed {SEED}",
+        ),
+        (
+            "weights",
+            f"sha256 of the safetensors file `{sha}` "
+            "(a rerun of the command below on the same machine reproduces it bit for bit)",
+        ),
+        (
+            "training time",
+            f"{train_seconds / 60:.1f} min, {NUM_THREADS} CPU thread "
+            f"({platform.machine()}, torch {torch.__version__}, shared with other jobs)",
+        ),
+    ]
+    table = "\n".join(["| | |", "| --- | --- |", *(f"| {key} | {value} |" for key, value in rows)])
     text = f"""# The bundled demo model: a tiny ViT for handwritten digits
 
 `make run` serves `model.onnx` from this folder: a Vision Transformer trained **from scratch** by
@@ -132,18 +182,7 @@ pixels, shipped inside the scikit-learn wheel, so everything works offline). It 
 digit, drawn dark on a light background; it is a demo, not an ImageNet classifier (see the
 repository README for serving the real ViT-B/16).
 
-| | |
-| --- | --- |
-| held-out accuracy | **{accuracy:.2%}** ({round(accuracy * count)}/{count} images never trained on), measured through `model.onnx` with the service's preprocessing |
-| validation accuracy during training | {val:.2%} (10% of the training split) |
-| architecture | ViT, image {CONFIG.image_size}, patch {CONFIG.patch_size} ({CONFIG.num_patches} tokens + class token), D={CONFIG.embed_dim}, depth {CONFIG.depth}, {CONFIG.num_heads} heads, MLP {CONFIG.mlp_dim}; {params:,} parameters |
-| labels | "0" .. "9" |
-| preprocessing | shortest side to {PREPROCESSING.resize_size} ({PREPROCESSING.interpolation}), centre crop {PREPROCESSING.image_size}, mean = std = 0.5 |
-| files | `model.safetensors` + `vitserve.json` (native checkpoint, {ckpt_kb:.0f} KiB), `model.onnx` (fp32, {onnx_kb:.0f} KiB) |
-| data | `sklearn.datasets.load_digits`, rendered 32x32 RGB PNG, dark ink on white, bicubic upsampling; held out: {DIGITS_HELDOUT_FRACTION:.0%} of every digit, seed {DIGITS_SPLIT_SEED} |
-| recipe | mode full from random init, {OPTIONS.epochs} epochs, batch {OPTIONS.batch_size}, AdamW lr {OPTIONS.lr} (warm-up {OPTIONS.warmup_fraction:.0%}, cosine), weight decay {OPTIONS.weight_decay}, label smoothing {OPTIONS.label_smoothing}, random rotation/scale/shift, seed {SEED} |
-| weights | sha256 of the safetensors file `{file_sha256(output / "model.safetensors")}` (a rerun of the command below on the same machine reproduces it bit for bit) |
-| training time | {train_seconds / 60:.1f} min, {NUM_THREADS} CPU thread ({platform.machine()}, torch {torch.__version__}, shared with other jobs) |
+{table}
 
 Reproduce (from the repository root; it rewrites this folder, README included):
 

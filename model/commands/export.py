@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -53,10 +54,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     export.add_argument(
+        "--golden",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="IMAGE",
+        help="images whose top-1 (from the exported file) a server checks before a new version takes traffic",
+    )
+    export.add_argument(
         "--external-data-threshold-mb",
         type=float,
-        default=2000.0,
-        help="weights above this many MiB go to <output>.data (protobuf's limit is 2 GiB)",
+        default=None,
+        help="weights above this many MiB go to <output>.data (default 2000; protobuf's limit is 2 GiB)",
     )
     _add_checkpoint_options(export)
     from service.core.model_spec import add_spec_arguments
@@ -94,7 +103,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"vitserve export: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.from_onnx:
-        return run_from_onnx(args)
+        code = run_from_onnx(args, external_data_threshold_bytes=external_data_threshold_bytes(args))
+        return code if code else _write_golden(args)
     from model.export import ExportError, export_checkpoint
     from model.verify import ExportFileError, VerificationFailed, format_summary, inspect_export
 
@@ -108,7 +118,7 @@ def run_export(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
             image_size=args.image_size,
             opset=args.opset,
-            external_data_threshold_bytes=int(args.external_data_threshold_mb * 1024**2),
+            external_data_threshold_bytes=external_data_threshold_bytes(args),
             verify=args.verify,
             progress=args.progress,
         )
@@ -123,6 +133,20 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"vitserve export: error: {_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_summary(report.info if report else inspect_export(result.path), report))
+    return _write_golden(args)
+
+
+def _write_golden(args: argparse.Namespace) -> int:
+    if not args.golden:
+        return 0
+    from model.golden import GoldenError, add_golden_images
+
+    try:
+        entries = add_golden_images(args.output, args.golden)
+    except GoldenError as exc:
+        print(f"vitserve export: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("golden images: " + ", ".join(f"{e['name']} -> class {e['top1']}" for e in entries))
     return 0
 
 
@@ -146,6 +170,15 @@ def run_verify(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(format_summary(report.info, report))
     return 0 if report.passed else EXIT_VERIFICATION_FAILED
+
+
+def external_data_threshold_bytes(args: argparse.Namespace) -> int:
+    """--external-data-threshold-mb in bytes; model/onnx_io.py's default when not given."""
+    from model.onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
+
+    if args.external_data_threshold_mb is None:
+        return DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES
+    return int(args.external_data_threshold_mb * 1024**2)
 
 
 def _message(exc: BaseException) -> str:

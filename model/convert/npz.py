@@ -16,20 +16,34 @@ The layout is the one timm's ``_load_weights`` reads (google-research/vision_tra
 Flax Dense kernels are (in, out); torch Linear weights are (out, in), hence the transposes.
 LayerNorm "scale" is torch's "weight". Old releases nest everything under "opt/target/".
 A released pre_logits layer (the 21k models' representation layer) has no place in this model.
+
+The hybrids (R50+ViT-B/16, R26+ViT-S/32, R+Ti/16 releases) add their ResNetV2 backbone, told by
+its one telltale path ``conv_root/kernel`` (model/hybrid.py has the architecture):
+
+    conv_root/kernel (7, 7, 3, 64), gn_root/{scale,bias}  -> patch_embed.backbone.stem.{conv,norm}
+                                                             (patch_embed.backbone.{conv,norm} with no stages)
+    block{s+1}/unit{b+1}/conv{k}/kernel, gn{k}/...        -> ...stages.s.blocks.b.conv{k}, norm{k}   (1-based)
+    block{s+1}/unit1/conv_proj/kernel, gn_proj/...        -> ...stages.s.blocks.0.downsample.{conv,norm}
+
+GroupNorm scale and bias may be stored as (1, 1, 1, C); the patch projection ``embedding`` is then a
+(P, P, C_feature, D) kernel over the feature map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, RawCheckpoint, StateDict, read_npz_file
 from model.config import ViTConfig
+from model.convert.raw import CheckpointError, RawCheckpoint, StateDict, read_npz_file
 
 _PREFIXES = ("opt/target/", "params/")
+_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
+BACKBONE_TELLTALE = "conv_root/kernel"
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -49,9 +63,12 @@ def convert(weights: Mapping[str, np.ndarray]) -> StateDict:
     def take(path: str) -> np.ndarray | None:
         return w.pop(path, None)
 
-    def put(name: str, array: np.ndarray | None, transform=lambda a: a) -> None:
+    def put(name: str, array: np.ndarray | None, transform: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> None:
         if array is not None:
             out[name] = _tensor(transform(array))
+
+    if BACKBONE_TELLTALE in w:
+        _convert_backbone(take, put, w)
 
     put("patch_embed.proj.weight", take("embedding/kernel"), lambda a: a.transpose(3, 2, 0, 1))  # HWIO -> OIHW
     put("patch_embed.proj.bias", take("embedding/bias"))
@@ -89,6 +106,36 @@ def convert(weights: Mapping[str, np.ndarray]) -> StateDict:
     for path, array in w.items():  # leftovers: unknown to this layout, reported by the strict check
         out[path] = _tensor(array)
     return out
+
+
+def _hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
+    return kernel.transpose(3, 2, 0, 1)
+
+
+def _convert_backbone(
+    take: Callable[[str], np.ndarray | None],
+    put: Callable[..., None],
+    weights: Mapping[str, np.ndarray],
+) -> None:
+    """The hybrid's ResNetV2: stem, then every block{s}/unit{b} present (a missing one is named by the check)."""
+    units = sorted({(int(m.group(1)), int(m.group(2))) for k in weights if (m := _UNIT.match(k))})
+    stem = "patch_embed.backbone." if not units else "patch_embed.backbone.stem."
+
+    def flat(a: np.ndarray) -> np.ndarray:
+        return a.reshape(-1)  # GroupNorm scale/bias, (1, 1, 1, C) in some releases
+
+    put(stem + "conv.weight", take("conv_root/kernel"), _hwio_to_oihw)
+    put(stem + "norm.weight", take("gn_root/scale"), flat)
+    put(stem + "norm.bias", take("gn_root/bias"), flat)
+    for s, b in units:
+        src, dst = f"block{s}/unit{b}/", f"patch_embed.backbone.stages.{s - 1}.blocks.{b - 1}."
+        for k in (1, 2, 3):
+            put(f"{dst}conv{k}.weight", take(f"{src}conv{k}/kernel"), _hwio_to_oihw)
+            put(f"{dst}norm{k}.weight", take(f"{src}gn{k}/scale"), flat)
+            put(f"{dst}norm{k}.bias", take(f"{src}gn{k}/bias"), flat)
+        put(dst + "downsample.conv.weight", take(src + "conv_proj/kernel"), _hwio_to_oihw)
+        put(dst + "downsample.norm.weight", take(src + "gn_proj/scale"), flat)
+        put(dst + "downsample.norm.bias", take(src + "gn_proj/bias"), flat)
 
 
 def read_file(path: Path, config: ViTConfig) -> RawCheckpoint:

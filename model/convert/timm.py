@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import (
+from model.config import ViTConfig, config_from_name
+from model.convert.raw import (
     CheckpointError,
     RawCheckpoint,
     StateDict,
     read_json,
     read_state_dict_file,
 )
-from model.config import ViTConfig, config_from_name
 from service.core.metadata import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 
 # What `timm:<name>` downloads from the hub repo timm/<name>.

@@ -29,6 +29,13 @@ _FLAGS = (
     ("--intra-op-threads", "intra_op_threads", int, "ONNX Runtime threads (0 = one per core)"),
     ("--providers", "providers", str, "provider order, e.g. cuda,cpu (default: automatic)"),
     ("--log-level", "log_level", str, "debug, info, warning, error"),
+    # Many models and versions (README: "A model repository")
+    ("--model-repository", "model_repository", str, "serve DIR/<name>/<version>/model.onnx instead of one --model"),
+    ("--model-name", "model_name", str, "name the --model file is served under (default: its architecture)"),
+    ("--default-model", "default_model", str, "model /v1/classify serves in a repository"),
+    ("--repository-poll-s", "repository_poll_s", float, "re-scan the repository this often (0 = on load calls)"),
+    ("--model-memory-budget-bytes", "model_memory_budget_bytes", int, "most bytes of model weights loaded at once"),
+    ("--cache-entries", "cache_entries", int, "results kept in the response cache (0 = off)"),
     # GPU engine options (off until a GPU benchmark shows they pay; bench/README.md)
     ("--batch-buckets", "batch_buckets", str, "batch sizes every run is padded to and warmed at, e.g. 1,8,32"),
     ("--cuda-graphs", "cuda_graphs", str, "true/false: one CUDA graph per batch bucket (needs --batch-buckets)"),

@@ -13,6 +13,8 @@ from typing import Literal
 
 FORMAT_VERSION = "1"
 PREFIX = "vitserve."
+# vitserve.golden: [{"name", "image" (base64), "top1"}], written by `vitserve export --golden`.
+GOLDEN_KEY = "golden"
 # The vitserve.* keys every export carries (format version 1); the rest are optional.
 REQUIRED_KEYS = (
     "architecture",

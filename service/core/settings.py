@@ -139,6 +139,24 @@ class Settings(BaseSettings):
         20.0, ge=0, le=10_000, description="online lane quiet time before a job batch may run"
     )
 
+    # Many models and versions (service/core/repository.py, service/serving/registry.py).
+    model_repository: Path | None = Field(
+        None, description="serve DIR/<name>/<version>/model.onnx instead of the one --model file"
+    )
+    model_name: str | None = Field(None, description="name the --model file is served under; unset = its architecture")
+    default_model: str | None = Field(
+        None, description="model that /v1/classify serves in a repository; unset = the only one, or the first by name"
+    )
+    repository_poll_s: float = Field(
+        0.0, ge=0, le=86_400, description="re-scan the repository for new versions this often; 0 = only on load calls"
+    )
+    model_memory_budget_bytes: int = Field(
+        0, ge=0, description="most bytes of model weights loaded at once; 0 = host memory is the only bound"
+    )
+    cache_entries: int = Field(
+        0, ge=0, le=10_000_000, description="results kept in the per-process response cache; 0 = no cache"
+    )
+
     # Model description for ONNX files without vitserve metadata (service/core/model_spec.py): each
     # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
     image_size: int | None = Field(None, ge=1, description="side of the square model input, pixels")
@@ -158,10 +176,10 @@ class Settings(BaseSettings):
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("job_root", mode="before")
+    @field_validator("job_root", "model_repository", "model_name", "default_model", mode="before")
     @classmethod
     def _empty_root_is_none(cls, value):
-        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory.
+        # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory (and so on).
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator(

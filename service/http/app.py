@@ -17,6 +17,7 @@ from service.core.settings import Settings, get_settings
 from service.http import jobs, page, v1
 from service.http.errors import install_error_handlers
 from service.http.middleware import ServiceMiddleware
+from service.http.v2 import repository as v2_repository
 from service.http.v2 import router as v2
 from service.runtime.engine_protocol import InferenceEngine
 from service.serving import lifecycle
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, *, engine: InferenceEngine | No
     app.include_router(v1.health_router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(v2_repository.router)
     app.include_router(page.router)
     app.include_router(jobs.router)
     return app

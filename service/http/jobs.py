@@ -235,9 +235,16 @@ async def _job_or_404(runner: JobRunner, job_id: str) -> JobRecord:
     'server\'s VITSERVE_JOB_ROOT (JSON lines, multipart field `manifest`, or JSON `{"paths": [...]}`). '
     "Answers 202 with the job at once; poll GET /v1/jobs/{id}, then read /v1/jobs/{id}/results.",
 )
-async def create_job(request: Request, top_k: int = Query(5, description="classes per image in the results")):
+async def create_job(
+    request: Request,
+    top_k: int = Query(5, description="classes per image in the results"),
+    model: str | None = Query(None, description="model to score with; default: the default model"),
+    version: int | None = Query(None, ge=1, description="its version; default: the one serving now"),
+):
     state = service_state(request)
     settings = state.settings
+    # The job is pinned to the version serving now: a later swap does not change its answers.
+    lane = state.models.resolve(model, version)
     if not 1 <= top_k <= settings.max_top_k:
         raise BadRequest(f"top_k must be between 1 and {settings.max_top_k}, got {top_k}")
     kind = _input_kind(request, settings)  # 415 / 403 / 413 before a byte of the body is read
@@ -256,8 +263,9 @@ async def create_job(request: Request, top_k: int = Query(5, description="classe
             runner.store.create_job,
             job_id,
             kind=source,
-            top_k=min(top_k, state.metadata.num_classes),
-            model=state.metadata.architecture,
+            top_k=min(top_k, lane.metadata.num_classes),
+            model=lane.name,
+            model_version=lane.version,
             items=items,
         )
     except OSError as exc:

@@ -68,7 +68,7 @@ class DrainingServer(uvicorn.Server):
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
-            f"vitserve: serving {self.state.metadata.architecture} on http://{host}:{port} "
+            f"vitserve: serving {', '.join(sorted(self.state.models.known)) or 'no model'} on http://{host}:{port} "
             f"(API docs: http://{host}:{port}/docs)",
             flush=True,
         )

@@ -18,7 +18,9 @@ from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, Servi
 from service.http.deps import ReadyState, State, client_gone, media_type
 from service.http.json_body import JsonBounds, parse_json_off_loop
 from service.runtime.postprocess import top_k as top_k_of
+from service.serving.cache import image_digest
 from service.serving.inference import classify_bytes, request_decodes
+from service.serving.registry import ModelLane, VersionState
 from service.serving.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -137,11 +139,19 @@ _BATCH_BODY = {
 }
 
 
-def _check_top_k(state: ServiceState, top_k: int) -> int:
+def _check_top_k(state: ServiceState, lane: ModelLane, top_k: int) -> int:
     limit = state.settings.max_top_k
     if not 1 <= top_k <= limit:
         raise BadRequest(f"top_k must be between 1 and {limit}, got {top_k}")
-    return min(top_k, state.metadata.num_classes)  # asking for more classes than exist returns them all
+    return min(top_k, lane.metadata.num_classes)  # asking for more classes than exist returns them all
+
+
+def _version(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit() or int(version) < 1:
+        raise BadRequest(f"model version must be a positive integer, got {version!r}")
+    return int(version)
 
 
 async def _form(request: Request, max_files: int):
@@ -161,41 +171,73 @@ async def _upload_bytes(upload: Any, field: str) -> bytes:
     return await upload.read()
 
 
-@router.post(
-    "/classify",
-    summary="Classify one image",
-    description="Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
+_CLASSIFY_ROUTE = {
+    "summary": "Classify one image",
+    "description": "Send the image as the raw body (Content-Type image/jpeg, png, webp, gif, bmp, tiff) "
     "or as multipart/form-data field `file`. Returns the top-k classes.",
-    response_model=ClassifyResponse,
-    responses=_ERRORS,
-    openapi_extra=_CLASSIFY_BODY,
+    "response_model": ClassifyResponse,
+    "responses": _ERRORS,
+    "openapi_extra": _CLASSIFY_BODY,
+}
+_TOP_K = Query(5, description="how many classes to return")
+
+
+@router.post("/classify", **_CLASSIFY_ROUTE)
+async def classify(request: Request, state: ReadyState, top_k: int = _TOP_K) -> Response:
+    return await _classify(request, state, None, None, top_k)
+
+
+@router.post("/models/{model_name}/classify", **{**_CLASSIFY_ROUTE, "summary": "Classify one image (one model)"})
+async def classify_with_model(request: Request, state: ReadyState, model_name: str, top_k: int = _TOP_K) -> Response:
+    return await _classify(request, state, model_name, None, top_k)
+
+
+@router.post(
+    "/models/{model_name}/versions/{model_version}/classify",
+    **{**_CLASSIFY_ROUTE, "summary": "Classify one image (one model version)"},
 )
-async def classify(
-    request: Request, state: ReadyState, top_k: int = Query(5, description="how many classes to return")
+async def classify_with_version(
+    request: Request, state: ReadyState, model_name: str, model_version: str, top_k: int = _TOP_K
 ) -> Response:
-    k = _check_top_k(state, top_k)
-    deadline = state.deadline()
+    return await _classify(request, state, model_name, _version(model_version), top_k)
+
+
+async def _classify(
+    request: Request, state: ServiceState, model_name: str | None, version: int | None, top_k: int
+) -> Response:
+    async with state.models.lease(model_name, version) as lane:
+        k = _check_top_k(state, lane, top_k)
+        deadline = state.deadline()
+        data = await _single_image(request)
+        key = (lane.name, lane.version, image_digest(data), k)
+        predictions = state.cache.get(key)
+        if predictions is not None:
+            timing_ms = {"queue": 0.0, "preprocess": 0.0, "inference": 0.0, "total": 0.0}
+        else:
+            logits, timing_ms = await classify_bytes(
+                state, data, deadline=deadline, client_gone=client_gone(request), lane=lane
+            )
+            predictions = top_k_of(logits, lane.metadata.labels, k)
+            state.cache.put(key, predictions)
+        return JSONResponse(
+            {"model": lane.name, "version": lane.version, "predictions": predictions, "timing_ms": timing_ms}
+        )
+
+
+async def _single_image(request: Request) -> bytes:
+    """The one image of a /classify request: the raw body, or multipart field ``file``."""
     content_type = media_type(request)
     if content_type == "multipart/form-data":
         form = await _form(request, max_files=1)
         try:
             if "file" not in form:
                 raise BadRequest(f"multipart body needs a file field named 'file' (got fields {sorted(form.keys())})")
-            data = await _upload_bytes(form["file"], "file")
+            return await _upload_bytes(form["file"], "file")
         finally:
             await form.close()  # spooled temporary files go now, not at garbage collection
-    elif content_type in IMAGE_TYPES:
-        data = await request.body()
-    else:
-        raise UnsupportedMediaType(f"Content-Type {content_type or '(none)'!r} is not supported; send {_ACCEPTED}")
-    logits, timing_ms = await classify_bytes(state, data, deadline=deadline, client_gone=client_gone(request))
-    return JSONResponse(
-        {
-            "model": state.metadata.architecture,
-            "predictions": top_k_of(logits, state.metadata.labels, k),
-            "timing_ms": timing_ms,
-        }
-    )
+    if content_type in IMAGE_TYPES:
+        return await request.body()
+    raise UnsupportedMediaType(f"Content-Type {content_type or '(none)'!r} is not supported; send {_ACCEPTED}")
 
 
 def _decode_base64(value: Any, item_id: str) -> bytes:
@@ -267,36 +309,69 @@ async def _batch_inputs(
     return items, top_k
 
 
-@router.post(
-    "/classify/batch",
-    summary="Classify many images in one request",
-    description='multipart/form-data with many `files`, or JSON `{"images": [{"id": str, "data": base64}], '
+_BATCH_ROUTE = {
+    "summary": "Classify many images in one request",
+    "description": 'multipart/form-data with many `files`, or JSON `{"images": [{"id": str, "data": base64}], '
     '"top_k": 5}`. Every image goes through the batcher concurrently and gets its own result or '
     "its own error; one bad image never fails the others.",
-    response_model=BatchResponse,
-    responses=_ERRORS,
-    openapi_extra=_BATCH_BODY,
+    "response_model": BatchResponse,
+    "responses": _ERRORS,
+    "openapi_extra": _BATCH_BODY,
+}
+_BATCH_TOP_K = Query(None, description="overrides the JSON top_k")
+
+
+@router.post("/classify/batch", **_BATCH_ROUTE)
+async def classify_batch(request: Request, state: ReadyState, top_k: int | None = _BATCH_TOP_K) -> Response:
+    return await _classify_batch(request, state, None, None, top_k)
+
+
+@router.post("/models/{model_name}/classify/batch", **{**_BATCH_ROUTE, "summary": "Classify many images (one model)"})
+async def classify_batch_with_model(
+    request: Request, state: ReadyState, model_name: str, top_k: int | None = _BATCH_TOP_K
+) -> Response:
+    return await _classify_batch(request, state, model_name, None, top_k)
+
+
+@router.post(
+    "/models/{model_name}/versions/{model_version}/classify/batch",
+    **{**_BATCH_ROUTE, "summary": "Classify many images (one model version)"},
 )
-async def classify_batch(
-    request: Request, state: ReadyState, top_k: int | None = Query(None, description="overrides the JSON top_k")
+async def classify_batch_with_version(
+    request: Request, state: ReadyState, model_name: str, model_version: str, top_k: int | None = _BATCH_TOP_K
+) -> Response:
+    return await _classify_batch(request, state, model_name, _version(model_version), top_k)
+
+
+async def _classify_batch(
+    request: Request, state: ServiceState, model_name: str | None, version: int | None, top_k: int | None
 ) -> Response:
     started = time.perf_counter()
-    deadline = state.deadline()
-    items, json_top_k = await _batch_inputs(request, state)
-    k = _check_top_k(state, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
-    gone = client_gone(request)
-    decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all the images
+    async with state.models.lease(model_name, version) as lane:
+        deadline = state.deadline()
+        items, json_top_k = await _batch_inputs(request, state)
+        k = _check_top_k(state, lane, top_k if top_k is not None else (json_top_k if json_top_k is not None else 5))
+        gone = client_gone(request)
+        decodes = request_decodes(state, deadline, gone)  # one pixel budget and decode share for all the images
 
-    async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
-        if isinstance(data, ServiceError):
-            return {"id": item_id, "error": data.to_dict()}, None
-        try:
-            logits, timing = await classify_bytes(state, data, deadline=deadline, client_gone=gone, decodes=decodes)
-        except ServiceError as exc:
-            return {"id": item_id, "error": exc.to_dict()}, None
-        return {"id": item_id, "predictions": top_k_of(logits, state.metadata.labels, k)}, timing
+        async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
+            if isinstance(data, ServiceError):
+                return {"id": item_id, "error": data.to_dict()}, None
+            key = (lane.name, lane.version, image_digest(data), k)
+            cached = state.cache.get(key)
+            if cached is not None:
+                return {"id": item_id, "predictions": cached}, None
+            try:
+                logits, timing = await classify_bytes(
+                    state, data, deadline=deadline, client_gone=gone, lane=lane, decodes=decodes
+                )
+            except ServiceError as exc:
+                return {"id": item_id, "error": exc.to_dict()}, None
+            predictions = top_k_of(logits, lane.metadata.labels, k)
+            state.cache.put(key, predictions)
+            return {"id": item_id, "predictions": predictions}, timing
 
-    outcomes = await asyncio.gather(*(one(item_id, data) for item_id, data in items))
+        outcomes = await asyncio.gather(*(one(item_id, data) for item_id, data in items))
     timings = [t for _, t in outcomes if t is not None]
     # Per-stage figures are the slowest image's (what the caller waited for); total is wall time.
     timing_ms = {
@@ -304,17 +379,18 @@ async def classify_batch(
     }
     timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
     return JSONResponse(
-        {"model": state.metadata.architecture, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
+        {"model": lane.name, "version": lane.version, "results": [r for r, _ in outcomes], "timing_ms": timing_ms}
     )
 
 
-@router.get("/models", summary="The served model: labels, pre-processing, providers, batching")
-async def models(state: State) -> dict:
-    meta = state.metadata
-    settings = state.settings
-    describe = state.engine.describe()
+def _describe_lane(state: ServiceState, lane: ModelLane) -> dict:
+    meta = lane.metadata
+    settings = lane.settings
+    describe = lane.engine.describe()
     return {
-        "name": meta.architecture,
+        "name": lane.name,
+        "version": lane.version,
+        "state": lane.state.value,
         "architecture": meta.architecture,
         "num_classes": meta.num_classes,
         "labels": list(meta.labels),
@@ -326,7 +402,7 @@ async def models(state: State) -> dict:
         "providers": describe.get("providers", []),
         "placement": describe.get("placement", {}),
         "spec": describe.get("spec", {}),  # effective value and source (metadata/sidecar/flag/graph/default)
-        "ready": state.serving,
+        "ready": state.serving and lane.state is VersionState.READY,
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_queue_delay_ms": settings.max_queue_delay_ms,
@@ -340,6 +416,39 @@ async def models(state: State) -> dict:
             "max_top_k": settings.max_top_k,
         },
     }
+
+
+def _repository_view(state: ServiceState) -> list[dict]:
+    by_model: dict[str, list[dict]] = {}
+    for status in state.models.statuses():
+        entry = {"version": status.version, "state": status.state.value}
+        if status.reason:
+            entry["reason"] = status.reason
+        by_model.setdefault(status.name, []).append(entry)
+    return [
+        {"name": name, "current_version": state.models.current.get(name), "versions": versions}
+        for name, versions in sorted(by_model.items())
+    ]
+
+
+@router.get("/models", summary="Every model and version with its state; the default model described in full")
+async def models(state: State) -> dict:
+    # The top level describes the default model's current version (what /v1/classify serves).
+    return {
+        **_describe_lane(state, state.described_lane()),
+        "default_model": state.models.default_model,
+        "models": _repository_view(state),
+    }
+
+
+@router.get("/models/{model_name}", summary="One model's current version, described")
+async def model_description(state: State, model_name: str) -> dict:
+    return _describe_lane(state, state.models.resolve(model_name))
+
+
+@router.get("/models/{model_name}/versions/{model_version}", summary="One model version, described")
+async def model_version_description(state: State, model_name: str, model_version: str) -> dict:
+    return _describe_lane(state, state.models.resolve(model_name, _version(model_version)))
 
 
 @health_router.get("/healthz", summary="Liveness: the process is up")

@@ -74,6 +74,22 @@ class Metrics:
         )
         self.images_per_second.set_function(self._rate.rate)
         self.ready = Gauge("vitserve_ready", "1 when warmed up and accepting requests", registry=r)
+        # Per model version (service/serving/registry.py) and the response cache.
+        self.model_ready = Gauge(
+            "vitserve_model_ready", "1 while a model version takes traffic", ["model", "version"], registry=r
+        )
+        self.model_images = Counter(
+            "vitserve_model_images_total", "images run per model version", ["model", "version"], registry=r
+        )
+        self.model_load_failures = Counter(
+            "vitserve_model_load_failures_total",
+            "model versions that failed to load, warm up or pass their golden check",
+            ["model"],
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "vitserve_cache_events_total", "response cache lookups and evictions", ["event"], registry=r
+        )
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

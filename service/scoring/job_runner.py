@@ -19,13 +19,14 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack, nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from service.core.errors import InferenceFailed, NotReady, Overloaded, ServiceError, StorageFull
+from service.core.errors import InferenceFailed, NotFound, NotReady, Overloaded, ServiceError, StorageFull
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
 from service.runtime.batcher import Batcher
@@ -49,13 +50,28 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.data_dir / "jobs" / job_id
 
 
+class ScoringLane(Protocol):
+    """One model version as a job sees it: its metadata and its batcher's low-priority lane."""
+
+    @property
+    def metadata(self) -> ModelMetadata: ...
+
+    @property
+    def batcher(self) -> Batcher: ...
+
+
+class LaneProvider(Protocol):
+    """Where a job finds the model version it is scored with (service/serving/registry.py)."""
+
+    def lease(self, name: str | None, version: int | None) -> AbstractAsyncContextManager[ScoringLane]: ...
+
+
 class JobRunner:
-    """Scores queued jobs through the batcher's low-priority lane.
+    """Scores queued jobs through the low-priority lane of the model version each job names.
 
     Args:
         settings: the service settings (data_dir, job_root, job limits).
-        batcher: the service's batcher (its ``submit_low`` lane is used).
-        metadata: the served model's metadata (pre-processing and labels).
+        lanes: the loaded model versions; a job holds its version until it ends.
         is_ready: True once the engine has warmed up; jobs wait for it.
         decode_threads: threads decoding job images.
         decode_gate: the process-wide PixelGate job decodes share with online ones, or None.
@@ -64,16 +80,14 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        batcher: Batcher,
-        metadata: ModelMetadata,
+        lanes: LaneProvider,
         *,
         is_ready: Callable[[], bool],
         decode_threads: int,
         decode_gate: PixelGate | None = None,
     ) -> None:
         self.settings = settings
-        self.batcher = batcher
-        self.metadata = metadata
+        self.lanes = lanes
         self.is_ready = is_ready
         self.decode_gate = decode_gate
         self.max_in_flight = settings.job_max_in_flight or 2 * settings.max_batch_size
@@ -206,17 +220,27 @@ class JobRunner:
             self._cleanup(job.id)  # cancelled while it waited behind another job
             return
         job = current
-        if job.model != self.metadata.architecture:
-            # Restarted with another model: finishing with it would mix two models' answers in one job.
-            await asyncio.to_thread(
-                store.finish,
-                job.id,
-                FAILED,
-                f"the job was submitted to model {job.model!r}; this server now serves "
-                f"{self.metadata.architecture!r} (resubmit the job)",
-            )
-            self._cleanup(job.id)
-            return
+        async with AsyncExitStack() as stack:
+            try:
+                # The job holds its version until it ends, even if a newer one takes online traffic.
+                lane = await stack.enter_async_context(self.lanes.lease(job.model, job.model_version))
+            except (NotFound, NotReady) as exc:
+                # Restarted without that model (version): finishing with another would mix two
+                # models' answers in one job.
+                version = f" version {job.model_version}" if job.model_version is not None else ""
+                await asyncio.to_thread(
+                    store.finish,
+                    job.id,
+                    FAILED,
+                    f"the job was submitted to model {job.model!r}{version}; this server does not serve it "
+                    f"now ({exc.message}; resubmit the job)",
+                )
+                self._cleanup(job.id)
+                return
+            await self._run_leased(job, lane)
+
+    async def _run_leased(self, job: JobRecord, lane: ScoringLane) -> None:
+        store = self.store
         await asyncio.to_thread(store.mark_running, job.id)  # a write: StorageFull here pauses the job
         self.paused.pop(job.id, None)
         self._rate_start[job.id] = (time.monotonic(), job.processed)
@@ -238,7 +262,7 @@ class JobRunner:
 
         async def one(item: PendingItem) -> None:
             try:
-                row = await self._score(job, item)
+                row = await self._score(job, lane, item)
             except NotReady as exc:
                 stopping.append(exc)  # the image stays pending and is scored after the next start
                 return
@@ -299,26 +323,29 @@ class JobRunner:
         self._rate_start.pop(job.id, None)
         self._cleanup(job.id)
 
-    async def _score(self, job: JobRecord, item: PendingItem) -> dict:
+    async def _score(self, job: JobRecord, lane: ScoringLane, item: PendingItem) -> dict:
         """One image -> its result row (predictions, or the error that image has)."""
         loop = asyncio.get_running_loop()
         try:
-            pixels = await loop.run_in_executor(self._decode_pool, partial(self._load, job.kind, item.file))
+            pixels = await loop.run_in_executor(
+                self._decode_pool, partial(self._load, lane.metadata, job.kind, item.file)
+            )
         except ServiceError as exc:
             return error_row(item.path, exc.code, exc.message)
         except OSError as exc:
             return error_row(item.path, "unreadable", f"cannot read {item.path}: {exc.strerror or exc}")
         while True:
             try:
-                logits = await self.batcher.submit_low(pixels)
+                logits = await lane.batcher.submit_low(pixels)
                 break
             except Overloaded:
                 await asyncio.sleep(0.05)  # the low lane is bounded; wait for room
             except InferenceFailed as exc:
                 return error_row(item.path, exc.code, exc.message)
-        return prediction_row(item.path, logits, self.metadata.labels, min(job.top_k, self.metadata.num_classes))
+        meta = lane.metadata
+        return prediction_row(item.path, logits, meta.labels, min(job.top_k, meta.num_classes))
 
-    def _load(self, kind: str, file: str) -> np.ndarray:
+    def _load(self, metadata: ModelMetadata, kind: str, file: str) -> np.ndarray:
         settings = self.settings
         if kind == "manifest":
             if settings.job_root is None:
@@ -330,7 +357,7 @@ class JobRunner:
             data = read_limited(Path(file), settings.max_image_file_bytes, follow_symlinks=False)
         return load_pixels(
             data,
-            self.metadata.preprocessing,
+            metadata.preprocessing,
             max_pixels=settings.max_image_pixels,
             formats=settings.decode_formats(),
             admit=self._admit,

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at  REAL NOT NULL,
     started_at  REAL,
     finished_at REAL,
-    error       TEXT
+    error       TEXT,
+    model_version INTEGER                    -- the version it is scored with (NULL: the model's current one)
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id  TEXT NOT NULL,
@@ -74,6 +75,7 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
     error: str | None
+    model_version: int | None = None
 
     @property
     def processed(self) -> int:
@@ -91,7 +93,9 @@ class PendingItem:
     file: str
 
 
-_JOB_COLUMNS = "id, state, kind, top_k, model, total, scored, failed, created_at, started_at, finished_at, error"
+_JOB_COLUMNS = (
+    "id, state, kind, top_k, model, total, scored, failed, created_at, started_at, finished_at, error, model_version"
+)
 
 
 class JobStore:
@@ -110,6 +114,9 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "model_version" not in columns:  # a database made before models had versions
+                self._db.execute("ALTER TABLE jobs ADD COLUMN model_version INTEGER")
         except sqlite3.Error as exc:
             self._db.close()
             if is_storage_full(exc):
@@ -145,13 +152,21 @@ class JobStore:
 
     # -- jobs --------------------------------------------------------------------------------
     def create_job(
-        self, job_id: str, *, kind: str, top_k: int, model: str, items: Sequence[tuple[str, str]]
+        self,
+        job_id: str,
+        *,
+        kind: str,
+        top_k: int,
+        model: str,
+        items: Sequence[tuple[str, str]],
+        model_version: int | None = None,
     ) -> JobRecord:
         """Insert a queued job and its items ((path, file) in scoring order) in one transaction."""
         with self._transaction():
             self._db.execute(
-                "INSERT INTO jobs (id, state, kind, top_k, model, total, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, kind, top_k, model, len(items), time.time()),
+                "INSERT INTO jobs (id, state, kind, top_k, model, model_version, total, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, kind, top_k, model, model_version, len(items), time.time()),
             )
             self._db.executemany(
                 "INSERT INTO items (job_id, seq, path, file) VALUES (?, ?, ?, ?)",

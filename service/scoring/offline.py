@@ -303,7 +303,7 @@ def make_decode_pool(workers: int) -> Executor:
 def iter_sources(inputs: Inputs, wanted: set[str] | None) -> Iterator[tuple[str, str | bytes]]:
     """(name, file path or bytes) of every input in ``wanted`` (None: all), in input order."""
     if inputs.archive is None:
-        for name, file in zip(inputs.names, inputs.files):
+        for name, file in zip(inputs.names, inputs.files, strict=True):
             if wanted is None or name in wanted:
                 yield name, file
         return

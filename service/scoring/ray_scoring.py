@@ -55,7 +55,7 @@ def decode_batch(
 
     size = preprocessing.image_size
     pixels, codes, messages = [], [], []
-    for path, data in zip(batch["path"], batch["bytes"]):
+    for path, data in zip(batch["path"], batch["bytes"], strict=True):
         _, outcome = decode_one(str(path), bytes(data), preprocessing, max_pixels, DEFAULT_MAX_FILE_BYTES)
         if isinstance(outcome, np.ndarray):
             pixels.append(outcome)
@@ -94,7 +94,7 @@ class Scorer:
         ok = np.asarray([code == "" for code in batch["error_code"]], dtype=bool)
         logits = self.engine.run(batch["pixels"][ok]) if ok.any() else np.empty((0, 0), np.float32)  # (n_ok, K)
         rows, scored = [], iter(logits)
-        for path, good, code, message in zip(batch["path"], ok, batch["error_code"], batch["error"]):
+        for path, good, code, message in zip(batch["path"], ok, batch["error_code"], batch["error"], strict=True):
             row = (
                 prediction_row(str(path), next(scored), self.labels, self.top_k)
                 if good
@@ -171,9 +171,11 @@ def score_with_ray(
         if todo:
             if inputs.archive is None:
                 # Ray reports absolute paths; map them back to the names the results use.
-                name_of = {os.path.abspath(file): name for name, file in zip(inputs.names, inputs.files)}
+                name_of = {os.path.abspath(file): name for name, file in zip(inputs.names, inputs.files, strict=True)}
                 files = [
-                    os.path.abspath(file) for name, file in zip(inputs.names, inputs.files) if name not in writer.done
+                    os.path.abspath(file)
+                    for name, file in zip(inputs.names, inputs.files, strict=True)
+                    if name not in writer.done
                 ]
                 dataset = ray.data.read_binary_files(files, include_paths=True)
             else:

@@ -18,6 +18,7 @@ import numpy as np
 from service.core.errors import ClientClosedRequest, ServiceError
 from service.runtime.decode_limits import RequestDecodes
 from service.runtime.preprocess import Admit, load_pixels
+from service.serving.registry import ModelLane
 from service.serving.state import ServiceState
 
 _Result = TypeVar("_Result")
@@ -42,14 +43,17 @@ async def classify_pixels(
     deadline: float | None = None,
     timings: dict[str, float] | None = None,
     client_gone: asyncio.Future[None] | None = None,
+    lane: ModelLane | None = None,
 ) -> np.ndarray:
-    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher.
+    """A pre-processed image (3, H, W) float32 -> its logits (K,) float32, through the batcher of
+    ``lane`` (a leased model version; None = the default model's current one).
 
     ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
     """
     state.require_ready()
+    lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    return await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    return await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
 
 
 def request_decodes(
@@ -78,6 +82,7 @@ async def classify_bytes(
     *,
     deadline: float | None = None,
     client_gone: asyncio.Future[None] | None = None,
+    lane: ModelLane | None = None,
     decodes: RequestDecodes | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Encoded image bytes -> (logits (K,) float32, timing_ms dict).
@@ -89,18 +94,20 @@ async def classify_bytes(
     """
     started = time.perf_counter()
     state.require_ready()
+    lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
     settings = state.settings
     decodes = request_decodes(state, deadline, client_gone) if decodes is None else decodes
     try:
         # A full queue refuses at once, before the image is decoded: 429s stay in milliseconds under
         # overload, and the cores go to images that can be queued (tests/reliability/test_overload.py).
-        state.batcher.check_room()
+        lane.batcher.check_room()
+        preprocessing = lane.metadata.preprocessing
 
         def decode(admit: Admit) -> np.ndarray:
             return load_pixels(
                 data,
-                state.metadata.preprocessing,
+                preprocessing,
                 max_pixels=settings.max_image_pixels,
                 jpeg_draft=settings.jpeg_draft,
                 formats=settings.decode_formats(),
@@ -115,7 +122,7 @@ async def classify_bytes(
     state.metrics.preprocess.observe(preprocess_s)
     stage: dict[str, float] = {}
     try:
-        logits = await unless_client_leaves(state.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
+        logits = await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

@@ -1,8 +1,9 @@
-"""Start and stop the service's parts: engine, pre-processing pool, batcher, job runner, warm-up.
+"""Start and stop the service's parts: models, pre-processing pool, job runner, warm-up, repository polling.
 
-``start`` fills a ``ServiceState`` and schedules the warm-up (the front end listens at once and
-answers not-ready until it is done); ``stop`` drains: jobs stop feeding, the batcher finishes what
-it accepted (bounded by the shutdown grace), the pools are freed.
+``start`` fills a ``ServiceState`` and schedules the loading of its models (each version warmed up
+in service/serving/registry.py); the front end listens at once and answers not-ready until the
+default model is up. ``stop`` drains: jobs stop feeding, every version's batcher finishes what it
+accepted (bounded by the shutdown grace), the pools are freed.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from service.core.host import cpu_cores
+from service.core.repository import ModelEntry, ModelVersionSource, scan_repository, single_file_repository
 from service.core.settings import Settings
-from service.runtime.batcher import Batcher
 from service.runtime.decode_limits import PixelGate
 from service.runtime.engine import Engine
 from service.runtime.engine_protocol import InferenceEngine
 from service.scoring.job_runner import JobRunner
+from service.serving.cache import ResponseCache
+from service.serving.registry import GPU_DEFAULT_MAX_BATCH_SIZE, ModelRegistry, poll_repository
 from service.serving.state import ServiceState
 
-log = logging.getLogger("vitserve.app")
+__all__ = ["GPU_DEFAULT_MAX_BATCH_SIZE", "build_engine", "start", "stop", "wait_for_idle"]
 
-# max_batch_size when the session runs on a GPU and the setting was left at its (CPU) default.
-GPU_DEFAULT_MAX_BATCH_SIZE = 32
+log = logging.getLogger("vitserve.app")
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -40,59 +44,81 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
-def _fit_settings_to_engine(settings: Settings, engine: InferenceEngine) -> Settings:
-    if engine.on_gpu and "max_batch_size" not in settings.model_fields_set:
-        # The default of 8 suits a CPU (compute-bound: bigger batches only add latency); a GPU
-        # needs bigger batches to fill it. An explicit setting always wins.
-        log.info(
-            "GPU provider: max_batch_size %d (default for GPU hosts; set VITSERVE_MAX_BATCH_SIZE to change)",
-            GPU_DEFAULT_MAX_BATCH_SIZE,
-        )
-        settings = settings.model_copy(update={"max_batch_size": GPU_DEFAULT_MAX_BATCH_SIZE})
-    fixed_batch = engine.max_batch_size  # a graph with a fixed batch axis
-    if fixed_batch is not None and fixed_batch < settings.max_batch_size:
-        log.warning(
-            "the model takes at most %d image(s) per run: max_batch_size %d -> %d",
-            fixed_batch,
-            settings.max_batch_size,
-            fixed_batch,
-        )
-        settings = settings.model_copy(update={"max_batch_size": fixed_batch})
-    return settings
+def build_version_engine(settings: Settings, source: ModelVersionSource) -> Engine:
+    """The engine of one repository version: described by its own metadata and sidecar, not by flags."""
+    return Engine(
+        source.path,
+        providers=settings.providers or None,
+        intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.ort_allow_spinning,
+        gpu_options=settings.gpu_options(),
+    )
+
+
+def repository_scanner(settings: Settings) -> Callable[[], dict[str, ModelEntry]] | None:
+    """Re-reads the repository (None when the service serves one --model file)."""
+    if settings.model_repository is None:
+        return None
+    return partial(scan_repository, settings.model_repository)
 
 
 async def start(state: ServiceState, engine: InferenceEngine | None = None) -> None:
     """Build every part into ``state`` (``engine`` injected, or built from the settings) and
-    schedule the warm-up; ``state.ready`` turns true when it is done."""
-    state._engine = engine if engine is not None else await asyncio.to_thread(build_engine, state.settings)
-    state.settings = settings = _fit_settings_to_engine(state.settings, state.engine)
+    schedule the loading of the models; ``state.ready`` turns true when the default one is up."""
+    settings = state.settings
+    scan = repository_scanner(settings)
+    if scan is not None:
+        repository = await asyncio.to_thread(scan)  # a repository that cannot be read stops start-up
+        factory: Callable[[ModelVersionSource], InferenceEngine] = partial(build_version_engine, settings)
+    else:
+        single = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        repository = single_file_repository(settings.model, settings.model_name or single.metadata.architecture)
+
+        def factory(source: ModelVersionSource) -> InferenceEngine:
+            return single
+
+    state._models = ModelRegistry(settings, state.metrics, factory, default_model=settings.default_model)
+    state.cache = ResponseCache(settings.cache_entries, on_event=lambda e: state.metrics.cache_events.labels(e).inc())
     state.preprocess_threads = settings.preprocess_threads or cpu_cores()
     state._preprocess_pool = ThreadPoolExecutor(
         max_workers=state.preprocess_threads, thread_name_prefix="vitserve-preprocess"
     )
     state._pixel_gate = PixelGate(settings.decoding_pixel_capacity())
-    state._batcher = Batcher(
-        state.engine,
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_queue_size=settings.max_queue_size,
-        on_batch=state.metrics.observe_batch,
-        low_priority_idle_ms=settings.low_priority_idle_ms,
-        low_priority_batch_size=settings.job_batch_size or max(1, settings.max_batch_size // 4),
-    )
-    await state.batcher.start()
-    # Scoring jobs: the runner resumes unfinished ones once the engine is warm.
+    # Scoring jobs: the runner resumes unfinished ones once the models are up.
     state._jobs = JobRunner(
         settings,
-        state.batcher,
-        state.metadata,
+        state.models,
         is_ready=lambda: state.ready,
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
         decode_gate=state.pixel_gate,
     )
     await state.jobs.start()
-    state.metrics.watch_queue(lambda: state.batcher.queue_depth)
-    state.warmup_task = asyncio.create_task(warm_up(state), name="vitserve-warmup")
+    state.metrics.watch_queue(lambda: sum(lane.batcher.queue_depth for lane in state.models.lanes.values()))
+    state.warmup_task = asyncio.create_task(bring_up(state, repository), name="vitserve-warmup")
+    if scan is not None and settings.repository_poll_s > 0:
+        state.poll_task = asyncio.create_task(
+            poll_repository(state.models, scan, settings.repository_poll_s), name="vitserve-repository-poll"
+        )
+
+
+async def bring_up(state: ServiceState, repository: dict[str, ModelEntry]) -> None:
+    """Load the models a server starts with; ready once the default model has a version up."""
+    started = time.perf_counter()
+    await state.models.apply(repository, golden=False)
+    try:
+        lane = state.default_lane()
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the service not-ready, logged
+        log.error("no default model is up (%s); the service stays not-ready", exc)
+        return
+    state.ready = True
+    state.metrics.ready.set(1)
+    log.info(
+        "ready in %.2f s: %s (default %s version %d)",
+        time.perf_counter() - started,
+        ", ".join(f"{name} v{version}" for name, version in sorted(state.models.current.items())),
+        lane.name,
+        lane.version,
+    )
 
 
 async def stop(state: ServiceState) -> None:
@@ -100,40 +126,17 @@ async def stop(state: ServiceState) -> None:
     state.draining = True
     state.ready = False
     state.metrics.ready.set(0)
-    if state.warmup_task is not None:
-        state.warmup_task.cancel()
+    for task in (state.warmup_task, state.poll_task):
+        if task is not None:
+            task.cancel()
     # Each step gets what is left of the one drain deadline (state.drain_deadline), never a grace of its own.
     try:
         await asyncio.wait_for(state.jobs.stop(), timeout=state.drain_time_left())
     except TimeoutError:  # jobs are durable: stop feeding, unscored images stay pending
         log.warning("the job runner did not stop before the drain deadline")
-    try:
-        await asyncio.wait_for(state.batcher.stop(drain=True), timeout=state.drain_time_left())
-    except TimeoutError:
-        log.warning("drain deadline reached; failing what is left in the batcher")
-        await state.batcher.stop(drain=False)
+    await state.models.close(deadline=time.monotonic() + state.drain_time_left())
     state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     log.info("shut down cleanly")
-
-
-async def warm_up(state: ServiceState) -> None:
-    """Run the engine once at each warm-up batch size, then mark the service ready."""
-    sizes = state.settings.warmup_sizes()
-    try:
-        started = time.perf_counter()
-        timings = await asyncio.to_thread(state.engine.warmup, sizes)
-        if timings:
-            log.info(
-                "warm-up done in %.2f s (%s)",
-                time.perf_counter() - started,
-                ", ".join(f"batch {n}: {t * 1000:.1f} ms" for n, t in sorted(timings.items())),
-            )
-    except Exception:
-        log.exception("warm-up failed; the service stays not-ready")
-        return
-    state.ready = True
-    state.metrics.ready.set(1)
-    log.info("ready: %s", state.metadata.architecture)
 
 
 async def wait_for_idle(state: ServiceState, timeout_s: float) -> bool:

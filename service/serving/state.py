@@ -20,6 +20,8 @@ from service.runtime.decode_limits import PixelGate
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.scoring.job_runner import JobRunner
+from service.serving.cache import ResponseCache
+from service.serving.registry import ModelLane, ModelRegistry
 
 _Part = TypeVar("_Part")
 
@@ -42,26 +44,42 @@ class ServiceState:
     ready: bool = False  # warm and accepting inference
     draining: bool = False  # SIGTERM received: refuse new requests, finish accepted ones
     in_flight_requests: int = 0  # guarded requests being handled (the drain waits for 0)
+    _models: ModelRegistry | None = None
     drain_deadline: float | None = None  # time.monotonic() by which a SIGTERM'd process must have exited
-    _engine: InferenceEngine | None = None
-    _batcher: Batcher | None = None
     _preprocess_pool: ThreadPoolExecutor | None = None
     preprocess_threads: int = 0  # the pool's size, once built
     _pixel_gate: PixelGate | None = None
     _jobs: JobRunner | None = None
+    cache: ResponseCache = field(default_factory=lambda: ResponseCache(0))
     warmup_task: asyncio.Task[None] | None = None
+    poll_task: asyncio.Task[None] | None = None
+
+    @property
+    def models(self) -> ModelRegistry:
+        return _started(self._models, "model registry")
+
+    def default_lane(self) -> ModelLane:
+        """The default model's current version; NotReady/NotFound when there is none."""
+        return self.models.resolve()
+
+    def described_lane(self) -> ModelLane:
+        """The default model's current version, or its newest one still loading (for descriptions)."""
+        lane = self.models.newest()
+        if lane is None:
+            raise NotReady("no model is loaded yet", retry_after_s=1)
+        return lane
 
     @property
     def engine(self) -> InferenceEngine:
-        return _started(self._engine, "engine")
+        return self.described_lane().engine
 
     @property
     def metadata(self) -> ModelMetadata:
-        return self.engine.metadata
+        return self.described_lane().metadata
 
     @property
     def batcher(self) -> Batcher:
-        return _started(self._batcher, "batcher")
+        return self.described_lane().batcher
 
     @property
     def preprocess_pool(self) -> ThreadPoolExecutor:

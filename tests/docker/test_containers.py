@@ -113,7 +113,7 @@ def photo_jpeg(name: str) -> bytes:
 @functools.cache
 def rendered_digits() -> tuple[tuple[int, bytes], ...]:
     """One held-out digit per class (never trained on), rendered as the demo model's data, as PNG."""
-    from model.datasets import digits_split, render_digit
+    from scripts.digits_data import digits_split, render_digit
 
     images, targets, _, held_out = digits_split()
     samples = []

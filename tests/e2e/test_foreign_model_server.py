@@ -33,7 +33,8 @@ HF_FLAGS = ["--resize-mode", "squash", "--interpolation", "bilinear", "--mean", 
 
 @pytest.fixture(scope="module")
 def hf_vit(tmp_path_factory):
-    """(ONNX file without metadata (weights may sit in <file>.data next to it), its config.json with id2label, reference top-5 and probabilities per photo)."""
+    """(ONNX file without metadata (weights may sit in <file>.data next to it), its config.json with
+    id2label, reference top-5 and probabilities per photo)."""
     import skimage.data
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor

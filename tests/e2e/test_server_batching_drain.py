@@ -97,7 +97,7 @@ def test_concurrent_http_requests_run_as_batches(tmp_path):
         levels = [25 * (i % 11) for i in range(12)]
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda level: classify(base, level), levels))
-        for level, r in zip(levels, responses):
+        for level, r in zip(levels, responses, strict=True):
             assert r.status_code == 200, r.text
             assert r.json()["predictions"][0]["index"] == level // 25  # each request got its own answer
         text = httpx.get(f"{base}/metrics").text

@@ -37,7 +37,7 @@ def test_default_settings_serve_the_bundled_digits_model(tmp_path):
         wait_ready(base, process, log_path)  # within a minute, as `make run` promises
         digits = load_digits()
         correct = 0
-        for image, target in zip(digits.images[:20], digits.target[:20]):
+        for image, target in zip(digits.images[:20], digits.target[:20], strict=True):
             ink = (255 - image / 16 * 255).astype(np.uint8)  # the model reads dark ink on white
             buf = io.BytesIO()
             Image.fromarray(ink).resize((32, 32), Image.Resampling.BICUBIC).convert("RGB").save(buf, "PNG")

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from export_testlib import export
 
 from service.cli import main
 from service.core.metadata import ModelMetadata
@@ -58,3 +61,30 @@ def test_export_reports_a_bad_source_clearly(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("vitserve export: error:") and "missing.safetensors" in err
+
+
+def test_from_onnx_writes_the_same_file_modes_as_a_normal_export(tmp_path, tiny_model, capsys):
+    """Both export paths save through model/onnx_io.py: external data when asked, readable by the .onnx's readers."""
+    old_umask = os.umask(0o022)
+    try:
+        normal = export(tiny_model, tmp_path / "normal.onnx", "fp32", external_data_threshold_bytes=1024)
+        copy = tmp_path / "copy.onnx"
+        argv = ["export", "--from-onnx", str(normal.path), "-o", str(copy), "--external-data-threshold-mb", "0.001"]
+        assert main(argv) == 0, capsys.readouterr().err
+        inside = tmp_path / "inside.onnx"
+        assert main(["export", "--from-onnx", str(normal.path), "-o", str(inside)]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old_umask)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    data = tmp_path / "copy.onnx.data"
+    assert normal.external_data is not None and data.is_file()
+    assert mode(copy) == mode(normal.path) == 0o644
+    assert mode(data) == mode(normal.external_data) == 0o644  # onnx alone would create it 0600
+    assert not (tmp_path / "inside.onnx.data").exists()  # under the default threshold the weights stay inside
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    expected = ort.InferenceSession(str(normal.path)).run(None, {"pixel_values": pixels})[0]
+    for path in (copy, inside):
+        np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {"pixel_values": pixels})[0], expected)

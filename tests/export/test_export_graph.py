@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 from export_testlib import DEPTH, LABELS, SHA, SOURCE, export, make_model
 
-from model.export import ExportError, export_model, resolve_precision, save_model, torch_to_onnx
+from model.export import ExportError, export_model, resolve_precision, torch_to_onnx
+from model.onnx_io import save_onnx
 from model.verify import ExportFileError, graph_stats, inspect_export
 from service.core.metadata import ModelMetadata, Preprocessing
 
@@ -127,7 +128,7 @@ def test_external_data_round_trips(tmp_path, exports, tiny_model, fixed_inputs):
 
     # Writing again replaces the weights file instead of appending to it.
     size = data.stat().st_size
-    save_model(onnx.load(result.path), result.path, external_data_threshold_bytes=1024)
+    save_onnx(onnx.load(result.path), result.path, external_data_threshold_bytes=1024)
     assert data.stat().st_size == size
     np.testing.assert_array_equal(run(result.path, fixed_inputs[:2]), run(exports["fp32"].path, fixed_inputs[:2]))
 
@@ -177,7 +178,7 @@ def test_bad_requests_fail_before_exporting(tmp_path, tiny_model):
 
 def test_export_leaves_the_model_unchanged(tiny_model, exports):
     fresh = make_model()
-    for (name, a), b in zip(tiny_model.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(tiny_model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and bool((a == b).all()), name
     assert not tiny_model.training
 

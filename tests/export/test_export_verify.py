@@ -8,7 +8,7 @@ import pytest
 from export_testlib import DEPTH, make_model
 from onnx import TensorProto, helper
 
-from model.export import save_model
+from model.onnx_io import save_onnx
 from model.verify import (
     TOLERANCES,
     ExportFileError,
@@ -53,7 +53,7 @@ def test_unfused_graph_fails_the_fused_count(tmp_path, exports, tiny_model, unfu
     graph = onnx.ModelProto()
     graph.CopyFrom(unfused_graph)
     helper.set_model_props(graph, exports["fp32"].metadata.to_props())
-    save_model(graph, tmp_path / "unfused.onnx")
+    save_onnx(graph, tmp_path / "unfused.onnx")
     report = verify_export(tmp_path / "unfused.onnx", tiny_model)
     assert f"0 fused attention nodes, expected depth {DEPTH}" in report.failures()
     assert f"{DEPTH} Softmax node(s) outside fused attention" in report.failures()
@@ -121,7 +121,7 @@ def test_wrong_signature_is_named(tmp_path, exports):
     model.graph.input[0].name = "images"
     for node in model.graph.node:
         node.input[:] = ["images" if i == "pixel_values" else i for i in node.input]
-    save_model(model, tmp_path / "renamed.onnx")
+    save_onnx(model, tmp_path / "renamed.onnx")
     with pytest.raises(ExportFileError, match="expected input 'pixel_values' and output 'logits'.*'images'"):
         inspect_export(tmp_path / "renamed.onnx")
 
@@ -131,7 +131,7 @@ def test_unknown_precision_in_metadata_is_named(tmp_path, exports):
     for prop in model.metadata_props:
         if prop.key == "vitserve.precision":
             prop.value = "bf16"
-    save_model(model, tmp_path / "bf16.onnx")
+    save_onnx(model, tmp_path / "bf16.onnx")
     with pytest.raises(ExportFileError, match="unknown precision 'bf16'"):
         inspect_export(tmp_path / "bf16.onnx")
 

@@ -4,6 +4,7 @@ settings validation. Runs everywhere; the GPU side is test_gpu_engine.py."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ bucket_sets = st.lists(st.integers(1, 300), min_size=1, max_size=6, unique=True)
 def test_bucket_plan_covers_the_batch_in_order_with_bucket_sizes(n, buckets):
     chunks = plan_chunks(n, buckets)
     assert chunks[0][0] == 0 and chunks[-1][1] == n
-    assert all(stop == start for (_, stop, _), (start, _, _) in zip(chunks, chunks[1:]))
+    assert all(stop == start for (_, stop, _), (start, _, _) in pairwise(chunks))
     for start, stop, size in chunks:
         assert size in buckets and stop - start <= size
     # Only the last run is padded, and to the smallest bucket that holds it.

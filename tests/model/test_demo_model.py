@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.datasets import digits_split, heldout_digit_pixels
+from scripts.digits_data import digits_split, heldout_digit_pixels
 from service.core.metadata import ModelMetadata
 
 REPO = Path(__file__).resolve().parents[2]

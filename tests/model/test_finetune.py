@@ -16,10 +16,10 @@ import torch
 from checkpoint_testlib import randomize
 from PIL import Image
 
-from model.checkpoint import import_checkpoint
+from model.checkpoint import import_checkpoint, load_native
 from model.config import ViTConfig
 from model.finetune import STATE_NAME, FinetuneError, FinetuneOptions, finetune
-from model.native import load_native, save_native
+from model.native import save_native
 from model.probe import fit_ridge
 from model.vit import VisionTransformer
 from service.core.metadata import Preprocessing
@@ -309,3 +309,44 @@ def test_cli_interrupted_run_resumes(base_dir, photo_crops, tmp_path, capsys, mo
     captured = capsys.readouterr()
     assert "resumed from" in captured.err and "epoch 2/2" in captured.err and "epoch 1/2:" not in captured.err
     assert [h["epoch"] for h in load_native(out).extra["finetune"]["history"]] == [1, 2]
+
+
+# --- a hybrid base (R+ViT): the same three modes ---------------------------------------------------
+
+TINY_HYBRID = ViTConfig(
+    image_size=32,
+    patch_size=2,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    mlp_dim=64,
+    num_classes=5,
+    name="vit_test_r5_p2_32",
+    backbone_layers=(1,),  # the stem and one bottleneck stage: stride 4, an 8 x 8 map, 16 patches of 2 x 2
+)
+
+
+@pytest.fixture(scope="module")
+def hybrid_base_dir(tmp_path_factory) -> Path:
+    model = randomize(VisionTransformer(TINY_HYBRID))
+    directory = tmp_path_factory.mktemp("hybrid-base")
+    return save_native(directory, model, TINY_HYBRID, list("abcde"), TINY_PREPROCESSING, source="test")
+
+
+@pytest.mark.parametrize("mode", ["linear", "head", "full"])
+def test_every_mode_fine_tunes_a_hybrid_base(hybrid_base_dir, tmp_path, mode):
+    data = colour_dataset(tmp_path / "colours", per_class=8)
+    options = FinetuneOptions(mode=mode, epochs=2, batch_size=8, lr=3e-3, augment=False, val_split=0.25, seed=0)
+    result = finetune(str(hybrid_base_dir), data, tmp_path / "out", options, log=lambda line: None)
+    assert result.classes == ("blue", "green", "grey", "red") and result.num_val == 8
+    base, tuned = load_native(hybrid_base_dir), load_native(tmp_path / "out")
+    assert tuned.config.backbone_layers == (1,) and tuned.model.head.weight.shape == (4, TINY_HYBRID.embed_dim)
+    base_sd, tuned_sd = base.model.state_dict(), tuned.model.state_dict()
+    backbone = [k for k in base_sd if k.startswith("patch_embed.backbone.")]
+    unchanged = all(torch.equal(base_sd[k], tuned_sd[k]) for k in backbone)
+    assert unchanged == (mode != "full")  # only full fine-tuning moves the ResNet's weights
+    if mode == "linear":
+        assert result.val_accuracy == 1.0  # separable colours, closed-form probe
+    else:
+        losses = [h["train_loss"] for h in result.history]
+        assert len(losses) == 2 and losses[1] < losses[0]

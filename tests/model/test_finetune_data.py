@@ -13,10 +13,8 @@ from model.config import ViTConfig
 from model.datasets import (
     DatasetError,
     decode_image,
-    digits_split,
     load_images,
     read_csv_dataset,
-    render_digit,
     scan_dataset,
     scan_image_folder,
     stratified_split,
@@ -24,6 +22,7 @@ from model.datasets import (
 from model.finetune import FinetuneOptions, finetune
 from model.native import save_native
 from model.vit import VisionTransformer
+from scripts.digits_data import digits_split, render_digit
 from service.core.metadata import Preprocessing
 
 P32 = Preprocessing(32, 32, "shortest", "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

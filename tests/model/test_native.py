@@ -8,9 +8,9 @@ import pytest
 import torch
 from checkpoint_testlib import max_abs_diff, photo_batch, randomize
 
-from model.checkpoint import CheckpointError, import_checkpoint, state_dict_sha256
+from model.checkpoint import CheckpointError, import_checkpoint, load_native, state_dict_sha256
 from model.config import config_from_name
-from model.native import load_native, save_native
+from model.native import save_native
 from model.vit import VisionTransformer
 from service.core.metadata import Preprocessing
 

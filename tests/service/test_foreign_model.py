@@ -384,7 +384,7 @@ def test_fixed_batch_of_one_is_served_with_batching_off(tmp_path, labels_txt, en
     assert answer.status_code == 200, answer.text
     p = described["preprocessing"]
     preprocessing = Preprocessing(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
-    for name, result in zip(("coffee", "chelsea", "rocket"), answer.json()["results"]):
+    for name, result in zip(("coffee", "chelsea", "rocket"), answer.json()["results"], strict=True):
         pixels = load_pixels(encode_photo(name, "PNG"), preprocessing, max_pixels=10**8)
         assert result["predictions"][0]["label"] == LABELS[int(expected_logits(pixels[None]).argmax())]
 

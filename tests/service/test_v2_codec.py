@@ -194,7 +194,11 @@ def test_model_metadata_describes_inputs_and_outputs():
     body = v2_codec.model_metadata("vit_tiny", meta)
     assert body["inputs"][1] == {"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, IMAGE_SIZE, IMAGE_SIZE]}
     assert body["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, len(LABELS)]}
-    assert v2_codec.server_metadata("vitserve", "0.1.0")["extensions"] == ["classification", "binary_tensor_data"]
+    assert v2_codec.server_metadata("vitserve", "0.1.0")["extensions"] == [
+        "classification",
+        "binary_tensor_data",
+        "model_repository",
+    ]
 
 
 # --- malformed requests: each names its problem ---------------------------------------------

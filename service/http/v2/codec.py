@@ -32,6 +32,7 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,9 @@ PIXELS_INPUT = "pixel_values"
 LOGITS_OUTPUT = "logits"
 PROBABILITIES_OUTPUT = "probabilities"
 OUTPUT_NAMES = (LOGITS_OUTPUT, PROBABILITIES_OUTPUT)
-MODEL_VERSION = "1"  # one model per server, one version: the file it was started with
+MODEL_VERSION = "1"  # the version of a model served from one file (--model)
 PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
-EXTENSIONS = ("classification", "binary_tensor_data")
+EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 
 _LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements: uint32 little-endian length, then the bytes
@@ -100,13 +101,13 @@ def server_metadata(name: str, version: str) -> dict:
     return {"name": name, "version": version, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(model_name: str, metadata: ModelMetadata) -> dict:
+def model_metadata(model_name: str, metadata: ModelMetadata, versions: Sequence[str] = (MODEL_VERSION,)) -> dict:
     """Body of ``GET /v2/models/{name}``: the two accepted inputs and the outputs, -1 = any batch size."""
     size = metadata.preprocessing.image_size
     k = metadata.num_classes
     return {
         "name": model_name,
-        "versions": [MODEL_VERSION],
+        "versions": list(versions),
         "platform": PLATFORM,
         "inputs": [
             {"name": IMAGES_INPUT, "datatype": "BYTES", "shape": [-1]},
@@ -429,6 +430,7 @@ def build_infer_response(
     request: InferRequest,
     logits: np.ndarray,
     labels: tuple[str, ...],
+    model_version: str = MODEL_VERSION,
 ) -> tuple[bytes, int | None]:
     """Encode the response for ``request`` given the model's logits (N, K).
 
@@ -463,7 +465,7 @@ def build_infer_response(
             binary_sections.append(section)
         outputs.append(entry)
 
-    response: dict = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": outputs}
+    response: dict = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
     header = json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

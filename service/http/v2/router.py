@@ -28,11 +28,11 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from service.core.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from service.core.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError
 from service.http.deps import ReadyState, State, client_gone
 from service.http.v2 import codec as v2_codec
-from service.http.v2.codec import MODEL_VERSION
 from service.serving.inference import classify_bytes, classify_pixels, request_decodes
+from service.serving.registry import ModelLane, VersionState
 from service.serving.state import ServiceState
 
 SERVER_NAME = "vitserve"
@@ -47,12 +47,21 @@ _OCTET_STREAM = "application/octet-stream"
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
 
-def _check_model(state: ServiceState, model_name: str, model_version: str | None) -> None:
-    served = state.metadata.architecture
-    if model_name != served:
-        raise NotFound(f"unknown model '{model_name}'; this server serves '{served}'")
-    if model_version is not None and model_version != MODEL_VERSION:
-        raise NotFound(f"unknown version '{model_version}' of model '{served}'; available: ['{MODEL_VERSION}']")
+def _version(model_name: str, model_version: str | None) -> int | None:
+    """The protocol's version string as the registry's number (None: the model's current version)."""
+    if model_version is None:
+        return None
+    if not model_version.isdigit() or int(model_version) < 1:
+        raise NotFound(f"unknown version '{model_version}' of model '{model_name}'; versions are positive integers")
+    return int(model_version)
+
+
+def _lane(state: ServiceState, model_name: str, model_version: str | None) -> ModelLane:
+    return state.models.resolve(model_name, _version(model_name, model_version))
+
+
+def _ready_versions(state: ServiceState, model_name: str) -> list[str]:
+    return [str(s.version) for s in state.models.statuses() if s.name == model_name and s.state is VersionState.READY]
 
 
 def _health(ok: bool) -> Response:
@@ -89,8 +98,8 @@ async def server_ready(state: State) -> Response:
 @router.get("/models/{model_name}", summary="Model metadata")
 @router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata (one version)")
 async def model_metadata(state: State, model_name: str, model_version: str | None = None) -> dict:
-    _check_model(state, model_name, model_version)
-    return v2_codec.model_metadata(model_name, state.metadata)
+    lane = _lane(state, model_name, model_version)
+    return v2_codec.model_metadata(model_name, lane.metadata, _ready_versions(state, model_name))
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness", **_EMPTY_HEALTH)
@@ -98,7 +107,10 @@ async def model_metadata(state: State, model_name: str, model_version: str | Non
     "/models/{model_name}/versions/{model_version}/ready", summary="Model readiness (one version)", **_EMPTY_HEALTH
 )
 async def model_ready(state: State, model_name: str, model_version: str | None = None) -> Response:
-    _check_model(state, model_name, model_version)
+    try:
+        _lane(state, model_name, model_version)
+    except NotReady:  # known, still loading
+        return _health(False)
     return _health(state.serving)
 
 
@@ -130,7 +142,11 @@ _INFER_OPENAPI = {
     openapi_extra=_INFER_OPENAPI,
 )
 async def infer(request: Request, state: ReadyState, model_name: str, model_version: str | None = None) -> Response:
-    _check_model(state, model_name, model_version)
+    async with state.models.lease(model_name, _version(model_name, model_version)) as lane:
+        return await _infer(request, state, lane)
+
+
+async def _infer(request: Request, state: ServiceState, lane: ModelLane) -> Response:
     settings = state.settings
     body = await request.body()  # bounded by the middleware
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -142,7 +158,7 @@ async def infer(request: Request, state: ReadyState, model_name: str, model_vers
         return v2_codec.parse_infer_request(
             inflated,
             header_length,
-            image_size=state.metadata.preprocessing.image_size,
+            image_size=lane.metadata.preprocessing.image_size,
             max_batch=settings.max_batch_images,
         )
 
@@ -160,7 +176,9 @@ async def infer(request: Request, state: ReadyState, model_name: str, model_vers
 
         async def classify_image(i: int, data: bytes) -> np.ndarray:
             try:
-                logits, _ = await classify_bytes(state, data, deadline=deadline, client_gone=gone, decodes=decodes)
+                logits, _ = await classify_bytes(
+                    state, data, deadline=deadline, client_gone=gone, lane=lane, decodes=decodes
+                )
             except ServiceError as exc:
                 exc.message = f"input '{v2_codec.IMAGES_INPUT}' element {i}: {exc.message}"
                 raise
@@ -168,11 +186,18 @@ async def infer(request: Request, state: ReadyState, model_name: str, model_vers
 
         jobs = [classify_image(i, data) for i, data in enumerate(parsed.images)]
     else:
-        jobs = [classify_pixels(state, pixels, deadline=deadline, client_gone=gone) for pixels in parsed.pixel_values]
+        jobs = [
+            classify_pixels(state, pixels, deadline=deadline, client_gone=gone, lane=lane)
+            for pixels in parsed.pixel_values
+        ]
     logits = np.stack(await _all_or_nothing(jobs))  # (N, K)
 
     content, json_length = v2_codec.build_infer_response(
-        model_name=model_name, request=parsed, logits=logits, labels=state.metadata.labels
+        model_name=lane.name,
+        request=parsed,
+        logits=logits,
+        labels=lane.metadata.labels,
+        model_version=str(lane.version),
     )
     if json_length is None:
         return Response(content, media_type="application/json")
