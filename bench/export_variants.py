@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/export_variants.py                       # ViT-B/16 at 224, batch 1, 8, 32
     .venv/bin/python bench/export_variants.py --model vit_tiny_patch16_224 --batch-sizes 1 8
+    .venv/bin/python bench/export_variants.py --model vit_small_r26_s32_224 vit_base_r50_s16_224  # the hybrids
 
 Every variant runs the same random-weight model (``random:<model>``) on the same random input,
 ONNX Runtime with the CPU provider. "ONNX unfused" is the same export with the model's explicit
 softmax attention (MatMul-Softmax-MatMul, what exporters produced before opset 23); "fused" and
-"int8" are exactly what `vitserve export --precision fp32|int8` ships.
+"int8" are exactly what `vitserve export --precision fp32|int8` ships. For a hybrid (R+ViT) the
+ONNX variants carry its weight standardisation folded into the Conv weights, the eager model
+recomputes it at every call (as timm does); int8 quantizes the transformer's MatMul/Gemm only,
+the backbone's convolutions stay fp32.
 
 Each variant is timed in blocks of calls, in several passes over all variants (see measure()),
 and the median call reported. Prints a markdown table and the two target ratios.
@@ -134,28 +138,11 @@ def measure(
     return rates, cpu_ms
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--passes", type=int, default=2, help="blocks per variant and batch size")
-    parser.add_argument("--seconds-per-block", type=float, default=2.0)
-    parser.add_argument("--min-calls", type=int, default=2, help="timed calls per block at least")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op threads for PyTorch and ONNX Runtime alike (default: their own, one per core). "
-        "1 on a shared machine: PyTorch's OpenMP threads wait at barriers for a descheduled "
-        "sibling, which made eager 3-30x slower here under load while ONNX Runtime's pool coped",
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def report(model_name: str, args: argparse.Namespace) -> None:
+    """Measure every variant of one model and print its tables and ratios."""
     with tempfile.TemporaryDirectory(prefix="vitserve-bench-") as tmp:
-        runners = build_variants(args.model, Path(tmp), args.threads)
-        image_size = int(args.model.rsplit("_", 1)[1])
+        runners = build_variants(model_name, Path(tmp), args.threads)
+        image_size = int(model_name.rsplit("_", 1)[1])
         results, cpu_ms = {}, {}
         load_before = os.getloadavg()[0]
         for batch in args.batch_sizes:
@@ -165,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{args.model}, images/s (median over {args.passes} passes of timed blocks), {when}")
+    print(f"{model_name}, images/s (median over {args.passes} passes of timed blocks), {when}")
     print(
         f"{cpu_name()}, {os.cpu_count()} logical cores; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -202,6 +189,31 @@ def main(argv: list[str] | None = None) -> int:
             f"\ntargets at batch 8: fused fp32 >= 1.3x eager: {'met' if ok_fused else 'MISSED'}; "
             f"int8 >= 1.5x fused fp32: {'met' if ok_int8 else 'MISSED'}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", nargs="+", default=["vit_base_patch16_224"], help="one table per model (plain or hybrid)"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--passes", type=int, default=2, help="blocks per variant and batch size")
+    parser.add_argument("--seconds-per-block", type=float, default=2.0)
+    parser.add_argument("--min-calls", type=int, default=2, help="timed calls per block at least")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for PyTorch and ONNX Runtime alike (default: their own, one per core). "
+        "1 on a shared machine: PyTorch's OpenMP threads wait at barriers for a descheduled "
+        "sibling, which made eager 3-30x slower here under load while ONNX Runtime's pool coped",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    for model_name in args.model:
+        report(model_name, args)
     return 0
 
 

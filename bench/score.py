@@ -173,7 +173,6 @@ def online_with_and_without_job(
             "VITSERVE_DATA_DIR": str(data_dir),
             "VITSERVE_JOB_ROOT": str(folder),
             "VITSERVE_MAX_QUEUE_SIZE": "1024",
-            "VITSERVE_API_KEY": "",
         },
     )
     try:

@@ -1,6 +1,16 @@
 """Load-test `vitserve serve` on 127.0.0.1 with real photographs, next to the in-process ceiling.
 
     .venv/bin/python bench/serve.py --model vit_tiny.onnx [--concurrency 1,8,32,64] [--duration-s 15]
+    .venv/bin/python bench/serve.py --near-free --workers 1,2,4 --plain   # the front end alone
+
+``--workers 1,2,4`` runs `vitserve serve --workers W` for each W in turn; ``--plain`` adds a plain
+per-request FastAPI server on the same model (bench/plain_server.py); ``--near-free`` serves an
+ONNX graph that costs almost nothing (a mean and one small MatMul to 1000 logits), so only the
+server's own work shows. Each run also measures the all-core in-process ceiling: one process per
+core, each decoding + pre-processing + running batches in a loop, no HTTP. The CPU columns sum the
+whole server (supervisor, engine process, workers); "overhead" is the server's CPU per request
+minus the in-process loop's for the same image (decode + pre-process + inference), i.e. what HTTP,
+the batcher and the processes' messages cost.
 
 What it does, all bounded in time:
 1. In-process ceiling, in this process: pre-process the photos (service.runtime.preprocess, one
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import multiprocessing
 import os
 import platform
 import re
@@ -32,6 +43,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +106,57 @@ class InProcess:
             self.engine.run(self._pixels(len(times))[None])
             times.append((time.perf_counter() - started) * 1000)
         return statistics.median(times)
+
+
+def write_near_free_model(path: Path, image_size: int = 224, classes: int = 1000) -> Path:
+    """An ONNX graph pixel_values [N,3,S,S] -> logits [N,1000]: a mean over the pixels and one (3, 1000)
+    MatMul, with vitserve metadata (timm's eval transform). Its inference costs microseconds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from service.core.metadata import ModelMetadata, Preprocessing
+
+    weights = np.random.default_rng(0).normal(size=(3, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["pixel_values", "axes"], ["means"], keepdims=0),
+            helper.make_node("MatMul", ["means", "weights"], ["logits"]),
+        ],
+        "near_free",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"), numpy_helper.from_array(weights, "weights")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    metadata = ModelMetadata(
+        architecture="near_free",
+        labels=tuple(f"class{i}" for i in range(classes)),
+        preprocessing=Preprocessing.timm_eval(image_size, 0.875, "bicubic"),
+    )
+    helper.set_model_props(model, metadata.to_props())
+    onnx.save(model, path)
+    return path
+
+
+def _ceiling_process(model: str, images: list[bytes], batch: int, seconds: float, out) -> None:
+    reference = InProcess(Path(model), images, intra_op_threads=1, jpeg_draft=True)
+    out.put(reference.rate(batch, seconds)[0])
+
+
+def all_core_ceiling(model: Path, images: list[bytes], processes: int, batch: int, seconds: float) -> float:
+    """images/s of ``processes`` processes at once, each pre-processing + running batches in a loop."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [
+        context.Process(target=_ceiling_process, args=(str(model), images, batch, seconds, out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    rates = [out.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    return sum(rates)
 
 
 # -- 2. the load generator -------------------------------------------------------------------------
@@ -175,12 +238,33 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and all its descendants (a multi-process server is a tree)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            total += process_cpu_s(current)
+        except (OSError, IndexError, ValueError):
+            continue
+        stack.extend(children.get(current, []))
+    return total
+
+
 def scrape(port: int, name: str) -> float:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else float("nan")
+    values = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE)
+    return sum(float(v) for v in values) if values else float("nan")
 
 
 def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -201,7 +285,9 @@ def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str,
         "warning",
         *flags,
     ]
-    process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    # No API key unless ``env`` gives one (an empty key is refused, so the outer one is left out).
+    outer = {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"}
+    process = subprocess.Popen(cmd, cwd=REPO, env={**outer, **env}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -215,16 +301,79 @@ def launch_server(model: Path | str, port: int, flags: list[str], env: dict[str,
     raise SystemExit("server not ready within 120 s")
 
 
-def start_server(args, port: int) -> subprocess.Popen:
+def start_server(args, model: Path, port: int, workers: int) -> subprocess.Popen:
     flags = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    flags += ["--workers", str(workers)]
     if args.intra_op_threads:
         flags += ["--intra-op-threads", str(args.intra_op_threads)]
-    return launch_server(args.model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024", "VITSERVE_API_KEY": ""})
+    return launch_server(model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024"})
+
+
+def start_plain_server(args, model: Path, port: int) -> subprocess.Popen:
+    import urllib.error
+    import urllib.request
+
+    cmd = [sys.executable, str(REPO / "bench" / "plain_server.py"), str(model), str(port), str(args.intra_op_threads)]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                return process
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("plain server not ready within 60 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def measure(args, variant: dict, c: int, images, reference, best) -> dict:
+    """One concurrency level against one running server, with the in-process reference right before."""
+    port, server, name = variant["port"], variant["process"], variant["name"]
+    metrics = name != "plain FastAPI"
+    # The machine's load drifts: the reference is re-measured right before each measurement (the
+    # servers are idle meanwhile; their ONNX Runtime threads sleep, they do not spin).
+    ceiling, ceiling_cpu_ms = reference.rate(best, args.ceiling_seconds)
+    single = reference.single_ms(args.ceiling_seconds) if c == 1 else float("nan")
+    batches_before = scrape(port, "vitserve_batch_size_count") if metrics else 0.0
+    images_before = scrape(port, "vitserve_batch_size_sum") if metrics else 0.0
+    cpu_before = tree_cpu_s(server.pid)
+    result = asyncio.run(load(port, variant["requests"], c, args.warmup_s, args.duration_s))
+    cpu_s = tree_cpu_s(server.pid) - cpu_before
+    # Every request is one image; without the server's own count, the load generator's will do.
+    sent = (scrape(port, "vitserve_batch_size_sum") - images_before) if metrics else result["n"]
+    batches = (scrape(port, "vitserve_batch_size_count") - batches_before) if metrics else sent
+    result.update(
+        variant=name,
+        concurrency=c,
+        ceiling=ceiling,
+        single_ms=single,
+        ceiling_cpu_ms=ceiling_cpu_ms,
+        server_cpu_ms=cpu_s * 1000 / max(sent, 1),
+        mean_batch=sent / max(batches, 1),
+    )
+    print(
+        f"  {name} c={c}: {result['rps']:.1f} req/s (one-core ceiling {ceiling:.1f}), "
+        f"p50 {result['p50']:.1f} ms, {result['server_cpu_ms']:.2f} CPU ms/req",
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="exported .onnx model")
+    parser.add_argument("--model", type=Path, help="exported .onnx model (or --near-free)")
+    parser.add_argument("--near-free", action="store_true", help="serve a graph that costs ~nothing (mean + MatMul)")
+    parser.add_argument("--workers", default="1", help="comma list of `vitserve serve --workers` values to run")
+    parser.add_argument("--plain", action="store_true", help="also run a plain per-request FastAPI server")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma list of concurrent clients")
     parser.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per concurrency")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each level")
@@ -236,78 +385,76 @@ def main() -> int:
         "--ceiling-seconds", type=float, default=4.0, help="seconds per measurement of the in-process reference"
     )
     args = parser.parse_args()
+    if args.near_free == (args.model is not None):
+        parser.error("give --model or --near-free (one of them)")
+    model = args.model or write_near_free_model(Path(tempfile.mkdtemp(prefix="vitserve-bench-")) / "near_free.onnx")
 
     load_before = os.getloadavg()[0]
     images = photos_jpeg()
-    reference = InProcess(args.model, images, args.intra_op_threads, jpeg_draft=True)
+    reference = InProcess(model, images, args.intra_op_threads, jpeg_draft=True)
     sweep = {n: reference.rate(n, args.ceiling_seconds) for n in (int(s) for s in args.ceiling_batch_sizes.split(","))}
     best = max(sweep, key=lambda n: sweep[n][0])
-    port = free_port()
-    server = start_server(args, port)
-    rows = []
+    cores = os.cpu_count() or 1
+    all_core = all_core_ceiling(model, images, cores, best, args.ceiling_seconds)
+    variants = []
     try:
-        requests = build_requests(images, port)
-        for c in (int(x) for x in args.concurrency.split(",")):
-            # The machine's load can drift: re-measure the reference right before each level (the
-            # server is idle meanwhile; its ONNX Runtime threads sleep, they do not spin).
-            ceiling, ceiling_cpu_ms = reference.rate(best, args.ceiling_seconds)
-            single = reference.single_ms(args.ceiling_seconds) if c == 1 else float("nan")
-            batches_before = scrape(port, "vitserve_batch_size_count")
-            images_before = scrape(port, "vitserve_batch_size_sum")
-            cpu_before = process_cpu_s(server.pid)
-            result = asyncio.run(load(port, requests, c, args.warmup_s, args.duration_s))
-            cpu_s = process_cpu_s(server.pid) - cpu_before
-            images_run = scrape(port, "vitserve_batch_size_sum") - images_before
-            batches = scrape(port, "vitserve_batch_size_count") - batches_before
-            result.update(
-                concurrency=c,
-                ceiling=ceiling,
-                single_ms=single,
-                ceiling_cpu_ms=ceiling_cpu_ms,
-                server_cpu_ms=cpu_s * 1000 / max(images_run, 1),
-                mean_batch=images_run / max(batches, 1),
-            )
-            rows.append(result)
-            print(
-                f"  c={c}: {result['rps']:.1f} req/s (ceiling {ceiling:.1f}), p50 {result['p50']:.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
+        for workers in (int(w) for w in args.workers.split(",")):
+            port = free_port()
+            process = start_server(args, model, port, workers)
+            variants.append({"name": f"vitserve --workers {workers}", "port": port, "process": process})
+        if args.plain:
+            port = free_port()
+            variants.append({"name": "plain FastAPI", "port": port, "process": start_plain_server(args, model, port)})
+        for variant in variants:
+            variant["requests"] = build_requests(images, variant["port"])
+        # Every server runs all along and the levels interleave (c=1 on each, then c=8 on each...),
+        # so a change in the machine's load hits every server alike.
+        rows = [
+            measure(args, variant, c, images, reference, best)
+            for c in (int(x) for x in args.concurrency.split(","))
+            for variant in variants
+        ]
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for variant in variants:
+            stop(variant["process"])
+    rows.sort(key=lambda r: [v["name"] for v in variants].index(r["variant"]))
+    all_core_after = all_core_ceiling(model, images, cores, best, args.ceiling_seconds)
 
     engine = reference.engine
     print(
-        f"\nvitserve serve vs in-process: {engine.metadata.architecture} ({args.model.name}), {engine.providers[0]}, "
-        f"{engine.intra_op_threads} intra-op threads, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"\nservers vs in-process: {engine.metadata.architecture} ({model.name}), {engine.providers[0]}, "
+        f"{engine.intra_op_threads} intra-op threads, {cores} CPUs ({platform.machine()}), "
         f"max_batch_size {args.max_batch_size}, max_queue_delay_ms {args.max_queue_delay_ms}, "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(
-        "in-process sweep (pre-process + session.run): "
+        "in-process sweep, one process (pre-process + session.run): "
         + ", ".join(f"batch {n}: {r:.1f} img/s ({cpu:.1f} CPU ms/img)" for n, (r, cpu) in sweep.items())
-        + f"; best batch {best}\n"
+        + f"; best batch {best}"
     )
     print(
-        "| concurrency | req/s | in-process ceiling img/s | ratio | p50 ms | p95 ms | p99 ms | p99/p50 "
-        "| mean batch | CPU ms/img server | CPU ms/img in-process | errors |"
+        f"all-core in-process ceiling ({cores} processes, batch {best}, 1 thread each): "
+        f"{all_core:.1f} img/s before the servers, {all_core_after:.1f} after\n"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ceiling = (all_core + all_core_after) / 2
+    print(
+        "| server | concurrency | req/s | / all-core ceiling | p50 ms | p95 ms | p99 ms | p99/p50 | mean batch "
+        "| CPU ms/req server | CPU ms/img in-process | overhead CPU us/req | errors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        overhead_us = (r["server_cpu_ms"] - r["ceiling_cpu_ms"]) * 1000
         print(
-            f"| {r['concurrency']} | {r['rps']:.1f} | {r['ceiling']:.1f} | {r['rps'] / r['ceiling']:.3f} | "
+            f"| {r['variant']} | {r['concurrency']} | {r['rps']:.1f} | {r['rps'] / ceiling:.3f} | "
             f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['p99'] / r['p50']:.2f} | "
-            f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.1f} | {r['ceiling_cpu_ms']:.1f} | {r['errors']} |"
+            f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.2f} | {r['ceiling_cpu_ms']:.2f} | {overhead_us:.0f} | "
+            f"{r['errors']} |"
         )
     for r in rows:
         if r["concurrency"] == 1:
             print(
-                f"\nconcurrency 1: server p50 {r['p50']:.2f} ms vs in-process single image {r['single_ms']:.2f} ms "
-                f"(difference {r['p50'] - r['single_ms']:+.2f} ms)"
+                f"\n{r['variant']}, concurrency 1: p50 {r['p50']:.2f} ms vs in-process single image "
+                f"{r['single_ms']:.2f} ms (difference {r['p50'] - r['single_ms']:+.2f} ms)"
             )
     return 0
 

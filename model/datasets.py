@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.core.image_files import IMAGE_SUFFIXES
 from service.core.metadata import Preprocessing
 
 # The extensions torchvision's ImageFolder accepts; other files in a class folder are ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The service's list (finetune, `vitserve score` and scoring jobs take the same files).
+IMAGE_EXTENSIONS = tuple(sorted(IMAGE_SUFFIXES))
 # Far above any photo a user fine-tunes on, but bounds a decompression bomb.
 MAX_PIXELS = 178_956_970
 # Decode everything into one tensor when it fits in this many bytes; stream from disk beyond.

@@ -1,7 +1,7 @@
 """`vitserve export --from-onnx`: copy an ONNX file from elsewhere with our metadata embedded.
 
 The model description is resolved exactly as `vitserve serve` would (flags > the file's own
-vitserve metadata > its ``<file>.json`` sidecar > the graph > defaults, service/core/model_spec.py),
+vitserve metadata > its ``<file>.json`` sidecar > the graph > defaults, service/core/spec/),
 then written into the copy's metadata_props, so the copy is served with no flags at all. The
 graph and its weights are copied unchanged; metadata keys from other tools are kept.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model.onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES, save_onnx
 from service.core.metadata import PREFIX
-from service.core.model_spec import IO_METADATA_KEYS, ModelSpec, SpecOptions, graph_io_from_onnx, resolve_spec
+from service.core.spec import IO_METADATA_KEYS, ModelSpec, SpecOptions, graph_io_from_onnx, resolve_spec
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -83,7 +83,7 @@ def embed_metadata(
 
 def check_export_mode(args) -> str | None:
     """`vitserve export` takes SOURCE or --from-onnx; the description flags belong to --from-onnx only."""
-    from service.core.model_spec import SPEC_FLAGS
+    from service.core.spec import SPEC_FIELDS, flag_name
 
     if args.source and args.from_onnx:
         return "give either SOURCE (a checkpoint) or --from-onnx (an ONNX file), not both"
@@ -91,7 +91,7 @@ def check_export_mode(args) -> str | None:
         return "give SOURCE (a checkpoint) or --from-onnx ONNX"
     if not args.from_onnx:
         given = [
-            flag for flag, dest, _ in SPEC_FLAGS if flag != "--image-size" and getattr(args, dest, None) is not None
+            flag_name(name) for name in SPEC_FIELDS if name != "image_size" and getattr(args, name, None) is not None
         ]
         if given:
             return f"{', '.join(given)} only apply with --from-onnx (a checkpoint export writes its own description)"
@@ -102,14 +102,14 @@ def run_from_onnx(args, *, external_data_threshold_bytes: int = DEFAULT_EXTERNAL
     """The `vitserve export --from-onnx SOURCE -o OUTPUT [flags]` handler."""
     import sys
 
-    from service.core.model_spec import ModelSpecError, options_from_args
+    from service.core.spec import ModelSpecError, options_from_values
     from service.runtime.engine import EngineError
 
     try:
         spec = embed_metadata(
             args.from_onnx,
             args.output,
-            options_from_args(args),
+            options_from_values(vars(args), where="flags"),
             verify=args.verify,
             external_data_threshold_bytes=external_data_threshold_bytes,
         )
@@ -117,7 +117,7 @@ def run_from_onnx(args, *, external_data_threshold_bytes: int = DEFAULT_EXTERNAL
         print(f"vitserve export: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"wrote {args.output}: {spec.metadata.architecture}, {spec.metadata.num_classes} classes, "
+        f"wrote {args.output}: {spec.metadata.served_name}, {spec.metadata.num_classes} classes, "
         f"{spec.metadata.precision}; `vitserve serve --model {args.output}` needs no flags now"
     )
     for name, item in spec.effective().items():

@@ -180,6 +180,7 @@ def build_metadata(
     source: str,
     weights_sha256: str,
     opset: int,
+    name: str = "",
 ) -> ModelMetadata:
     """The contract's ModelMetadata plus extra keys that describe the graph (depth for the fused
     count, exporter versions to reproduce a file)."""
@@ -213,6 +214,7 @@ def build_metadata(
         source=source,
         weights_sha256=weights_sha256,
         extra=extra,
+        name=name,
     )
 
 
@@ -229,6 +231,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
     progress: bool = False,
+    name: str = "",
 ) -> ExportResult:
     """Export a loaded ViT to ``output`` with its metadata; the core that export_checkpoint wraps.
 
@@ -243,6 +246,7 @@ def export_model(
         opset: ONNX opset, >= 23 so that attention exports as one fused node.
         external_data_threshold_bytes: weights above this size are written as external data.
         progress: show a progress bar on stderr.
+        name: the name the service serves it under (a fine-tune's own); "" = the architecture.
     """
     from tqdm.auto import tqdm
 
@@ -259,6 +263,7 @@ def export_model(
         source=source,
         weights_sha256=weights_sha256,
         opset=opset,
+        name=name,
     )
     steps = ["export to ONNX"] + (["quantize int8"] if precision == "int8" else []) + ["write"]
     with tqdm(total=len(steps), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
@@ -294,6 +299,7 @@ def export_checkpoint(
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD_BYTES,
     verify: bool = True,
     progress: bool = False,
+    name: str = "",
 ) -> tuple[ExportResult, VerifyReport | None]:
     """Import any checkpoint the importer reads, export it, and verify the file (unless verify=False).
 
@@ -318,6 +324,7 @@ def export_checkpoint(
         opset=opset,
         external_data_threshold_bytes=external_data_threshold_bytes,
         progress=progress,
+        name=name,
     )
     report = None
     if verify:

@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--opset", type=int, default=23, help="ONNX opset, 23 (default) to 25: the fused Attention op needs >= 23"
     )
+    export.add_argument(
+        "--name",
+        default=None,
+        help="the name the service serves the model under (default: its architecture), e.g. for a fine-tune",
+    )
     export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     export.add_argument(
         "--golden",
@@ -68,9 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="weights above this many MiB go to <output>.data (default 2000; protobuf's limit is 2 GiB)",
     )
     _add_checkpoint_options(export)
-    from service.core.model_spec import add_spec_arguments
-
-    add_spec_arguments(export, skip=("--image-size",))  # --from-onnx: --mean, --labels ... as for `serve`
+    _add_description_options(export)
     export.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     export.set_defaults(func=run_export)
 
@@ -85,6 +88,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_checkpoint_options(verify)
     verify.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     verify.set_defaults(func=run_verify)
+
+
+def _add_description_options(parser: argparse.ArgumentParser) -> None:
+    """--mean, --labels ... for --from-onnx, the fields `vitserve serve` takes (--image-size is shared above)."""
+    from service.core.spec import SPEC_FIELDS, flag_name
+
+    group = parser.add_argument_group("model description for --from-onnx (as for `vitserve serve`)")
+    for name, help_text in SPEC_FIELDS.items():
+        if name != "image_size":
+            group.add_argument(flag_name(name), dest=name, default=None, help=help_text)
 
 
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +134,7 @@ def run_export(args: argparse.Namespace) -> int:
             external_data_threshold_bytes=external_data_threshold_bytes(args),
             verify=args.verify,
             progress=args.progress,
+            name=args.name or "",
         )
     except VerificationFailed as exc:
         print(format_summary(exc.report.info, exc.report))

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from service.core.model_spec import add_spec_arguments
+from service.cli.spec_flags import add_spec_arguments
 
 EXIT_NOT_SERVABLE = 1
 EXIT_BAD_INPUT = 2
@@ -33,8 +33,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.core.model_spec import ModelSpecError, options_from_args
+    from service.cli.spec_flags import options_from_args
     from service.core.onnx_summary import format_text, summarize
+    from service.core.spec import ModelSpecError
 
     try:
         options = options_from_args(args)

@@ -18,10 +18,12 @@ def add_parser(subparsers) -> None:
         "score",
         help="batch-score images offline into .jsonl/.csv/.parquet",
         description="Score every image of INPUT (a folder, a glob such as 'photos/**/*.jpg', a zip or tar "
-        "archive, or a manifest .jsonl of paths relative to it) with an exported model. "
+        "archive, or a manifest: .txt or .jsonl, one path per line, relative to it) with an exported model. "
         "Unreadable images are listed with their error. --resume skips what OUTPUT already holds.",
     )
-    parser.add_argument("input", metavar="INPUT", help="folder, glob (quote it), .zip/.tar[.gz], or manifest .jsonl")
+    parser.add_argument(
+        "input", metavar="INPUT", help="folder, glob (quote it), .zip/.tar[.gz], or manifest .txt/.jsonl"
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="results file: .jsonl, .csv or .parquet")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH, help="exported .onnx model")
     parser.add_argument("--batch-size", type=int, default=8, help="images per engine run (default 8; GPUs: 32-64)")
@@ -54,14 +56,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--actors", type=int, default=None, help="with --ray: scoring actors (default: one per GPU, or per CPU slot)"
     )
-    from service.core.model_spec import add_spec_arguments
+    from service.cli.spec_flags import add_spec_arguments
 
     add_spec_arguments(parser)  # ONNX files without vitserve metadata, as for `vitserve serve`
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.core.model_spec import ModelSpecError, options_from_args
+    from service.cli.spec_flags import options_from_args
+    from service.core.spec import ModelSpecError
     from service.runtime.engine import EngineError
     from service.scoring.offline import ScoringError, score
 
@@ -112,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
     except (ScoringError, EngineError, ModelSpecError) as exc:
         print(f"vitserve score: {exc}", file=sys.stderr)
         return 2
+    model = f"model {summary.model.describe()}: " if summary.model else ""
     print(
-        f"vitserve score: {summary.scored} scored, {summary.failed} unreadable (listed with their error), "
+        f"vitserve score: {model}{summary.scored} scored, {summary.failed} unreadable (listed with their error), "
         f"{summary.skipped} already in {args.output}; {summary.images_per_second:.1f} images/s"
         + (f", {summary.cpu_ms_per_image:.1f} CPU ms/image" if summary.cpu_seconds else ""),
         file=sys.stderr,

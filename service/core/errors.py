@@ -54,6 +54,13 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The client sent its request too slowly (headers or body past their timeout); the connection closes."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     code = "unsupported_media_type"

@@ -27,6 +27,10 @@ REQUIRED_KEYS = (
     "std",
     "precision",
 )
+# Every key from_props understands; anything else lands in ``extra``.
+KNOWN_KEYS = frozenset(
+    {*REQUIRED_KEYS, "format_version", "num_classes", "crop_size", "input_dtype", "source", "weights_sha256", "name"}
+)
 
 ResizeMode = Literal["shortest", "squash"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
@@ -108,6 +112,12 @@ class ModelMetadata:
     source: str = ""  # the checkpoint the export came from
     weights_sha256: str = ""  # hash of the source weights, to tell exports apart
     extra: dict[str, str] = field(default_factory=dict)  # further vitserve.* keys, kept verbatim
+    name: str = ""  # the name the API serves it under (a fine-tune's own name); "" = the architecture
+
+    @property
+    def served_name(self) -> str:
+        """What clients call the model: /v1 "model", the v2 model name, job and score rows."""
+        return self.name or self.architecture
 
     @property
     def num_classes(self) -> int:
@@ -132,6 +142,8 @@ class ModelMetadata:
             "source": self.source,
             "weights_sha256": self.weights_sha256,
         }
+        if self.name:
+            props["name"] = self.name
         props.update(self.extra)
         return {PREFIX + k: v for k, v in props.items()}
 
@@ -156,14 +168,6 @@ class ModelMetadata:
             raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
         if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
             raise MetadataError(f"{PREFIX}num_classes={ours['num_classes']} but {len(labels)} labels")
-        known = set(REQUIRED_KEYS) | {
-            "format_version",
-            "num_classes",
-            "crop_size",
-            "input_dtype",
-            "source",
-            "weights_sha256",
-        }
         return cls(
             architecture=ours["architecture"],
             labels=labels,
@@ -172,7 +176,8 @@ class ModelMetadata:
             input_dtype=ours.get("input_dtype", "float16" if ours["precision"] == "fp16" else "float32"),
             source=ours.get("source", ""),
             weights_sha256=ours.get("weights_sha256", ""),
-            extra={k: v for k, v in ours.items() if k not in known},
+            extra={k: v for k, v in ours.items() if k not in KNOWN_KEYS},
+            name=ours.get("name", ""),
         )
 
     def summary(self) -> dict:

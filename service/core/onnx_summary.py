@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from service.core.metadata import PREFIX, REQUIRED_KEYS
-from service.core.model_spec import (
+from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
+from service.core.spec import (
     GraphIO,
     ModelSpecError,
     SpecOptions,
@@ -23,7 +24,6 @@ from service.core.model_spec import (
     resolve_spec,
     sidecar_path,
 )
-from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
 _ITEMSIZE = {
     "float32": 4,

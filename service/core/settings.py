@@ -1,33 +1,109 @@
 """All service configuration in one place: environment variables VITSERVE_*, validated at start-up.
 
-Every field's unit is in its name. ``get_settings()`` is cached so the app, the CLI and tests
-share one object; tests build their own ``Settings(...)`` and hand it to ``create_app``.
+Every field's unit is in its name, and every field is also a `vitserve serve --<name>` flag
+(service/cli/serve.py builds them from this class). A VITSERVE_* variable that names no setting
+stops start-up (``UnknownVariables``) instead of being ignored. ``get_settings()`` is cached so the
+app, the CLI and tests share one object; tests build their own ``Settings(...)`` and hand it to
+``create_app``.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.image_formats import DEFAULT_FORMATS, SUPPORTED_FORMATS, parse_formats
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
+from service.core.spec import SPEC_FIELDS, ModelSpecError, options_from_values
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
+ENV_PREFIX = "VITSERVE_"
+# VITSERVE_* variables that are not settings of the service: docker-compose.yml substitutes them on
+# the host, the container's health check, the container and GPU tests and bench/gpu.sh read them.
+TOOL_VARIABLES = frozenset(
+    {
+        "VITSERVE_IMAGE",
+        "VITSERVE_SOURCE",
+        "VITSERVE_PUBLISH",
+        "VITSERVE_GPU",
+        "VITSERVE_MODELS_DIR",
+        "VITSERVE_HEALTHCHECK_TIMEOUT_S",
+        "VITSERVE_DOCKER_CUDA_EXTRAS",
+        "VITSERVE_GPU_MODELS",
+        "VITSERVE_GPU_REPORT_DIR",
+    }
+)
+
+
+class UnknownVariables(ValueError):
+    """VITSERVE_* variables that name no setting (a typo would otherwise be ignored silently)."""
+
+
+def env_name(field_name: str) -> str:
+    """``max_batch_size`` -> ``VITSERVE_MAX_BATCH_SIZE``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise UnknownVariables naming every unknown VITSERVE_* variable and the closest known names."""
+    known = [env_name(name) for name in Settings.model_fields]
+    # pydantic-settings matches names case-insensitively, so the check does too.
+    unknown = sorted(
+        k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in {*known, *TOOL_VARIABLES}
+    )
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), known, n=2, cutoff=0.6)
+        parts.append(f"{name} (did you mean {' or '.join(close)}?)" if close else name)
+    raise UnknownVariables(
+        f"unknown environment variable(s) {', '.join(parts)}; `vitserve serve --help` lists every setting"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 class Settings(BaseSettings):
-    """Service settings; each can be set as VITSERVE_<NAME> (e.g. VITSERVE_MAX_BATCH_SIZE=16)."""
+    """Service settings; each can be set as VITSERVE_<NAME> (e.g. VITSERVE_MAX_BATCH_SIZE=16).
 
+    Constructing one checks the environment first (``check_environment``).
+    """
+
+    # extra="ignore" is for keyword arguments only; unknown variables are refused by check_environment.
     model_config = SettingsConfigDict(
-        env_prefix="VITSERVE_", env_file=None, extra="ignore", validate_default=True, protected_namespaces=()
+        env_prefix=ENV_PREFIX, env_file=None, extra="ignore", validate_default=True, protected_namespaces=()
     )
 
+    def __init__(self, **values: Any) -> None:
+        check_environment(os.environ)
+        super().__init__(**values)
+
     model: Path = Field(DEFAULT_MODEL_PATH, description="path of the exported .onnx model to serve")
+    # Flag --name first (--model-name also works): `vitserve export --model-name` means the checkpoint's variant.
+    model_name: str | None = Field(
+        None,
+        description="the name clients use for the --model file (/v1 'model', the v2 model name); "
+        "default: the name in its metadata or sidecar, else its architecture",
+        json_schema_extra={"flags": ["--name", "--model-name"]},
+    )
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
 
@@ -86,6 +162,17 @@ class Settings(BaseSettings):
     trt_cache_dir: Path | None = Field(None, description="TensorRT engine and timing cache directory; unset = none")
     trt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels (matters for fp32 exports)")
 
+    # Processes (service/serving/supervisor.py): N front-end processes (HTTP, limits, decoding) share
+    # the listening socket and feed ONE engine process through shared memory. 1 = everything in one
+    # process; 0 = automatic (service/serving/supervisor.py: automatic_workers, chosen by bench/serve.py).
+    workers: int = Field(1, ge=0, le=256, description="front-end processes; 1 = one process, 0 = automatic")
+    # Slow clients (service/http/slow_clients.py): a client dribbling bytes cannot hold a connection.
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="grace for a request body, extended by one second per min_body_rate bytes"
+    )
+    min_body_rate_bytes_per_s: int = Field(
+        4096, ge=1, description="slowest average upload speed accepted once body_timeout_s has passed"
+    )
     # Connections (service/http/connection.py): what one client may hold before its request is read.
     max_connections: int = Field(
         1000, ge=1, le=1_000_000, description="open client connections; the next one is answered 503 and closed"
@@ -100,13 +187,30 @@ class Settings(BaseSettings):
         5, ge=1, le=3600, description="an idle kept-alive connection is closed after this"
     )
 
-    api_key: str = Field("", description="when set, every route but /healthz, /readyz and /metrics needs Bearer auth")
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    api_key: str | None = Field(
+        None,
+        description="every route but the probes, /metrics and the page needs 'Authorization: Bearer <key>' "
+        "(prefer the variable: a flag shows in ps)",
+    )
+    no_auth: bool = Field(
+        False,
+        description="serve without authentication on a non-loopback host (without an API key, "
+        "only 127.0.0.1/::1 are allowed otherwise)",
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="how much is logged; info has one access-log line per request"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as JSON objects")
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,
         description="SIGTERM to exit, at most (one deadline for the whole drain); keep it 5 s or more under the "
         "orchestrator's grace (compose: stop_grace_period 40s)",
+    )
+    cors_origins: str = Field(
+        "",
+        description="comma list of origins whose browser pages may call the API (https://app.example.com), "
+        "or *; empty = CORS off",
     )
 
     # Batch-scoring jobs (service/scoring/, /v1/jobs). The database is created on the first job.
@@ -143,9 +247,13 @@ class Settings(BaseSettings):
     model_repository: Path | None = Field(
         None, description="serve DIR/<name>/<version>/model.onnx instead of the one --model file"
     )
-    model_name: str | None = Field(None, description="name the --model file is served under; unset = its architecture")
     default_model: str | None = Field(
         None, description="model that /v1/classify serves in a repository; unset = the only one, or the first by name"
+    )
+    model_control: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit = the repository extension's load/unload calls may change what is served; "
+        "none = they are refused (403), as in Triton's default mode",
     )
     repository_poll_s: float = Field(
         0.0, ge=0, le=86_400, description="re-scan the repository for new versions this often; 0 = only on load calls"
@@ -157,21 +265,21 @@ class Settings(BaseSettings):
         0, ge=0, le=10_000_000, description="results kept in the per-process response cache; 0 = no cache"
     )
 
-    # Model description for ONNX files without vitserve metadata (service/core/model_spec.py): each
+    # Model description for ONNX files without vitserve metadata (service/core/spec/): each
     # overrides the file's metadata and its <model>.json sidecar. Strings, parsed in one place there.
-    image_size: int | None = Field(None, ge=1, description="side of the square model input, pixels")
-    resize: int | None = Field(None, ge=1, description="resize target, pixels, before the centre crop")
-    resize_mode: str | None = Field(None, description="shortest (resize the short side, crop) or squash")
-    crop: float | None = Field(None, gt=0, le=1, description="centre-crop fraction (timm crop_pct), instead of resize")
-    interpolation: str | None = Field(None, description="nearest, bilinear, bicubic or lanczos")
-    mean: str | None = Field(None, description="per-channel mean, e.g. 0.5,0.5,0.5 or imagenet")
-    std: str | None = Field(None, description="per-channel std, e.g. 0.5,0.5,0.5 or imagenet")
-    labels: Path | None = Field(None, description="class names file: .txt (one per line) or .json")
-    input_name: str | None = Field(None, description="graph input that gets the pixels (several inputs)")
-    output_name: str | None = Field(None, description="graph output with the logits (several outputs)")
-    input_layout: str | None = Field(None, description="nchw or nhwc, when the graph does not tell")
+    image_size: int | None = Field(None, ge=1, description=SPEC_FIELDS["image_size"])
+    resize: int | None = Field(None, ge=1, description=SPEC_FIELDS["resize"])
+    resize_mode: str | None = Field(None, description=SPEC_FIELDS["resize_mode"])
+    crop: float | None = Field(None, gt=0, le=1, description=SPEC_FIELDS["crop"])
+    interpolation: str | None = Field(None, description=SPEC_FIELDS["interpolation"])
+    mean: str | None = Field(None, description=SPEC_FIELDS["mean"])
+    std: str | None = Field(None, description=SPEC_FIELDS["std"])
+    labels: Path | None = Field(None, description=SPEC_FIELDS["labels"])
+    input_name: str | None = Field(None, description=SPEC_FIELDS["input_name"])
+    output_name: str | None = Field(None, description=SPEC_FIELDS["output_name"])
+    input_layout: str | None = Field(None, description=SPEC_FIELDS["input_layout"])
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_level(cls, value):
         return value.lower() if isinstance(value, str) else value
@@ -182,20 +290,19 @@ class Settings(BaseSettings):
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory (and so on).
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator(
-        "image_size",
-        "resize",
-        "resize_mode",
-        "crop",
-        "interpolation",
-        "mean",
-        "std",
-        "labels",
-        "input_name",
-        "output_name",
-        "input_layout",
-        mode="before",
-    )
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _key_not_empty(cls, value: str | None) -> str | None:
+        # docker-compose's ${VITSERVE_API_KEY:-} passes "" when the key is not exported: that must
+        # not turn authentication off without a word.
+        if value is not None and not value.strip():
+            raise ValueError(
+                "the API key is empty; give a key, or leave VITSERVE_API_KEY unset "
+                "(and pass --no-auth / VITSERVE_NO_AUTH=true off loopback) to serve without authentication"
+            )
+        return value
+
+    @field_validator(*SPEC_FIELDS, mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -252,13 +359,29 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
             )
-        from service.core.model_spec import ModelSpecError
-
         try:
             self.spec_options()  # a bad --mean or an unreadable labels file fails here, at start-up
         except ModelSpecError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        if self.api_key is not None and self.no_auth:
+            raise ValueError("an API key and no_auth contradict each other; give one of them")
+        if self.api_key is None and not self.no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"listening on {self.host} with no API key: set VITSERVE_API_KEY, or choose to serve "
+                "without authentication with --no-auth (VITSERVE_NO_AUTH=true)"
+            )
+        return self
+
+    def auth_description(self) -> str:
+        """One line for the start-up log: whether requests need the key (never the key itself)."""
+        if self.api_key is not None:
+            return "authentication on: API routes need 'Authorization: Bearer <key>'"
+        reason = "--no-auth" if self.no_auth else f"no API key, listening on loopback {self.host} only"
+        return f"authentication OFF ({reason})"
 
     @model_validator(mode="after")
     def _check_gpu_options(self) -> Settings:
@@ -283,11 +406,12 @@ class Settings(BaseSettings):
         )
 
     def spec_options(self):
-        """The explicit model description (service.core.model_spec.SpecOptions) these settings give."""
-        from service.core.model_spec import SPEC_FLAGS, SpecOptions
+        """The explicit model description (service.core.spec.SpecOptions) these settings give."""
+        values = {name: getattr(self, name) for name in SPEC_FIELDS}
+        return options_from_values({**values, "name": self.model_name}, where="settings (flags / VITSERVE_* variables)")
 
-        raw = {dest: getattr(self, dest) for _, dest, _ in SPEC_FLAGS if getattr(self, dest) is not None}
-        return SpecOptions.parse(raw, where="settings (flags / VITSERVE_* variables)")
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def decode_formats(self) -> tuple[str, ...]:
         return parse_formats(self.image_formats)

@@ -29,6 +29,7 @@ from service.core.errors import (
     UnsupportedMediaType,
     is_storage_full,
 )
+from service.core.image_files import describe_suffixes
 from service.core.settings import Settings
 from service.http.deps import media_type as request_media_type
 from service.http.deps import service_state
@@ -254,9 +255,7 @@ async def create_job(
     try:
         source, items = await _read_input(request, settings, kind, workdir)
         if not items:
-            raise BadRequest(
-                "the job has no images (archives: files ending .jpg, .jpeg, .png, .webp, .gif, .bmp, .tif, .tiff)"
-            )
+            raise BadRequest(f"the job has no images (image files end in {describe_suffixes()})")
         if len(items) > settings.max_job_images:
             raise PayloadTooLarge(f"{len(items)} images; the limit is {settings.max_job_images}")
         job = await asyncio.to_thread(

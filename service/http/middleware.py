@@ -1,5 +1,9 @@
-"""The per-request plumbing that runs before any route: API key, draining gate, the body limit,
-the in-flight count and request metrics by route template and status.
+"""The per-request plumbing that runs before any route: request id, API key, draining gate, the body
+limit, the in-flight count, request metrics by route template and status, and the access log.
+
+The access log (logger ``vitserve.access``, INFO) has one line per request: method, route template
+(never the raw path: bounded, and free of client-chosen text), status, response bytes, duration
+and request id, also as ``extra`` fields for JSON logs (service/core/logs.py).
 
 Pure ASGI (no BaseHTTPMiddleware overhead, and the body is never buffered here). The body limit
 lives here alone: a declared Content-Length over it is refused from the header, and a streamed
@@ -9,6 +13,7 @@ body (chunked, or lying about its length) is counted as it arrives and stopped a
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 
@@ -19,12 +24,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import PayloadTooLarge, Unauthorized
 from service.core.settings import Settings
+from service.http import docs
 from service.http.deps import state_of
 from service.http.errors import error_response, service_error_response
+from service.http.request_id import bind_request_id
 from service.serving.state import ServiceState
 
+auth_log = logging.getLogger("vitserve.auth")
+access_log = logging.getLogger("vitserve.access")
 # Reachable without the API key and while draining: probes and scrapers must always get through;
-# so must the web page and its two files (the key is typed into the page) and the v2 health probes.
+# so must the web page and its two files (the key is typed into the page), the v2 health probes,
+# and the API docs with /openapi.json (the key is typed into Swagger's Authorize dialog).
 OPEN_PATHS = frozenset(
     {
         "/healthz",
@@ -35,6 +45,8 @@ OPEN_PATHS = frozenset(
         "/",
         "/static/app.js",
         "/static/style.css",
+        *docs.PAGE_PATHS,
+        *docs.ASSET_PATHS,
     }
 )
 # Scoring jobs upload whole archives: their one route gets its own, larger body limit.
@@ -68,25 +80,34 @@ class ServiceMiddleware:
         state = state_of(self.service)
         started = time.perf_counter()
         status = 500
+        sent_bytes = 0
         path = scope["path"]
         guarded = path not in OPEN_PATHS
+        request_id = bind_request_id(scope)
+        id_header = (b"x-request-id", request_id.encode())
 
         async def send_tracking(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent_bytes
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if state.draining and not any(k.lower() == b"connection" for k, _ in message.get("headers", ())):
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append(id_header)
+                if state.draining and not any(k.lower() == b"connection" for k, _ in headers):
                     # While draining, no connection is kept alive: a client's next request then opens
                     # a new connection (503, or refused once we stop listening) instead of being sent
                     # on one that the shutdown closes under it.
-                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent_bytes += len(message.get("body", b""))
             await send(message)
 
         if not guarded:
             try:
                 await self.app(scope, receive, send_tracking)
             finally:
-                self._observe(scope, state, status, started)
+                self._observe(scope, state, status, started, sent_bytes)
             return
         state.in_flight_requests += 1
         state.metrics.in_flight_requests.inc()
@@ -100,22 +121,54 @@ class ServiceMiddleware:
         finally:
             state.in_flight_requests -= 1
             state.metrics.in_flight_requests.dec()
-            self._observe(scope, state, status, started)
+            self._observe(scope, state, status, started, sent_bytes)
 
-    def _observe(self, scope: Scope, state: ServiceState, status: int, started: float) -> None:
+    def _observe(self, scope: Scope, state: ServiceState, status: int, started: float, sent_bytes: int) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or self._route_template(scope)
-        state.metrics.observe_request(template, scope["method"], status, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        state.metrics.observe_request(template, scope["method"], status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            request_id = scope["state"]["request_id"]
+            access_log.info(
+                "%s %s %d %dB %.1fms %s",
+                scope["method"],
+                template,
+                status,
+                sent_bytes,
+                seconds * 1000.0,
+                request_id,
+                extra={
+                    "method": scope["method"],
+                    "route": template,
+                    "status": status,
+                    "bytes": sent_bytes,
+                    "duration_ms": round(seconds * 1000.0, 3),
+                    "request_id": request_id,
+                },
+            )
 
     def _reject(self, scope: Scope, state: ServiceState) -> Response | None:
         """The answer to a request refused before it reaches a route, or None to let it through."""
         path = scope["path"]
+        request_id = scope["state"]["request_id"]
         settings = state.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if settings.api_key:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
+            presented = headers.get("authorization")
+            scheme, _, token = (presented or "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-                return service_error_response(Unauthorized(), path)
+                # Say why, never what was presented: a near-miss key in a log is a leaked key.
+                reason = (
+                    "no Authorization header"
+                    if presented is None
+                    else "not a Bearer token"
+                    if scheme.lower() != "bearer"
+                    else "wrong key"
+                )
+                client = scope.get("client") or ("?", 0)
+                auth_log.warning("401 %s %s from %s: %s", scope["method"], path, client[0], reason)
+                return service_error_response(Unauthorized(), path, request_id)
         if state.draining:
             return error_response(
                 503,
@@ -123,6 +176,7 @@ class ServiceMiddleware:
                 "server is shutting down; retry on another instance",
                 {"Retry-After": "1", "Connection": "close"},
                 path=path,
+                request_id=request_id,
             )
         length = headers.get("content-length")
         if length is None:
@@ -130,7 +184,9 @@ class ServiceMiddleware:
         try:
             declared = int(length)
         except ValueError:
-            return error_response(400, "bad_request", f"invalid Content-Length header {length!r}", path=path)
+            return error_response(
+                400, "bad_request", f"invalid Content-Length header {length!r}", path=path, request_id=request_id
+            )
         limit, setting = body_limit(settings, path)
         if declared > limit:
             # Answer from the header alone: the body is never read.
@@ -140,6 +196,7 @@ class ServiceMiddleware:
                 f"request body of {declared} bytes is over the limit of {limit} bytes ({setting})",
                 {"Connection": "close"},
                 path=path,
+                request_id=request_id,
             )
         return None
 
@@ -147,7 +204,10 @@ class ServiceMiddleware:
         # Early rejections never reached the router; label them by the documented route they were
         # meant for (a bounded label set: never the raw path, which a client could vary at will).
         if self._templates is None:
+            # The documented routes, then the app's own top-level ones: /docs and /openapi.json are
+            # not in the schema but get their own label too.
             paths = list(self.service.openapi().get("paths", {}))
+            paths += [route.path for route in self.service.routes if isinstance(getattr(route, "path", None), str)]
             self._templates = [(compile_path(path)[0], path) for path in paths]
         for regex, template in self._templates:
             if regex.match(scope["path"]):

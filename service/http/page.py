@@ -20,6 +20,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    # The scripts that start the API docs (service/http/docs.py).
+    "docs.js": "text/javascript; charset=utf-8",
+    "redoc.js": "text/javascript; charset=utf-8",
 }
 
 # img-src blob: for the preview of the chosen/drawn image (an object URL).

@@ -19,12 +19,16 @@ deadline, and a cap on open connections.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,7 +38,10 @@ from service.http.app import create_app
 from service.http.connection import ConnectionLimits, guarded_protocol
 from service.http.deps import state_of
 from service.runtime.engine_protocol import InferenceEngine
-from service.serving.lifecycle import wait_for_idle
+from service.serving import supervisor
+from service.serving.front_end import WorkerContext
+from service.serving.lifecycle import build_engine, wait_for_idle
+from service.serving.supervisor import resolve_workers
 
 log = logging.getLogger("vitserve.server")
 # After the drain: how long connections already open may still deliver a request (answered 503).
@@ -50,11 +57,18 @@ _RESERVED_FDS = 64
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once."""
+    """uvicorn.Server whose first exit signal drains before stopping; a second one stops at once.
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    Args:
+        config: uvicorn's configuration.
+        app: the service app (its state is drained).
+        announce: print the "serving ... on http://..." line once started (one worker of many does).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, announce: bool = True) -> None:
         super().__init__(config)
         self.state = state_of(app)
+        self.announce = announce
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -64,7 +78,7 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
-        if self.should_exit or not self.servers:
+        if self.should_exit or not self.servers or not self.announce:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(
@@ -145,23 +159,83 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def serve(settings: Settings, *, engine: InferenceEngine | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (drained); ``engine`` as in create_app. Returns the exit code."""
-    app = create_app(settings, engine=engine)
-    config = uvicorn.Config(
+class CannotListen(Exception):
+    """The address cannot be listened on: the port is taken (another server, an earlier vitserve), or no such host."""
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn binds one; CannotListen when the port is taken or no such host.
+
+    Binding before the model loads lets a busy port fail in one line, before any start-up work.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"port {port} is in use (on {host}); stop what holds it, or pick another with --port / VITSERVE_PORT"
+            ) from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
+        log_config=None,  # our handlers and format (service/core/logs.py), uvicorn's lines included
+        access_log=False,  # one access-log line per request is the middleware's
         lifespan="on",
         http=guarded_protocol(connection_limits(settings)),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),  # lowered to what is left at SIGTERM
     )
-    server = DrainingServer(config, app)
-    server.run()
+
+
+def serve(
+    settings: Settings,
+    *,
+    engine: InferenceEngine | None = None,
+    make_engine: Callable[[], InferenceEngine] | None = None,
+    listener: socket.socket | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (drained); returns the exit code. ``listener``: from
+    ``bind_listener`` (None: bound here, at settings.host:port).
+
+    One process for ``settings.workers`` 1; else the supervisor's front-end workers and engine
+    process (service/serving/supervisor.py), the engine built there by ``make_engine`` (default:
+    from settings.model), or ``engine`` inherited when given (a fake: an ONNX Runtime session must
+    not cross a fork).
+    """
+    workers = resolve_workers(settings)
+    if workers > 1:
+        if make_engine is None:
+            make_engine = (lambda: engine) if engine is not None else partial(build_engine, settings)
+        return supervisor.run(settings, workers, make_engine, partial(_serve_worker, settings), listener)
+    if engine is None and make_engine is not None:
+        engine = make_engine()
+    app = create_app(settings, engine=engine)
+    server = DrainingServer(_uvicorn_config(app, settings), app)
+    server.run(sockets=[listener] if listener is not None else None)
     if not server.started:
         print("vitserve serve: the server did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_worker(settings: Settings, context: WorkerContext) -> int:
+    """One front-end worker: the app on the supervisor's listening socket."""
+    app = create_app(settings, worker=context)
+    server = DrainingServer(_uvicorn_config(app, settings), app, announce=context.index == 0)
+    server.run(sockets=[context.listener])
+    return 0 if server.started else 1

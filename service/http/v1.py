@@ -57,7 +57,7 @@ class TimingMs(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model: str = Field(description="the served model's architecture name")
+    model: str = Field(description="the served model's name (--name, else its architecture)")
     predictions: list[Prediction]
     timing_ms: TimingMs
 

@@ -167,6 +167,11 @@ class Batcher:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def last_batch_s(self) -> float:
+        """How long the last engine run took (what Retry-After hints are computed from)."""
+        return self._last_batch_s
+
     # -- requests ----------------------------------------------------------------------------
     async def submit(
         self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
@@ -183,8 +188,15 @@ class Batcher:
         """
         if not self._accepting or self._queue is None:
             raise NotReady("server is not accepting requests (starting up or shutting down)", retry_after_s=1)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            # Decoding (or a tiny client timeout) used the whole budget: queueing it would be wasted work.
+            raise DeadlineExceeded(
+                f"the request deadline passed {(now - deadline) * 1000:.0f} ms before the image reached the queue "
+                "(decoding took longer than the time left); not run"
+            )
         loop = asyncio.get_running_loop()
-        item = _Item(pixels, loop.create_future(), time.monotonic(), deadline, timings)
+        item = _Item(pixels, loop.create_future(), now, deadline, timings)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -217,10 +229,7 @@ class Batcher:
             raise self._overloaded()
 
     def _overloaded(self) -> Overloaded:
-        return Overloaded(
-            f"queue full ({self.max_queue_size} images waiting); retry later",
-            retry_after_s=max(1.0, self._last_batch_s * self.max_queue_size / self.max_batch_size),
-        )
+        return overloaded(self.max_queue_size, self.max_batch_size, self._last_batch_s)
 
     async def submit_low(self, pixels: np.ndarray) -> np.ndarray:
         """Queue one image (3, H, W) in the low-priority lane and wait for its logits (K,) float32.
@@ -383,6 +392,14 @@ class Batcher:
                 self._last_online_batch = len(batch)
             for _ in batch:
                 queue.task_done()
+
+
+def overloaded(max_queue_size: int, max_batch_size: int, last_batch_s: float) -> Overloaded:
+    """The answer to an image that finds the queue full: retry once the queue has had time to drain."""
+    return Overloaded(
+        f"queue full ({max_queue_size} images waiting); retry later",
+        retry_after_s=max(1.0, last_batch_s * max_queue_size / max(1, max_batch_size)),
+    )
 
 
 def _stack_and_run(engine: BatchEngine, images: list[np.ndarray]) -> np.ndarray:

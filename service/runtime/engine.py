@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.host import cpu_cores
-from service.core.model_spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
+from service.core.spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.runtime.buckets import BucketRunner
 from service.runtime.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
 
@@ -38,6 +38,7 @@ log = logging.getLogger("vitserve.engine")
 TENSORRT, CUDA, CPU = TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER
 GPU_PROVIDERS = (TENSORRT, CUDA)
 _PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
+_ALIAS_OF = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
 # Device input buffers kept for batch sizes run without buckets, least recently used dropped first:
 # one per size for ever would hold sum(1..max_batch_size) images of device memory.
 _MAX_CACHED_DEVICE_INPUTS = 8
@@ -89,9 +90,24 @@ def automatic_providers() -> list[str]:
     return chosen
 
 
+def fallback_problem(explicit: Sequence[str] | None, running: Sequence[str]) -> str | None:
+    """Why a session may not run on ``running`` when ``explicit`` providers were asked for, or None.
+
+    ``--providers cuda`` means "on the GPU": ONNX Runtime falling back to the CPU would serve
+    quietly at a fraction of the speed. Only an explicit list that names cpu allows that.
+    """
+    if not explicit or CPU in explicit or not running or running[0] != CPU:
+        return None
+    asked = ",".join(_ALIAS_OF.get(p, p) for p in explicit)
+    return (
+        f"--providers {asked} was asked for but {', '.join(explicit)} cannot run on this host (the session fell "
+        f"back to {CPU}); add cpu (--providers {asked},cpu) to allow that, or leave --providers unset"
+    )
+
+
 class Engine:
     """One ONNX Runtime inference session for one image classifier: a vitserve export or any ONNX file
-    described by flags / a sidecar JSON (service/core/model_spec.py).
+    described by flags / a sidecar JSON (service/core/spec/).
 
     Args:
         model_path: the .onnx file (external-data files next to it are found by ORT).
@@ -124,7 +140,8 @@ class Engine:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise EngineError(f"model file not found: {self.model_path}")
-        requested = parse_providers(providers) or automatic_providers()
+        explicit = parse_providers(providers)
+        requested = explicit or automatic_providers()
         if any(p in GPU_PROVIDERS for p in requested) and hasattr(ort, "preload_dlls"):
             try:
                 ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip wheels, before the first session
@@ -138,6 +155,9 @@ class Engine:
         self._trt_input: tuple[str, tuple[int, ...]] | None = None  # (name, shape after batch) for TensorRT
         self.session = self._create_session(requested)
         self.providers: list[str] = self.session.get_providers()
+        problem = fallback_problem(explicit, self.providers)
+        if problem:
+            raise EngineError(f"{self.model_path}: {problem}")
         self.placement: dict[str, dict[str, int]] = {}
         try:
             self.spec = resolve_spec(self.model_path, graph_io_from_session(self.session), spec_options)
@@ -186,7 +206,7 @@ class Engine:
         log.info(
             "loaded %s (%s, %s, %d classes) on %s with %d intra-op threads",
             self.model_path,
-            self.metadata.architecture,
+            self.metadata.served_name,
             self.metadata.precision,
             self.metadata.num_classes,
             self.providers,

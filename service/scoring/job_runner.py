@@ -29,7 +29,7 @@ import numpy as np
 from service.core.errors import InferenceFailed, NotFound, NotReady, Overloaded, ServiceError, StorageFull
 from service.core.metadata import ModelMetadata
 from service.core.settings import Settings
-from service.runtime.batcher import Batcher
+from service.runtime.batch_queue import BatchQueue
 from service.runtime.decode_limits import PixelGate
 from service.runtime.preprocess import load_pixels
 from service.scoring.job_store import DONE, FAILED, JobRecord, JobStore, PendingItem
@@ -50,6 +50,18 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.data_dir / "jobs" / job_id
 
 
+def job_throughput(job: JobRecord, rate_start: tuple[float, int] | None) -> float | None:
+    """Images per second of ``job``: since ``rate_start`` (monotonic, processed) while it runs, else
+    over its whole run once finished; None before it started."""
+    if rate_start is not None and not job.finished:
+        started, processed = rate_start
+        elapsed = time.monotonic() - started
+        return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
+    if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
+        return job.processed / (job.finished_at - job.started_at)
+    return None
+
+
 class ScoringLane(Protocol):
     """One model version as a job sees it: its metadata and its batcher's low-priority lane."""
 
@@ -57,7 +69,7 @@ class ScoringLane(Protocol):
     def metadata(self) -> ModelMetadata: ...
 
     @property
-    def batcher(self) -> Batcher: ...
+    def batcher(self) -> BatchQueue: ...
 
 
 class LaneProvider(Protocol):
@@ -171,13 +183,12 @@ class JobRunner:
 
     def images_per_second(self, job: JobRecord) -> float | None:
         """Throughput of the job since this process started it (None before it started)."""
-        if job.id in self._rate_start and not job.finished:
-            started, processed = self._rate_start[job.id]
-            elapsed = time.monotonic() - started
-            return (job.processed - processed) / elapsed if elapsed > 0 else 0.0
-        if job.started_at is not None and job.finished_at is not None and job.finished_at > job.started_at:
-            return job.processed / (job.finished_at - job.started_at)
-        return None
+        return job_throughput(job, self._rate_start.get(job.id))
+
+    @property
+    def rate_starts(self) -> dict[str, tuple[float, int]]:
+        """Running jobs: job id -> (time.monotonic(), images processed) when this process started it."""
+        return dict(self._rate_start)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _main(self) -> None:
@@ -186,7 +197,9 @@ class JobRunner:
         while True:
             self._wake.clear()
             try:
-                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if self._store is not None else []
+                # The database may have been created by another process (a front-end worker) since.
+                has_store = self._store is not None or self.db_path.exists()
+                jobs = await asyncio.to_thread(self.store.unfinished_jobs) if has_store else []
             except Exception:  # noqa: BLE001 - e.g. a full disk: keep the service up, try again
                 log.exception("cannot read the jobs database %s; retrying in 5 s", self.db_path)
                 await asyncio.sleep(5)

@@ -189,6 +189,21 @@ class JobStore:
             ).fetchall()
         return [JobRecord(*row) for row in rows]
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{"jobs": {state: n}, "images": {"scored", "failed", "pending": n}} over every job held."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*), SUM(scored), SUM(failed), SUM(total) FROM jobs GROUP BY state"
+            ).fetchall()
+        jobs = {state: n for state, n, _, _, _ in rows}
+        images = {
+            "scored": sum(s for _, _, s, _, _ in rows),
+            "failed": sum(f for _, _, _, f, _ in rows),
+            # Only unfinished jobs still have images to score: a cancelled job's rest never will be.
+            "pending": sum(t - s - f for state, _, s, f, t in rows if state not in FINISHED_STATES),
+        }
+        return {"jobs": jobs, "images": images}
+
     def mark_running(self, job_id: str) -> None:
         with self._transaction():
             self._db.execute(

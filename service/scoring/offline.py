@@ -4,9 +4,10 @@ The shared core of `vitserve score` (and of the Ray path's input listing and out
 
 - ``resolve_inputs`` turns a folder, a glob, a zip/tar archive or a JSON-lines manifest into an
   ordered list of named images;
-- ``ResultWriter`` writes rows (service/scoring/rows.py) as .jsonl, .csv or .parquet and, with
-  ``resume``, first reads what the file already holds so those images are skipped (a line cut
-  short by a crash is dropped and scored again);
+- ``ResultWriter`` writes rows (service/scoring/rows.py), each stamped with the model that made it,
+  as .jsonl, .csv or .parquet and, with ``resume``, first reads what the file already holds so
+  those images are skipped (a line cut short by a crash is dropped and scored again); a file
+  another model wrote is refused, never appended to;
 - ``score`` decodes in worker processes (or threads) a bounded window ahead of the engine, so
   the engine never waits for pixels, runs the same ``Engine`` and pre-processing as the service,
   and lists unreadable images with their error instead of dropping them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -32,14 +34,22 @@ import numpy as np
 
 from service.core.errors import ServiceError
 from service.core.host import cpu_cores
+from service.core.image_files import describe_suffixes, is_image_name
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
-from service.core.metadata import Preprocessing
+from service.core.metadata import ModelMetadata, Preprocessing
 from service.runtime.preprocess import load_pixels
-from service.scoring.rows import csv_fields, csv_header, error_row, prediction_row, row_from_csv
+from service.scoring.rows import (
+    ModelIdentity,
+    csv_fields,
+    csv_header,
+    error_row,
+    prediction_row,
+    row_from_csv,
+    stamped,
+)
 from service.scoring.sources import (
     ArchiveLimits,
     archive_kind,
-    is_image_name,
     iter_archive,
     list_archive,
     manifest_paths,
@@ -47,7 +57,7 @@ from service.scoring.sources import (
 )
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
-MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json", ".txt")
 DEFAULT_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 # The user's own archive: no ratio, total or entry bounds (those protect the server from its clients).
@@ -78,8 +88,18 @@ def resolve_inputs(spec: str) -> Inputs:
 
     Folders are walked recursively for image files (sorted; names relative to the folder); a glob
     takes every file it matches (names as matched); manifest paths are relative to the manifest's
-    folder (names as written); archive members keep their names.
+    folder (names as written); archive members keep their names. Finding no image is an error.
     """
+    inputs = _find_inputs(spec)
+    if not inputs.names:
+        if inputs.kind == "glob":
+            raise ScoringError(f"{spec}: no file matches this pattern")
+        hint = f" (image files end in {describe_suffixes()})" if inputs.kind != "manifest" else ""
+        raise ScoringError(f"{spec}: no images in this {inputs.kind}{hint}")
+    return inputs
+
+
+def _find_inputs(spec: str) -> Inputs:
     path = Path(spec).expanduser()
     if path.is_dir():
         names, files = [], []
@@ -106,7 +126,7 @@ def resolve_inputs(spec: str) -> Inputs:
             except ServiceError as exc:
                 raise ScoringError(f"{path}: {exc.message}") from None
             return Inputs("archive", names, archive=path)
-        raise ScoringError(f"{path}: not a folder, a zip/tar archive or a manifest (.jsonl of paths)")
+        raise ScoringError(f"{path}: not a folder, a zip/tar archive or a manifest (.jsonl/.txt of paths)")
     if glob.has_magic(spec):
         matched = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
         return Inputs("glob", matched, matched)
@@ -120,12 +140,15 @@ class ResultWriter:
     Args:
         path: the output file; its suffix picks the format.
         top_k: classes per row (CSV columns).
-        resume: read the existing file first: ``done`` then holds the paths already in it.
+        model: the model whose answers are written; every row records it.
+        resume: read the existing file first: ``done`` then holds the paths already in it. A file
+            that another model (name or weights) wrote is refused with ScoringError.
     """
 
-    def __init__(self, path: Path, top_k: int, *, resume: bool = False) -> None:
+    def __init__(self, path: Path, top_k: int, *, model: ModelIdentity, resume: bool = False) -> None:
         self.path = Path(path)
         self.top_k = top_k
+        self.model = model
         self.format = self.path.suffix.lower()
         if self.format not in OUTPUT_SUFFIXES:
             raise ScoringError(f"{self.path}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
@@ -146,22 +169,37 @@ class ResultWriter:
             self._keep_whole_lines()
             with open(self.path, encoding="utf-8", newline="") as f:
                 if self.format == ".jsonl":
-                    for line in f:
-                        if line.strip():
-                            self.done.add(json.loads(line)["path"])
+                    rows = [json.loads(line) for line in f if line.strip()]
                 else:
                     reader = csv.DictReader(f)
-                    if reader.fieldnames != csv_header(self.top_k):
+                    if reader.fieldnames == csv_header(self.top_k):  # written before rows named their model
+                        raise self._other_model(None)
+                    if reader.fieldnames != csv_header(self.top_k, identity=True):
                         raise ScoringError(
                             f"{self.path}: its columns {reader.fieldnames} do not match --top-k "
                             f"{self.top_k}; resume with the same --top-k"
                         )
-                    self.done.update(row["path"] for row in reader)
+                    rows = [row_from_csv(row) for row in reader]
+            self._check_same_model(rows)
+            self.done.update(row["path"] for row in rows)
         self._file = open(self.path, "a" if existing else "w", encoding="utf-8", newline="")
         if self.format == ".csv":
             self._csv = csv.writer(self._file, lineterminator="\n")
             if not existing:
-                self._csv.writerow(csv_header(self.top_k))
+                self._csv.writerow(csv_header(self.top_k, identity=True))
+
+    def _check_same_model(self, rows: Sequence[dict]) -> None:
+        for row in rows:
+            identity = ModelIdentity.of_row(row)
+            if identity != self.model:
+                raise self._other_model(identity)
+
+    def _other_model(self, found: ModelIdentity | None) -> ScoringError:
+        holds = f"results of model {found.describe()}" if found else "results that do not name their model"
+        return ScoringError(
+            f"{self.path} holds {holds}; this run scores with {self.model.describe()}: "
+            "resume with the same --model, or write to another file"
+        )
 
     def _keep_whole_lines(self) -> None:
         """Cut a last line left unfinished by a crash (it is scored again)."""
@@ -190,6 +228,8 @@ class ResultWriter:
         self._schema = pa.schema(
             [
                 ("path", pa.string()),
+                ("model", pa.string()),
+                ("weights_sha256", pa.string()),
                 ("labels", pa.list_(pa.string())),
                 ("scores", pa.list_(pa.float64())),
                 ("error_code", pa.string()),
@@ -200,17 +240,23 @@ class ResultWriter:
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._parquet = pq.ParquetWriter(self._partial, self._schema)
         if existing:
-            table = pq.read_table(self.path).cast(self._schema)
+            table = pq.read_table(self.path)
+            if table.schema.names != self._schema.names:
+                raise self._other_model(None)
+            table = table.cast(self._schema)
+            self._check_same_model(table.select(["path", "model", "weights_sha256"]).to_pylist())
             self.done.update(table.column("path").to_pylist())
             self._parquet.write_table(table)
 
     def write(self, rows: Sequence[dict]) -> None:
+        identity = self.model.fields()
+        rows = [stamped(row, identity) for row in rows]
         if self._parquet is not None:
             self._pending.extend(rows)
             if len(self._pending) >= 4096:
                 self._flush_parquet()
         elif self._csv is not None:
-            self._csv.writerows(csv_fields(row, self.top_k) for row in rows)
+            self._csv.writerows(csv_fields(row, self.top_k, identity=True) for row in rows)
         else:
             assert self._file is not None
             self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -225,6 +271,8 @@ class ResultWriter:
         self._pending = []
         columns = {
             "path": [r["path"] for r in rows],
+            "model": [r["model"] for r in rows],
+            "weights_sha256": [r["weights_sha256"] for r in rows],
             "labels": [r.get("labels") if "error" not in r else None for r in rows],
             "scores": [r.get("scores") if "error" not in r else None for r in rows],
             "error_code": [r["error"]["code"] if "error" in r else None for r in rows],
@@ -263,11 +311,29 @@ def read_results(path: Path) -> list[dict]:
 
     rows = []
     for r in pq.read_table(path).to_pylist():
+        identity = {"model": r["model"], "weights_sha256": r["weights_sha256"]}
         if r["error_code"] is not None:
-            rows.append(error_row(r["path"], r["error_code"], r["error"] or ""))
+            rows.append(stamped(error_row(r["path"], r["error_code"], r["error"] or ""), identity))
         else:
-            rows.append({"path": r["path"], "labels": r["labels"], "scores": r["scores"]})
+            rows.append(stamped({"path": r["path"], "labels": r["labels"], "scores": r["scores"]}, identity))
     return rows
+
+
+def model_identity(metadata: ModelMetadata, model_path: Path) -> ModelIdentity:
+    """The served name and weights hash that result rows record.
+
+    Our exports carry the hash of their source weights; a file from elsewhere is hashed here (with
+    its external-data file), so two different files never share an identity.
+    """
+    if metadata.weights_sha256:
+        return ModelIdentity(metadata.served_name, metadata.weights_sha256)
+    digest = hashlib.sha256()
+    for part in (Path(model_path), Path(f"{model_path}.data")):
+        if part.is_file():
+            with open(part, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+    return ModelIdentity(metadata.served_name, digest.hexdigest())
 
 
 # -- decoding (runs in worker processes: module-level, picklable) ------------------------------
@@ -366,6 +432,7 @@ class Summary:
     failed: int
     seconds: float
     cpu_seconds: float = 0.0  # this process and its decode workers while scoring (0: not measured)
+    model: ModelIdentity | None = None  # the model that scored them
 
     @property
     def images_per_second(self) -> float:
@@ -416,7 +483,7 @@ def score(
         max_pixels: largest decoded image (width x height).
         progress_stream: where the progress bar goes (None: silent).
         engine_factory: builds the engine from ``model`` (tests); default ``service.runtime.engine.Engine``.
-        spec_options: model description flags (service.core.model_spec.SpecOptions) for ONNX files
+        spec_options: model description flags (service.core.spec.SpecOptions) for ONNX files
             without vitserve metadata; None = the file's metadata or its sidecar.
     """
     if batch_size < 1 or top_k < 1:
@@ -438,7 +505,8 @@ def score(
             engine = engine_factory(model)
         meta = engine.metadata
         k = min(top_k, meta.num_classes)
-        with ResultWriter(output, k, resume=resume) as writer:
+        identity = model_identity(meta, model)
+        with ResultWriter(output, k, model=identity, resume=resume) as writer:
             wanted = {name for name in inputs.names if name not in writer.done}
             skipped = len(inputs.names) - len(wanted)
             progress = Progress(len(wanted), progress_stream)
@@ -492,7 +560,7 @@ def score(
                 for future in in_flight:
                     future.cancel()
             progress.close()
-            summary = Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started)
+            summary = Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started, model=identity)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # worker processes' CPU is counted once they exit
     summary.cpu_seconds = cpu_seconds_so_far() - cpu_started

@@ -26,8 +26,8 @@ from typing import TextIO
 import numpy as np
 
 from service.core.metadata import ModelMetadata, Preprocessing
-from service.core.model_spec import graph_io_from_session, resolve_spec
 from service.core.onnx_facts import CPU_PROVIDER
+from service.core.spec import graph_io_from_session, resolve_spec
 from service.scoring.offline import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -36,6 +36,7 @@ from service.scoring.offline import (
     ScoringError,
     Summary,
     iter_sources,
+    model_identity,
     resolve_inputs,
 )
 from service.scoring.rows import error_row, prediction_row
@@ -162,7 +163,8 @@ def score_with_ray(
     else:
         actors = actors or max(1, cpus // 2)  # one actor per CPU slot, half the slots; the others decode
 
-    with ResultWriter(output, k, resume=resume) as writer:
+    identity = model_identity(meta, model)
+    with ResultWriter(output, k, model=identity, resume=resume) as writer:
         todo = [name for name in inputs.names if name not in writer.done]
         skipped = len(inputs.names) - len(todo)
         progress = Progress(len(todo), progress_stream)
@@ -211,4 +213,4 @@ def score_with_ray(
                 scored += len(out) - errors
                 progress.update(len(out))
         progress.close()
-        return Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started)
+        return Summary(len(inputs.names), skipped, scored, failed, time.perf_counter() - started, model=identity)

@@ -8,11 +8,12 @@ headers: bytes are counted while they are copied, and extraction stops at the fi
 crossed (``ArchiveLimits``: member count, bytes per member, total bytes, expansion ratio over
 the archive's own size: the zip-bomb guard) with ``PayloadTooLarge`` (413).
 
-Manifests (JSON lines of paths) name files under the operator's ``job_root``. A path with a
-``..`` component, an absolute path outside the root, or a path whose symlinks resolve outside
-the root is refused with ``Forbidden`` (403). When the file is read it is opened beneath the root
-one component at a time (service/scoring/safe_open.py), so a symlink swapped in after submission,
-or during the read, is still refused, and only regular files are read.
+Manifests (one path per line: plain, or a JSON string or ``{"path": ...}`` object) name files
+under the operator's ``job_root``. A path with a ``..`` component, an absolute path outside the
+root, or a path whose symlinks resolve outside the root is refused with ``Forbidden`` (403). When
+the file is read it is opened beneath the root one component at a time
+(service/scoring/safe_open.py), so a symlink swapped in after submission, or during the read, is
+still refused, and only regular files are read.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from service.core.errors import BadRequest, PayloadTooLarge, ServiceError, StorageFull, is_storage_full
+from service.core.image_files import is_image_name
 from service.scoring.safe_open import Forbidden, open_regular, open_under_root, read_descriptor
 
-# Files taken from archives and folders; anything else (READMEs, .DS_Store...) is skipped.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _COPY_CHUNK = 1 << 20
 # Linux's NAME_MAX and a PATH_MAX with room for the job folder the names are extracted under.
 MAX_NAME_BYTES = 255
@@ -85,12 +85,6 @@ class ArchiveLimits:
     max_entries: int = 50_000
 
 
-def is_image_name(name: str) -> bool:
-    path = PurePosixPath(name)
-    hidden = any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
-    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def archive_kind(path: Path) -> str | None:
     """ "zip", "tar" (plain, gz, bz2 or xz) or None, from the file's content, not its name."""
     if zipfile.is_zipfile(path):
@@ -103,8 +97,11 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def safe_member_name(name: str) -> str:
-    """An archive member name as a clean relative POSIX path, or UnsafeArchive."""
+def safe_member_name(name: str, *, directory: bool = False) -> str:
+    """An archive member name as a clean relative POSIX path, or UnsafeArchive.
+
+    A directory entry may name the archive's own root (``./``, as ``tar -C dir .`` writes): "" then.
+    """
     if not name or "\x00" in name or "\\" in name:
         raise UnsafeArchive(f"archive entry {name!r}: empty name, NUL byte or backslash")
     path = PurePosixPath(name)
@@ -114,6 +111,8 @@ def safe_member_name(name: str) -> str:
         raise UnsafeArchive(f"archive entry {name!r} points outside the archive ('..')")
     clean = str(PurePosixPath(*[p for p in path.parts if p not in ("", ".")])) if path.parts else ""
     if clean in ("", "."):
+        if directory:
+            return ""
         raise UnsafeArchive(f"archive entry {name!r} has no file name")
     try:
         encoded = clean.encode("utf-8")
@@ -246,7 +245,7 @@ def _image_members(path: Path, kind: str, budget: _Budget) -> Iterator[tuple[str
     seen: set[str] = set()
     folders: set[str] = set()
     for raw_name, is_dir, stream in _members(path, kind, budget):
-        name = safe_member_name(raw_name)
+        name = safe_member_name(raw_name, directory=is_dir)
         if is_dir or not is_image_name(name):
             continue
         if name in seen:
@@ -336,7 +335,8 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
 
 
 def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
-    """Paths from JSON lines: each line a JSON string or an object with "path"; blank lines skipped."""
+    """One path per line, blank lines skipped: a plain path (``a/b.jpg``), or JSON lines, each a
+    string (``"a/b.jpg"``) or an object with "path". A line that starts with ``"`` or ``{`` is JSON."""
     paths = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -345,12 +345,18 @@ def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
             raise BadRequest(f"manifest line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         if not text.strip():
             continue
+        if not text.lstrip().startswith(('"', "{")):
+            paths.append(text.strip())  # a plain path; surrounding white space is never part of a name here
+            continue
         try:
             value = json.loads(text)
         except RecursionError:
             raise BadRequest(f"manifest line {number}: JSON nested too deeply") from None
         except ValueError as exc:  # bad syntax, or an integer past Python's 4300-digit conversion limit
-            raise BadRequest(f"manifest line {number}: not JSON ({exc})") from None
+            raise BadRequest(
+                f"manifest line {number}: starts like JSON but is not ({exc}); give a plain path or a JSON "
+                'string / {"path": "..."} per line'
+            ) from None
         if isinstance(value, dict):
             value = value.get("path")
         if not isinstance(value, str) or not value:

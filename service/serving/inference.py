@@ -50,10 +50,33 @@ async def classify_pixels(
 
     ``timings`` (if given) receives ``queue_ms``, ``inference_ms`` and ``batch_size``.
     """
+    started = time.perf_counter()
     state.require_ready()
     lane = lane or state.default_lane()
     deadline = state.deadline() if deadline is None else deadline
-    return await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone)
+    timings = {} if timings is None else timings
+    try:
+        logits = await unless_client_leaves(
+            lane.batcher.submit(pixels, deadline=deadline, timings=timings), client_gone
+        )
+    except ServiceError:
+        lane.stats.observe_failure(time.perf_counter() - started)
+        raise
+    _observe_success(state, lane, started, timings, preprocess_s=None)
+    return logits
+
+
+def _observe_success(
+    state: ServiceState, lane: ModelLane, started: float, stage: dict[str, float], *, preprocess_s: float | None
+) -> None:
+    queue_s = stage.get("queue_ms", 0.0) / 1000.0
+    state.metrics.queue_wait.observe(queue_s)
+    lane.stats.observe_success(
+        time.perf_counter() - started,
+        queue_s=queue_s,
+        preprocess_s=preprocess_s,
+        infer_s=stage.get("inference_ms", 0.0) / 1000.0,
+    )
 
 
 def request_decodes(
@@ -117,6 +140,7 @@ async def classify_bytes(
         pixels = await unless_client_leaves(decodes.run(state.preprocess_pool, decode), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
+        lane.stats.observe_failure(time.perf_counter() - started)
         raise
     preprocess_s = time.perf_counter() - started
     state.metrics.preprocess.observe(preprocess_s)
@@ -125,7 +149,9 @@ async def classify_bytes(
         logits = await unless_client_leaves(lane.batcher.submit(pixels, deadline=deadline, timings=stage), client_gone)
     except ServiceError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
+        lane.stats.observe_failure(time.perf_counter() - started)
         raise
+    _observe_success(state, lane, started, stage, preprocess_s=preprocess_s)
     timing_ms = {
         "queue": round(stage.get("queue_ms", 0.0), 3),
         "preprocess": round(preprocess_s * 1000.0, 3),

@@ -72,7 +72,7 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         factory: Callable[[ModelVersionSource], InferenceEngine] = partial(build_version_engine, settings)
     else:
         single = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        repository = single_file_repository(settings.model, settings.model_name or single.metadata.architecture)
+        repository = single_file_repository(settings.model, settings.model_name or single.metadata.served_name)
 
         def factory(source: ModelVersionSource) -> InferenceEngine:
             return single
@@ -85,15 +85,16 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
     )
     state._pixel_gate = PixelGate(settings.decoding_pixel_capacity())
     # Scoring jobs: the runner resumes unfinished ones once the models are up.
-    state._jobs = JobRunner(
+    state._jobs = jobs = JobRunner(
         settings,
         state.models,
         is_ready=lambda: state.ready,
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
         decode_gate=state.pixel_gate,
     )
-    await state.jobs.start()
+    await jobs.start()
     state.metrics.watch_queue(lambda: sum(lane.batcher.queue_depth for lane in state.models.lanes.values()))
+    state.metrics.watch_jobs(lambda: state.jobs.store.counts())
     state.warmup_task = asyncio.create_task(bring_up(state, repository), name="vitserve-warmup")
     if scan is not None and settings.repository_poll_s > 0:
         state.poll_task = asyncio.create_task(

@@ -32,6 +32,7 @@ from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.runtime.preprocess import load_pixels
 from service.serving.golden import check_golden
+from service.serving.stats import ModelStats
 
 log = logging.getLogger("vitserve.models")
 
@@ -72,6 +73,7 @@ class ModelLane:
     state: VersionState = VersionState.LOADING
     leases: int = 0  # requests (and jobs) holding this version
     loaded_at: float = field(default_factory=time.time)
+    stats: ModelStats = field(default_factory=ModelStats)  # Triton's statistics (GET /v2/models/{name}/stats)
 
     @property
     def metadata(self) -> ModelMetadata:
@@ -321,8 +323,15 @@ class ModelRegistry:
             self._check_budget(source)
             engine = await asyncio.to_thread(self.engine_factory, source)
             settings = fit_settings_to_engine(self.settings, engine)
+            stats = ModelStats()
             lane = ModelLane(
-                source.name, source.version, source.path, engine, self._batcher(source, engine, settings), settings
+                source.name,
+                source.version,
+                source.path,
+                engine,
+                self._batcher(source, engine, settings, stats),
+                settings,
+                stats=stats,
             )
             self.lanes[key] = lane
             await lane.batcher.start()
@@ -358,13 +367,14 @@ class ModelRegistry:
             f"; now serving it instead of version {previous}" if previous and source.version > previous else "",
         )
 
-    def _batcher(self, source: ModelVersionSource, engine: InferenceEngine, s: Settings) -> Batcher:
+    def _batcher(self, source: ModelVersionSource, engine: InferenceEngine, s: Settings, stats: ModelStats) -> Batcher:
         max_batch = s.max_batch_size
         labels = (source.name, str(source.version))
 
         def observe(size: int, seconds: float) -> None:
             self.metrics.observe_batch(size, seconds)
             self.metrics.model_images.labels(*labels).inc(size)
+            stats.observe_execution(size, seconds)
 
         return Batcher(
             engine,

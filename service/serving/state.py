@@ -19,7 +19,7 @@ from service.runtime.batcher import Batcher
 from service.runtime.decode_limits import PixelGate
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
-from service.scoring.job_runner import JobRunner
+from service.scoring.jobs_control import JobsControl
 from service.serving.cache import ResponseCache
 from service.serving.registry import ModelLane, ModelRegistry
 
@@ -49,7 +49,7 @@ class ServiceState:
     _preprocess_pool: ThreadPoolExecutor | None = None
     preprocess_threads: int = 0  # the pool's size, once built
     _pixel_gate: PixelGate | None = None
-    _jobs: JobRunner | None = None
+    _jobs: JobsControl | None = None  # in a front-end worker of a multi-process server: RemoteJobs
     cache: ResponseCache = field(default_factory=lambda: ResponseCache(0))
     warmup_task: asyncio.Task[None] | None = None
     poll_task: asyncio.Task[None] | None = None
@@ -91,7 +91,7 @@ class ServiceState:
         return _started(self._pixel_gate, "pixel gate")
 
     @property
-    def jobs(self) -> JobRunner:
+    def jobs(self) -> JobsControl:
         return _started(self._jobs, "job runner")
 
     @property

@@ -90,6 +90,16 @@ def test_compose_files_validate_and_reserve_a_gpu_only_in_the_main_file():
     assert cpu["read_only"] and cpu["environment"]["VITSERVE_DATA_DIR"].startswith("/var/lib/vitserve/")
 
 
+def test_compose_passes_the_api_key_only_when_exported_and_never_empty():
+    env = {k: v for k, v in os.environ.items() if k not in ("VITSERVE_API_KEY", "VITSERVE_NO_AUTH")}
+    unset = json.loads(compose_config(COMPOSE_GPU, "--format", "json", env=env).stdout)["services"]["vitserve"]
+    # null: the container gets no such variable (compose's rule for a key without a value), never "".
+    assert unset["environment"]["VITSERVE_API_KEY"] is None
+    assert unset["environment"]["VITSERVE_NO_AUTH"] == "false"  # so no key means: refuse to start
+    keyed = compose_config(COMPOSE_GPU, "--format", "json", env={**env, "VITSERVE_API_KEY": "k-1"})
+    assert json.loads(keyed.stdout)["services"]["vitserve"]["environment"]["VITSERVE_API_KEY"] == "k-1"
+
+
 def test_compose_picks_the_gpu_from_the_environment():
     env = {**os.environ, "VITSERVE_GPU": "3", "VITSERVE_PUBLISH": "127.0.0.1:8003"}
     gpu = json.loads(compose_config(COMPOSE_GPU, "--format", "json", env=env).stdout)["services"]["vitserve"]
@@ -146,14 +156,15 @@ def host_reference(model: Path, data: bytes, k: int) -> list[dict]:
 def start_service(podman: Podman, image: BuiltImage, name: str) -> Container:
     """The CPU image serves its baked-in model as `docker run` would; the CUDA one runs as
     docker-compose.yml runs it: a model mounted from the host's models/, read-only root, no capabilities."""
+    # The image listens on 0.0.0.0: without a key, serving unauthenticated must be said explicitly.
     if image.flavour == "cpu":
-        return Container.start(podman, image.tag, name, stop_timeout_s=STOP_GRACE_S)
+        return Container.start(podman, image.tag, name, stop_timeout_s=STOP_GRACE_S, env={"VITSERVE_NO_AUTH": "true"})
     return Container.start(
         podman,
         image.tag,
         name,
         stop_timeout_s=STOP_GRACE_S,
-        env={"VITSERVE_MODEL": f"/models/{DEMO_MODEL.relative_to(REPO / 'models')}"},
+        env={"VITSERVE_MODEL": f"/models/{DEMO_MODEL.relative_to(REPO / 'models')}", "VITSERVE_NO_AUTH": "true"},
         volumes=[f"{REPO / 'models'}:/models:ro"],
         extra=["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"],
     )

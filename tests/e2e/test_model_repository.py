@@ -76,6 +76,7 @@ class RepositoryServer:
         command = [sys.executable, "-m", "service.cli", "serve", "--model-repository", str(root)]
         command += ["--port", str(self.port), "--max-batch-size", "4", "--preprocess-threads", "2"]
         command += ["--intra-op-threads", "1", "--max-queue-size", "1024", "--log-level", "info"]
+        command += ["--model-control", env.pop("MODEL_CONTROL", "explicit")]
         self.process = subprocess.Popen(
             command, cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -291,3 +292,13 @@ def test_restart_brings_the_repository_back_as_configured(start_server, reposito
         assert tiny["current_version"] == 1
         assert {v["version"]: v["state"] for v in tiny["versions"]} == {1: "READY", 2: "UNAVAILABLE"}
         server.stop()
+
+
+def test_load_and_unload_are_refused_unless_model_control_is_explicit(start_server, repository, photos):
+    server = serve(start_server, repository, MODEL_CONTROL="none")
+    client = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException, match="model-control explicit"):
+            call("tiny")
+    assert {m["name"] for m in client.get_model_repository_index()} == {"digits", "tiny"}  # reading stays open
+    assert classify(server.url, photos["coffee"], "/v1/models/tiny/classify").status_code == 200

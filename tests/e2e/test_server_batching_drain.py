@@ -55,7 +55,8 @@ def slow_server(tmp_path: Path, delay_s: float, **settings):
     log_path = tmp_path / f"server-{port}.log"
     args = [f"{k}={v}" for k, v in dict(settings, port=port, log_level="warning").items()]
     repo_root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(repo_root), VITSERVE_API_KEY="")
+    env = {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"}  # no auth (an empty key is refused)
+    env["PYTHONPATH"] = str(repo_root)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, str(script), str(delay_s), *args],

@@ -1,10 +1,14 @@
-"""Helpers shared by tests/export: a 3-block ViT-Ti/16 at 224 and how these tests export it.
+"""Helpers shared by tests/export: a 3-block ViT-Ti/16 at 224, how these tests export it, and a CUDA session
+whose profile says where each node ran.
 
 The head is re-drawn with std 0.1 (not the paper's zero head) so that logits are spread a few
 units apart and top-1 agreement means something; seeds are fixed, so every figure is reproducible.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -41,3 +45,44 @@ def export(model: VisionTransformer, path, precision: str, **kwargs):
         precision=precision,
         **kwargs,
     )
+
+
+HEAVY_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "MatMul",
+        "Gemm",
+        "Conv",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "Gelu",
+        "BiasGelu",
+        "FastGelu",
+        "Erf",
+        "GroupNormalization",  # a hybrid's backbone
+        "MaxPool",
+    }
+)
+
+
+def cuda_session(path, profile_dir=None):
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # the pip CUDA/cuDNN libraries must be loaded before the first session
+    options = ort.SessionOptions()
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_dir / "ort")
+    return ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def providers_by_op(profile_path) -> dict[str, set[str]]:
+    """op type -> execution providers that ran it, from an ONNX Runtime profile."""
+    placed: dict[str, set[str]] = {}
+    for event in json.loads(Path(profile_path).read_text()):
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "op_name" in args and "provider" in args:
+            placed.setdefault(args["op_name"], set()).add(args["provider"])
+    return placed

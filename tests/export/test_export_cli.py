@@ -22,12 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_export_then_verify_a_random_checkpoint(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
-    assert main(["export", "random:vit_tiny_patch16_224", "-o", str(out), "--target", "cpu", "--no-progress"]) == 0
+    export = ["export", "random:vit_tiny_patch16_224", "-o", str(out), "--target", "cpu", "--name", "tiny-ft"]
+    assert main([*export, "--no-progress"]) == 0
     summary = capsys.readouterr().out
     assert "12 fused node(s) for depth 12, 0 Softmax" in summary and "PASSED" in summary
     assert "same hash as the source" in summary
     meta = ModelMetadata.from_props({p.key: p.value for p in onnx.load(out).metadata_props})
     assert meta.precision == "fp32" and meta.source == "random:vit_tiny_patch16_224" and meta.num_classes == 1000
+    # --name: what the service calls it; the architecture stays what verify rebuilds.
+    assert (meta.served_name, meta.architecture) == ("tiny-ft", "vit_tiny_patch16_224")
 
     assert main(["verify", str(out), "--against", "random:vit_tiny_patch16_224", "--no-progress"]) == 0
     assert "PASSED" in capsys.readouterr().out

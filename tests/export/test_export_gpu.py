@@ -5,56 +5,15 @@ Runs only where CUDA is present (`pytest -m gpu tests/export`); skipped cleanly 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from export_testlib import HEAVY_OPS, cuda_session, providers_by_op
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-HEAVY_OPS = frozenset(
-    {
-        "Attention",
-        "MultiHeadAttention",
-        "MatMul",
-        "Gemm",
-        "Conv",
-        "LayerNormalization",
-        "SkipLayerNormalization",
-        "Gelu",
-        "BiasGelu",
-        "FastGelu",
-        "Erf",
-    }
-)
-
-
-def cuda_session(path, profile_dir=None):
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # the pip CUDA/cuDNN libraries must be loaded before the first session
-    options = ort.SessionOptions()
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(profile_dir / "ort")
-    return ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-
-
-def providers_by_op(profile_path) -> dict[str, set[str]]:
-    """op type -> execution providers that ran it, from an ONNX Runtime profile."""
-    placed: dict[str, set[str]] = {}
-    for event in json.loads(Path(profile_path).read_text()):
-        args = event.get("args", {})
-        if event.get("cat") == "Node" and "op_name" in args and "provider" in args:
-            placed.setdefault(args["op_name"], set()).add(args["provider"])
-    return placed
 
 
 def test_fp16_export_runs_attention_on_cuda_with_parity(exports, fixed_inputs, torch_logits, tmp_path):

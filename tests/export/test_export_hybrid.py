@@ -4,6 +4,7 @@ verified against PyTorch on ONNX Runtime's CPU provider."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -109,3 +110,23 @@ def test_cli_exports_and_verifies_a_named_hybrid(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "12 fused node(s) for depth 12, 0 Softmax" in summary and "PASSED" in summary
     assert "backbone      ResNetV2 stem, stride 4: 1 GroupNormalization, 0 BatchNormalization" in summary
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_hybrid_runs_on_cuda_without_cpu_fallback(hybrid_exports, mini, tmp_path):
+    """GroupNormalization, the folded Convs, MaxPool and Attention all on the CUDA provider."""
+    from export_testlib import HEAVY_OPS, cuda_session, providers_by_op
+
+    session = cuda_session(hybrid_exports["fp16"].path, profile_dir=tmp_path)
+    pixels = photo_inputs(PREPROCESSING)
+    logits = session.run(["logits"], {"pixel_values": pixels})[0]
+    placed = providers_by_op(session.end_profiling())
+    assert placed.get("Attention") == {"CUDAExecutionProvider"}, placed
+    # Should ONNX Runtime expand GroupNormalization into its function body, the pieces count as heavy too.
+    elementwise = {"ReduceMean", "InstanceNormalization", "Sub", "Div", "Mul", "Sqrt", "Add", "Relu", "Pad"}
+    on_cpu = {op for op, providers in placed.items() if "CPUExecutionProvider" in providers}
+    assert not on_cpu & (HEAVY_OPS | elementwise), on_cpu
+    with torch.no_grad():
+        expected = mini(torch.from_numpy(pixels)).numpy()
+    assert np.abs(logits - expected).max() <= 1e-2 * max(1.0, float(np.abs(expected).max()))

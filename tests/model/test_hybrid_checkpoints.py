@@ -39,6 +39,22 @@ def test_logits_and_feature_map_equal_timms(name, tmp_path, photo_arrays):
     assert max_abs_diff(backbone_map(loaded.model, x), backbone_map(ref, x)) <= FEATURE_ATOL
 
 
+def test_another_resolution_resamples_pos_embed_as_timm_does(tmp_path, photo_arrays):
+    """R26+ViT-S/32 weights of 224 (7 x 7 grid) run at 384 (12 x 12), as timm's checkpoint_filter_fn resamples."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    name = "vit_small_r26_s32_224"
+    ref = timm_hybrid(name, **SMALL[name])
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    ours = import_checkpoint(tmp_path / "w.safetensors", model_name=name, model_args={"depth": 2}, image_size=384)
+    assert ours.config.grid_size == 12 and ours.model.pos_embed.shape == (1, 145, 384)
+    at_384 = timm.create_model(name, img_size=384, **SMALL[name]).eval()
+    at_384.load_state_dict(checkpoint_filter_fn(ref.state_dict(), at_384))
+    x = photo_batch(photo_arrays, 384, names=("coffee", "rocket"))
+    with torch.no_grad():
+        assert max_abs_diff(ours.model(x), at_384(x)) <= PARITY_ATOL
+
+
 @pytest.mark.slow
 def test_the_papers_r50_vit_b16_at_384_equals_timm(tmp_path, photo_arrays):
     """The full R50+ViT-B/16 at 384 (577 tokens), from a timm hub directory."""

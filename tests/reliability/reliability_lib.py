@@ -77,10 +77,11 @@ class LiveServer:
             "VITSERVE_INTRA_OP_THREADS": "1",
             "VITSERVE_PREPROCESS_THREADS": "2",
             "VITSERVE_DATA_DIR": str(workdir / "data"),
-            "VITSERVE_API_KEY": "",
             "VITSERVE_JOB_ROOT": "",
         }
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **settings, **env}
+        # No API key unless ``env`` gives one (an empty key is refused: the variable is left out).
+        outer = {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"}
+        full_env = {**outer, "PYTHONPATH": str(REPO), **settings, **env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(FAULT_SERVER)], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT

@@ -115,10 +115,20 @@ _NETWORK_MODULES = {
 }
 
 
+# The server runner binds its listening socket itself, before the model loads, so that a busy
+# port is one line (service/http/server.py bind_listener); it may listen, never connect.
+_LISTENERS = {"service/http/server.py": {"socket"}}
+
+
 def test_service_code_has_no_network_client():
     """No module of service/ imports anything that could open an outgoing connection."""
     for path in SERVICE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        allowed = _LISTENERS.get(str(path.relative_to(REPO)), set())
+        if allowed:
+            calls = {ast.unparse(n.func).rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Call)}
+            assert not calls & {"connect", "connect_ex", "create_connection"}, f"{path} opens a connection"
+        for node in ast.walk(tree):
             names = (
                 [alias.name for alias in node.names]
                 if isinstance(node, ast.Import)
@@ -126,7 +136,7 @@ def test_service_code_has_no_network_client():
                 if isinstance(node, ast.ImportFrom)
                 else []
             )
-            for name in names:
+            for name in set(names) - allowed:
                 assert name not in _NETWORK_MODULES and not name.startswith(("urllib.request", "http.client")), (
                     f"{path.relative_to(REPO)} imports {name}"
                 )

@@ -145,7 +145,7 @@ def test_cli_reports_bad_settings_and_missing_model(tmp_path, capsys, monkeypatc
     from service.cli import main
 
     assert main(["serve", "--max-batch-size", "0", "--model", str(tmp_path / "m.onnx")]) == 2
-    assert "max_batch_size" in capsys.readouterr().err
+    assert "--max-batch-size / VITSERVE_MAX_BATCH_SIZE" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing.onnx")]) == 2
     assert "model file not found" in capsys.readouterr().err
 

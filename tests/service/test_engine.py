@@ -9,7 +9,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from service.runtime.engine import CPU, Engine, EngineError, parse_providers
+from service.runtime.engine import CPU, Engine, EngineError, fallback_problem, parse_providers
 from service.runtime.preprocess import load_pixels
 
 pytestmark = pytest.mark.slow  # the session fixture exports a ViT with torch.onnx (~6-12 s on 2 cores)
@@ -108,3 +108,18 @@ def test_requested_gpu_provider_falls_back_to_cpu_with_a_warning(tiny_onnx, capl
     assert engine.providers == [CPU] and not engine.on_gpu
     assert any("requested but the session runs on" in r.getMessage() for r in caplog.records)
     assert engine.run(np.zeros((1, *engine.input_shape), np.float32)).shape == (1, 10)
+
+
+def test_a_gpu_only_provider_list_is_an_error_where_the_gpu_cannot_run(tiny_onnx):
+    # Same host as above: `--providers cuda` (no cpu in the list) must not serve quietly on the CPU.
+    with pytest.raises(EngineError, match=r"--providers cuda was asked for .* add cpu \(--providers cuda,cpu\)"):
+        Engine(tiny_onnx, providers="cuda", log_placement=False)
+
+
+def test_fallback_is_refused_only_when_cpu_was_not_asked_for():
+    cuda, trt = "CUDAExecutionProvider", "TensorrtExecutionProvider"
+    assert fallback_problem([cuda], [CPU]) is not None
+    assert "--providers tensorrt,cuda" in fallback_problem([trt, cuda], [CPU])
+    assert fallback_problem([cuda, CPU], [CPU]) is None  # cpu listed: falling back is allowed
+    assert fallback_problem(None, [CPU]) is None  # automatic choice
+    assert fallback_problem([cuda], [cuda, CPU]) is None  # it runs where it was asked to

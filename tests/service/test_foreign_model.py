@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.cli import main as cli_main
 from service.core.metadata import ModelMetadata, Preprocessing
-from service.core.model_spec import (
+from service.core.settings import Settings
+from service.core.spec import (
     ModelSpecError,
     SpecOptions,
     graph_io_from_onnx,
@@ -29,7 +30,6 @@ from service.core.model_spec import (
     resolve_spec,
     sidecar_path,
 )
-from service.core.settings import Settings
 from service.runtime.engine import Engine, EngineError
 from service.runtime.preprocess import load_pixels
 

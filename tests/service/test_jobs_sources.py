@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_manifest_lines_accept_strings_and_objects():
     with pytest.raises(BadRequest, match="line 2"):
         manifest_paths(['"a.jpg"', "{not json"])
     with pytest.raises(BadRequest, match="line 1"):
-        manifest_paths(["42"])
+        manifest_paths(['{"path": 42}'])
 
 
 def test_manifest_paths_must_stay_under_the_root(tmp_path):
@@ -161,3 +162,40 @@ def test_manifest_paths_must_stay_under_the_root(tmp_path):
     ):
         with pytest.raises(Forbidden):
             resolve_under_root(bad, root)
+
+
+def test_manifests_take_plain_paths_one_per_line():
+    lines = ["a.jpg", "  sub dir/b c.png  ", "", '"q.jpg"', '{"path": "d.jpg"}', b"bytes/e.jpg\r"]
+    assert manifest_paths(lines) == ["a.jpg", "sub dir/b c.png", "q.jpg", "d.jpg", "bytes/e.jpg"]
+    with pytest.raises(BadRequest, match=r"line 2: starts like JSON but is not .* give a plain path"):
+        manifest_paths(["a.jpg", "{broken"])
+
+
+def test_a_tar_of_a_folder_made_with_dot_is_accepted(tmp_path):
+    # `tar -czf photos.tgz -C photos .`: entries ./ and ./sub/ are directories, not escapes.
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(JPEG)
+    (photos / "sub" / "b.png").write_bytes(JPEG)
+    archive = tmp_path / "photos.tgz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(photos), "."], check=True, timeout=60)
+    with tarfile.open(archive) as opened:
+        directories = {m.name.rstrip("/") for m in opened.getmembers() if m.isdir()}
+    assert directories == {".", "./sub"}  # what GNU tar writes
+    assert extract_archive(archive, tmp_path / "out", ArchiveLimits()) == ["a.jpg", "sub/b.png"]
+    assert sorted(name for name, _ in iter_archive(archive, ArchiveLimits())) == ["a.jpg", "sub/b.png"]
+
+
+@pytest.mark.parametrize("name", ["./../evil.jpg", "./../"])
+def test_dot_directories_do_not_excuse_a_real_escape(tmp_path, name):
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as archive:
+        root = tarfile.TarInfo("./")
+        root.type = tarfile.DIRTYPE
+        archive.addfile(root)
+        entry = tarfile.TarInfo(name)
+        entry.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+        entry.size = 0
+        archive.addfile(entry, io.BytesIO(b""))
+    with pytest.raises(UnsafeArchive, match="outside the archive"):
+        extract_archive(path, tmp_path / "out", ArchiveLimits())

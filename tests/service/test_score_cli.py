@@ -17,6 +17,7 @@ from PIL import Image
 
 from service.cli import main
 from service.scoring.offline import read_results, score
+from service.scoring.sources import ArchiveLimits
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
 TOP_K = 3
@@ -181,7 +182,7 @@ def test_resume_skips_what_the_output_holds(tiny_onnx, dataset, tmp_path, suffix
     assert read_results(partial) == expected
 
 
-def test_bad_inputs_are_reported_not_crashed(tiny_onnx, tmp_path, capsys):
+def test_bad_inputs_are_reported_not_crashed(tiny_onnx, dataset, tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
         archive.writestr("../../evil.jpg", b"x")
     assert run_cli(str(tmp_path / "evil.zip"), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_onnx)) == 2
@@ -190,5 +191,88 @@ def test_bad_inputs_are_reported_not_crashed(tiny_onnx, tmp_path, capsys):
     assert run_cli(str(tmp_path), "-o", str(tmp_path / "o.txt"), "--model", str(tiny_onnx)) == 2
     csv_out = tmp_path / "topk.csv"
     csv_out.write_text("path,label_1,score_1,error_code,error\n")
-    assert run_cli(str(tmp_path), "-o", str(csv_out), "--model", str(tiny_onnx), "--resume") == 2
+    assert run_cli(str(dataset), "-o", str(csv_out), "--model", str(tiny_onnx), "--resume") == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_rows_name_their_model_and_resume_with_another_model_is_refused(tiny_onnx, dataset, tmp_path, suffix, capsys):
+    import hashlib
+    import shutil
+
+    from service.runtime.engine import Engine
+
+    meta = Engine(tiny_onnx, providers="cpu", log_placement=False).metadata
+    # The test export records no source hash, so the file's own is the weights hash.
+    weights = meta.weights_sha256 or hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
+    out = tmp_path / f"rows{suffix}"
+    assert run_cli(str(dataset), "-o", str(out), "--model", str(tiny_onnx), "--workers", "0") == 0
+    assert f"model '{meta.served_name}' (weights {weights[:12]}): 4 scored" in capsys.readouterr().err
+    rows = read_results(out)
+    assert {(r["model"], r["weights_sha256"]) for r in rows} == {(meta.served_name, weights)}
+
+    # The same weights served under another name (a sidecar names the copy) are another model here.
+    other = tmp_path / "other.onnx"
+    shutil.copy(tiny_onnx, other)
+    (tmp_path / "other.onnx.json").write_text('{"name": "tiny-finetune"}')
+    before = out.read_bytes()
+    assert run_cli(str(dataset), "-o", str(out), "--model", str(other), "--resume", "--workers", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"holds results of model '{meta.served_name}'" in err and "'tiny-finetune'" in err
+    assert out.read_bytes() == before  # nothing appended, nothing truncated
+
+
+def test_resume_refuses_a_file_that_does_not_name_its_model(tiny_onnx, dataset, tmp_path, capsys):
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"path": "coffee.jpg", "labels": ["a"], "scores": [1.0]}) + "\n")
+    assert run_cli(str(dataset), "-o", str(old), "--model", str(tiny_onnx), "--resume", "--workers", "0") == 2
+    assert "holds results that do not name their model" in capsys.readouterr().err
+
+
+def test_an_empty_folder_and_an_unmatched_glob_exit_non_zero(tiny_onnx, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("no images here")
+    assert run_cli(str(empty), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_onnx)) == 2
+    err = capsys.readouterr().err
+    assert "no images in this folder (image files end in " in err and ".jpg" in err
+    assert not (tmp_path / "o.jsonl").exists()
+    assert run_cli(str(empty / "*.jpg"), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_onnx)) == 2
+    assert "no file matches this pattern" in capsys.readouterr().err
+
+
+def test_a_plain_text_manifest_and_a_dot_tarball(tiny_onnx, dataset, image_files, classify, tmp_path):
+    manifest = dataset.parent / "list.txt"
+    manifest.write_text("".join(f"images/{n}\n" for n in image_files))
+    out = tmp_path / "manifest.jsonl"
+    assert run_cli(str(manifest), "-o", str(out), "--model", str(tiny_onnx), "--workers", "0") == 0
+    assert_rows_match_service(read_results(out), {f"images/{n}": d for n, d in image_files.items()}, classify)
+
+    tarball = tmp_path / "photos.tgz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(dataset), "."], check=True, timeout=60)
+    out = tmp_path / "tarball.jsonl"
+    assert run_cli(str(tarball), "-o", str(out), "--model", str(tiny_onnx), "--workers", "0") == 0
+    assert_rows_match_service(read_results(out), image_files, classify)  # names without "./"
+
+
+def test_finetune_score_and_jobs_take_the_same_image_files(tmp_path):
+    from model.datasets import scan_image_folder
+    from service.core.image_files import IMAGE_SUFFIXES
+    from service.scoring.offline import resolve_inputs
+    from service.scoring.sources import extract_archive, list_archive
+
+    names = sorted(f"x{suffix}" for suffix in IMAGE_SUFFIXES) + ["X.JPG"]
+    for label in ("cat", "dog"):  # fine-tuning needs two classes
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for name in [*names, "notes.txt", ".hidden.jpg"]:
+            (tmp_path / "data" / label / name).write_bytes(b"pixels are not read here")
+    with tarfile.open(tmp_path / "data.tar", "w") as archive:
+        archive.add(tmp_path / "data", arcname=".")
+    expected = sorted(f"{label}/{n}" for label in ("cat", "dog") for n in names)
+    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in scan_image_folder(tmp_path / "data").paths) == (
+        expected
+    )
+    assert sorted(resolve_inputs(str(tmp_path / "data")).names) == expected
+    assert sorted(list_archive(tmp_path / "data.tar", ArchiveLimits())) == expected
+    assert extract_archive(tmp_path / "data.tar", tmp_path / "job", ArchiveLimits()) == expected

@@ -33,11 +33,10 @@ def server(tiny_onnx, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if k != "VITSERVE_API_KEY"},  # no auth (an empty key is refused)
         VITSERVE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         VITSERVE_MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS),
         VITSERVE_MAX_BATCH_IMAGES=str(MAX_BATCH_IMAGES),
-        VITSERVE_API_KEY="",
         VITSERVE_JPEG_DRAFT="false",
     )  # exact parity with timm for any JPEG size
     with open(log_path, "wb") as log:

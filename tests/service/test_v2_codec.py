@@ -198,6 +198,8 @@ def test_model_metadata_describes_inputs_and_outputs():
         "classification",
         "binary_tensor_data",
         "model_repository",
+        "model_configuration",
+        "statistics",
     ]
 
 

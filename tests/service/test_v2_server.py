@@ -277,6 +277,8 @@ def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
             with pytest.raises(InferenceServerException) as info:  # refused by the app's middleware
                 client.infer(metadata.architecture, [bytes_input([photo], True)])
             assert info.value.status() == "401"
+            for call in (client.get_server_metadata, lambda: client.get_model_config(metadata.architecture)):
+                expect_error(call, "401", "API key")  # GET /v2 and the extensions: the protocol's shape too
             result = client.infer(
                 metadata.architecture, [bytes_input([photo], True)], headers={"Authorization": f"Bearer {API_KEY}"}
             )
@@ -284,3 +286,63 @@ def test_api_key_with_the_official_client(tiny_onnx, reference, encode_photo):
             np.testing.assert_allclose(result.as_numpy("logits"), run_reference(session, pixels), atol=ATOL, rtol=0)
         finally:
             client.close()
+
+
+def test_model_configuration_with_the_official_client(client, reference):
+    metadata, _ = reference
+    name = metadata.architecture
+    size, k = metadata.preprocessing.image_size, metadata.num_classes
+    assert {"model_configuration", "statistics"} <= set(client.get_server_metadata()["extensions"])
+    for config in (client.get_model_config(name), client.get_model_config(name, model_version="1")):
+        assert config["name"] == name and config["platform"] == "onnxruntime_onnx"
+        assert config["max_batch_size"] == 4  # the server fixture's batch limit; dims leave the batch axis out
+        assert {i["name"]: (i["data_type"], i["dims"]) for i in config["input"]} == {
+            "images": ("TYPE_STRING", [1]),
+            "pixel_values": ("TYPE_FP32", [3, size, size]),
+        }
+        assert {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]} == {
+            "logits": ("TYPE_FP32", [k]),
+            "probabilities": ("TYPE_FP32", [k]),
+        }
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+        assert config["parameters"]["vitserve.image_size"]["string_value"] == str(size)
+    expect_error(lambda: client.get_model_config("resnet50"), "404", "unknown model 'resnet50'")
+    expect_error(lambda: client.get_model_config(name, model_version="9"), "404", "unknown version '9'")
+
+
+def test_statistics_with_the_official_client(client, reference, encode_photo):
+    metadata, _ = reference
+    name = metadata.architecture
+
+    def stats() -> dict:
+        (entry,) = client.get_inference_statistics(name)["model_stats"]
+        assert (entry["name"], entry["version"]) == (name, "1")
+        return entry
+
+    before = stats()
+    photos = [encode_photo(n) for n in IMAGES]
+    client.infer(name, [bytes_input(photos, True)])
+    after = stats()
+    assert after["inference_count"] - before["inference_count"] == len(photos)
+    assert after["execution_count"] > before["execution_count"] and after["last_inference"] > 0
+    for kind in ("success", "queue", "compute_input", "compute_infer"):
+        assert after["inference_stats"][kind]["count"] - before["inference_stats"][kind]["count"] == len(photos)
+        assert after["inference_stats"][kind]["ns"] >= before["inference_stats"][kind]["ns"]
+    assert after["inference_stats"]["success"]["ns"] > before["inference_stats"]["success"]["ns"]
+    run_images = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in after["batch_stats"])
+    assert run_images == int(after["inference_count"])  # every image ran in exactly one counted batch
+
+    not_an_image = bytes_input([b"plain text"], True)
+    expect_error(lambda: client.infer(name, [not_an_image]), "422", "element 0")
+    assert stats()["inference_stats"]["fail"]["count"] == after["inference_stats"]["fail"]["count"] + 1
+
+    everything = client.get_inference_statistics()["model_stats"]
+    assert [(e["name"], e["version"]) for e in everything] == [(name, "1")]
+    expect_error(lambda: client.get_inference_statistics("resnet50"), "404", "unknown model")
+
+
+def test_unimplemented_extensions_answer_cleanly_in_the_protocols_shape(client):
+    # Trace and log settings are not served: the client must see a clean 404, not a TypeError.
+    expect_error(client.get_trace_settings, "404", "")
+    expect_error(client.get_log_settings, "404", "")
+    expect_error(lambda: client.get_system_shared_memory_status(), "404", "")

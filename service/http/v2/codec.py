@@ -50,7 +50,7 @@ PROBABILITIES_OUTPUT = "probabilities"
 OUTPUT_NAMES = (LOGITS_OUTPUT, PROBABILITIES_OUTPUT)
 MODEL_VERSION = "1"  # the version of a model served from one file (--model)
 PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
-EXTENSIONS = ("classification", "binary_tensor_data", "model_repository")
+EXTENSIONS = ("classification", "binary_tensor_data", "model_repository", "model_configuration", "statistics")
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 
 _LENGTH_PREFIX = struct.Struct("<I")  # BYTES elements: uint32 little-endian length, then the bytes
@@ -117,6 +117,37 @@ def model_metadata(model_name: str, metadata: ModelMetadata, versions: Sequence[
             {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, k]},
             {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, k]},
         ],
+    }
+
+
+def model_config(
+    model_name: str, metadata: ModelMetadata, *, max_batch_size: int, max_queue_delay_ms: float, on_gpu: bool
+) -> dict:
+    """Body of ``GET /v2/models/{name}/config``: Triton's model configuration (its protobuf as JSON).
+
+    With ``max_batch_size`` > 0 Triton's ``dims`` leave out the batch axis. Pre-processing travels as
+    string ``parameters`` (``vitserve.image_size`` ...), as Triton models carry their own settings.
+    """
+    size = metadata.preprocessing.image_size
+    k = metadata.num_classes
+    described = {key: value for key, value in metadata.to_props().items() if not key.endswith(".labels")}
+    return {
+        "name": model_name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": max_batch_size,
+        "input": [
+            # One encoded image per batch element: Triton writes a scalar per element as dims [1] + reshape [].
+            {"name": IMAGES_INPUT, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+            {"name": PIXELS_INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [3, size, size]},
+        ],
+        "output": [
+            {"name": LOGITS_OUTPUT, "data_type": "TYPE_FP32", "dims": [k]},
+            {"name": PROBABILITIES_OUTPUT, "data_type": "TYPE_FP32", "dims": [k]},
+        ],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_ms * 1000)},
+        "instance_group": [{"name": f"{model_name}_0", "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": 1}],
+        "parameters": {key: {"string_value": value} for key, value in sorted(described.items())},
     }
 
 

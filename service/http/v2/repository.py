@@ -4,7 +4,9 @@
     POST /v2/repository/models/{name}/load          (re)read the model's folder and bring up its versions
     POST /v2/repository/models/{name}/unload        take the model out of service
 
-tritonclient's ``get_model_repository_index``, ``load_model`` and ``unload_model`` call these.
+tritonclient's ``get_model_repository_index``, ``load_model`` and ``unload_model`` call these. Load
+and unload change what the server serves: as in Triton, they are refused (403) unless the server
+runs with ``--model-control explicit``; the index is always readable.
 A load swaps versions without downtime (service/serving/registry.py): a new version takes traffic
 only once it is warm and has passed its golden check. An unload is refused (409) while requests
 hold the model, unless the body says ``{"parameters": {"force": true}}``.
@@ -17,10 +19,11 @@ import json
 
 from fastapi import APIRouter, Request
 
-from service.core.errors import BadRequest
+from service.core.errors import BadRequest, ServiceError
 from service.core.repository import check_name
 from service.http.deps import State
 from service.serving.lifecycle import repository_scanner
+from service.serving.state import ServiceState
 
 router = APIRouter(prefix="/v2/repository", tags=["Open Inference Protocol (KServe v2)"])
 
@@ -63,6 +66,7 @@ async def repository_index(request: Request, state: State) -> list[dict[str, obj
 
 @router.post("/models/{model_name}/load", summary="Load (or reload) a model's versions from the repository")
 async def load_model(request: Request, state: State, model_name: str) -> dict[str, object]:
+    _check_control(state)
     await _parameters(request)  # validated; a config override is not supported (the folder is the config)
     _check_name(model_name)
     scan = repository_scanner(state.settings)
@@ -79,10 +83,24 @@ async def load_model(request: Request, state: State, model_name: str) -> dict[st
 
 @router.post("/models/{model_name}/unload", summary="Unload a model (refused while in use unless forced)")
 async def unload_model(request: Request, state: State, model_name: str) -> dict[str, object]:
+    _check_control(state)
     parameters = await _parameters(request)
     _check_name(model_name)
     await state.models.unload(model_name, force=bool(parameters.get("force", False)))
     return {}
+
+
+class ModelControlOff(ServiceError):
+    status_code = 403
+    code = "model_control_off"
+
+
+def _check_control(state: ServiceState) -> None:
+    if state.settings.model_control != "explicit":
+        raise ModelControlOff(
+            "loading and unloading models is off on this server; start it with --model-control explicit "
+            "(VITSERVE_MODEL_CONTROL=explicit) to allow it"
+        )
 
 
 def _check_name(name: str) -> None:

@@ -5,8 +5,10 @@
     GET  /v2/models/{name}[/versions/1]            model metadata: inputs, outputs, datatypes, shapes
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer      encoded images (BYTES) or pixels (FP32) -> logits / top-k
+    GET  /v2/models/{name}[/versions/1]/config     Triton's model configuration extension
+    GET  /v2/models[/{name}[/versions/1]]/stats    Triton's statistics extension (per loaded version)
 
-The model name is the served model's architecture (from its ONNX metadata). The wire format
+The model name is the served name (--name, else the architecture in its ONNX metadata). The wire format
 (JSON, Triton's binary tensor and classification extensions) is in ``service.http.v2.codec``; this
 module only moves bytes between HTTP, the pre-processing pool and the batcher.
 
@@ -93,6 +95,39 @@ async def server_live() -> Response:
 async def server_ready(state: State) -> Response:
     # Draining counts as not ready, so a load balancer stops sending work during the graceful shutdown.
     return _health(state.serving)
+
+
+@router.get("/models/stats", summary="Statistics of every loaded model version (Triton's statistics extension)")
+async def all_model_stats(state: State) -> dict:
+    lanes = sorted(state.models.lanes.values(), key=lambda lane: (lane.name, lane.version))
+    return {"model_stats": [lane.stats.as_triton(lane.name, str(lane.version)) for lane in lanes]}
+
+
+@router.get("/models/{model_name}/stats", summary="Statistics of a model's loaded versions")
+@router.get("/models/{model_name}/versions/{model_version}/stats", summary="Statistics of one model version")
+async def model_stats(state: State, model_name: str, model_version: str | None = None) -> dict:
+    if model_version is not None:
+        lanes = [_lane(state, model_name, model_version)]
+    else:
+        lanes = sorted(
+            (lane for lane in state.models.lanes.values() if lane.name == model_name), key=lambda x: x.version
+        )
+        if not lanes:
+            _lane(state, model_name, None)  # the registry's own 404 (or 503 while it loads)
+    return {"model_stats": [lane.stats.as_triton(lane.name, str(lane.version)) for lane in lanes]}
+
+
+@router.get("/models/{model_name}/config", summary="Model configuration (Triton's model configuration extension)")
+@router.get("/models/{model_name}/versions/{model_version}/config", summary="Model configuration (one version)")
+async def model_config(state: State, model_name: str, model_version: str | None = None) -> dict:
+    lane = _lane(state, model_name, model_version)
+    return v2_codec.model_config(
+        model_name,
+        lane.metadata,
+        max_batch_size=lane.settings.max_batch_size,
+        max_queue_delay_ms=lane.settings.max_queue_delay_ms,
+        on_gpu=lane.engine.on_gpu,
+    )
 
 
 @router.get("/models/{model_name}", summary="Model metadata")
