@@ -342,7 +342,9 @@ def run_engine_process(
 async def _serve(settings: Settings, engine: InferenceEngine, context: EngineProcessContext) -> int:
     control = context.control
     state = ServiceState(settings, metrics=Metrics(multiprocess_dir=context.metrics_dir))
-    await lifecycle.start(state, engine)
+    # Only the first engine process removes orphaned job folders: later ones start under workers
+    # that may be receiving uploads into their folders.
+    await lifecycle.start(state, engine, server_start=context.generation == 1)
     jobs = state.jobs
     assert isinstance(jobs, JobRunner)
     stop = asyncio.Event()

@@ -8,13 +8,12 @@ server's: the workers' drains and the engine process's after them share it.
 
 from __future__ import annotations
 
-import io
 import signal
 import socket
 import threading
 import time
-import zipfile
 
+import hostile_files as hostile
 import httpx
 import pytest
 from reliability_lib import photo_bytes, wait_job
@@ -25,14 +24,6 @@ GRACE_S = 8.0
 SLACK_S = 10.0
 # Requests queued behind the 0.3 s/image engine: more work (12 s) than the grace leaves room for.
 QUEUED = 40
-
-
-def _zip(count: int) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as archive:
-        for i in range(count):
-            archive.writestr(f"{i:03d}.jpg", photo_bytes("astronaut"))
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -48,7 +39,10 @@ def test_sigterm_exits_within_the_one_drain_deadline(start_server, tmp_path, wor
     }
     server = start_server(**env)
     created = httpx.post(
-        f"{server.url}/v1/jobs", content=_zip(100), headers={"Content-Type": "application/zip"}, timeout=60
+        f"{server.url}/v1/jobs",
+        content=hostile.zip_with({f"{i:03d}.jpg": photo_bytes("astronaut") for i in range(100)}),
+        headers={"Content-Type": "application/zip"},
+        timeout=60,
     )
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
