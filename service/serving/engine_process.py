@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ log = logging.getLogger("vitserve.engine_process")
 
 _STATUS_EVERY_S = 0.25  # gauges, control-block figures and job rates are refreshed this often
 _HANDSHAKE_TIMEOUT_S = 30.0
+_LAST_DRAIN_S = 0.5  # the engine's own drain when the workers used up the deadline
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,9 @@ def run_engine_process(
 async def _serve(settings: Settings, engine: InferenceEngine, context: EngineProcessContext) -> int:
     control = context.control
     state = ServiceState(settings, metrics=Metrics(multiprocess_dir=context.metrics_dir))
-    await lifecycle.start(state, engine)
+    # Only the first engine process removes orphaned job folders: later ones start under workers
+    # that may be receiving uploads into their folders.
+    await lifecycle.start(state, engine, server_start=context.generation == 1)
     jobs = state.jobs
     assert isinstance(jobs, JobRunner)
     stop = asyncio.Event()
@@ -356,7 +360,11 @@ async def _serve(settings: Settings, engine: InferenceEngine, context: EnginePro
     control.engine_ready = state.ready and not stop.is_set()
     ready_watch = asyncio.create_task(_follow_readiness(state, control, stop))
     await stop.wait()
-    log.info("engine process: draining")
+    # The server's one deadline (the supervisor's): the workers drained in most of it, this gets the
+    # rest, and at least a moment to close the jobs database and answer what its batchers hold.
+    shared = control.drain_deadline or time.monotonic() + settings.shutdown_grace_s
+    state.drain_deadline = max(shared, time.monotonic() + _LAST_DRAIN_S)
+    log.info("engine process: draining (%.1f s left)", state.drain_time_left())
     ready_watch.cancel()
     control.engine_ready = False
     await server.stop()
