@@ -28,10 +28,12 @@ run: $(VENV)/.installed-run
 test: lint
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
-# Lint and format (ruff, settings in pyproject.toml).
+# Lint and format (ruff), types (mypy), the layer contracts (import-linter); settings in pyproject.toml.
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 clean-venv:
 	rm -rf $(VENV)

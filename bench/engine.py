@@ -45,8 +45,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.core.gpu_config import GpuOptions  # noqa: E402 - needs sys.path above
 from service.runtime.engine import CPU, CUDA, GPU_PROVIDERS, TENSORRT, Engine, automatic_providers  # noqa: E402 - needs sys.path above
-from service.runtime.gpu_options import GpuOptions, pinned_array  # noqa: E402 - needs sys.path above
+from service.runtime.gpu_options import pinned_array  # noqa: E402 - needs sys.path above
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GPU_CONFIGS = (

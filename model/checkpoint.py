@@ -242,6 +242,8 @@ def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str
         raise CheckpointError(f"unknown checkpoint scheme {scheme!r} in {source!r}; use timm:, hf:, random: or a path")
 
     path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {source}")
     if path.is_dir():
         return _read_directory(path, source, model_args=model_args)
     if path.suffix == ".npz":
@@ -249,8 +251,6 @@ def _read_source(source: str, *, model_name: str | None, model_args: Mapping[str
     if path.suffix in STATE_DICT_SUFFIXES:
         config = _config_for_bare_file(path, model_name, model_args)
         return timm_format.read_state_dict(read_state_dict_file(path), config, where=source)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {source}")
     raise CheckpointError(
         f"cannot tell the format of {source}: expected a directory, .npz or {'/'.join(STATE_DICT_SUFFIXES)}"
     )

@@ -53,7 +53,12 @@ def embed_metadata(
     source, output = Path(source), Path(output)
     if source.resolve() == output.resolve():
         raise ValueError(f"--from-onnx {source} and -o {output} are the same file; write a copy")
-    model = onnx.load(str(source))  # weights included, also from external data, so the copy stands alone
+    try:
+        model = onnx.load(str(source))  # weights included, also from external data, so the copy stands alone
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own errors: both mean "not ONNX"
+        raise ValueError(f"{source}: not an ONNX model (cannot parse it: {type(exc).__name__}: {exc})") from None
     spec = resolve_spec(source, graph_io_from_onnx(model), options)
     metadata = spec.metadata
     ours = {p.key[len(PREFIX) :]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}

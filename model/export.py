@@ -266,7 +266,7 @@ def export_model(
         name=name,
     )
     steps = ["export to ONNX"] + (["quantize int8"] if precision == "int8" else []) + ["write"]
-    with tqdm(total=len(steps), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
+    with tqdm(total=len(steps), disable=None if progress else True, file=sys.stderr, unit="step", leave=False) as bar:
         bar.set_description(f"{steps[0]} ({precision}, opset {opset})")
         # Standardise a hybrid's conv weights in fp32, before any cast to half.
         module = fold_weight_standardization(model)
@@ -309,7 +309,9 @@ def export_checkpoint(
 
     precision = resolve_precision(precision, target)
     check_options(precision, opset)
-    with tqdm(total=1, desc=f"import {source}", disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
+    with tqdm(
+        total=1, desc=f"import {source}", disable=None if progress else True, file=sys.stderr, unit="step", leave=False
+    ) as bar:
         loaded = import_checkpoint(source, model_name=model_name, num_classes=num_classes, image_size=image_size)
         bar.update()
     result = export_model(

@@ -366,6 +366,8 @@ def finetune(
         extra: further JSON-serialisable provenance recorded under "finetune" in vitserve.json.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FinetuneError(f"{output_dir} is a file; the checkpoint goes into a directory")
     state_path = output_dir / STATE_NAME
     files = data if isinstance(data, LabeledFiles) else scan_dataset(data)
     if num_classes is not None and num_classes != len(files.classes):

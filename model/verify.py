@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from service.core.metadata import MetadataError, ModelMetadata, Preprocessing
-from service.core.onnx_facts import is_fused_attention
+from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
 
 GROUP_NORM_OP = "GroupNormalization"  # opset 21+: what a hybrid's GroupNorm exports to
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -287,7 +287,7 @@ def ort_session(path: str | os.PathLike):
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=[CPU_PROVIDER])
     except Exception as exc:  # ORT raises its own exception types for every load failure
         raise ExportFileError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
 
@@ -342,7 +342,9 @@ def verify_export(
         "random": lambda: random_inputs(meta.preprocessing.image_size, num_random),
         "photos": lambda: photo_inputs(meta.preprocessing),
     }
-    with tqdm(total=1 + 2 * len(input_sets), disable=not progress, file=sys.stderr, unit="step", leave=False) as bar:
+    with tqdm(
+        total=1 + 2 * len(input_sets), disable=None if progress else True, file=sys.stderr, unit="step", leave=False
+    ) as bar:
         bar.set_description(f"verify: load {info.path.name}")
         session = ort_session(info.path)
         bar.update()

@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    except (OSError, ValueError) as exc:
+        # Bad input a command did not name itself (an unreadable path, a malformed value): one line,
+        # never a traceback. Each command names its own errors first; this is the net under them.
+        print(f"vitserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,4 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vitserve inspect: cannot read {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=2) if args.json else format_text(summary))
-    return 0 if summary["servable"] else EXIT_NOT_SERVABLE
+    if not summary["servable"]:
+        print(f"vitserve inspect: not servable as is: {summary['problem']}", file=sys.stderr)
+        return EXIT_NOT_SERVABLE
+    return 0

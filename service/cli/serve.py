@@ -113,9 +113,14 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"vitserve serve: invalid settings: {describe_errors(exc)}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    from service.core.repository import RepositoryError, scan_repository
+
     try:
-        settings.check_model_file()
-    except FileNotFoundError as exc:
+        if settings.model_repository is None:
+            settings.check_model_file()
+        else:
+            scan_repository(settings.model_repository)  # unreadable: one line now, not a lifespan traceback
+    except (FileNotFoundError, RepositoryError) as exc:
         print(f"vitserve serve: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
 
@@ -136,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
     from service.serving.lifecycle import build_engine
     from service.serving.supervisor import resolve_workers
 
-    if resolve_workers(settings) > 1:
+    if resolve_workers(settings) > 1 or settings.model_repository is not None:
+        # The engine process, or the service itself for a repository, loads the models (a bad one: exit 2).
         announce_auth()
-        return serve(settings, listener=listener)  # the engine process loads the model (a bad one: exit 2)
+        return serve(settings, listener=listener)
     # Load the model before uvicorn starts: a file that cannot be served (missing labels, a 3-D
     # input, ...) is one clear line and exit code 2, not a lifespan traceback.
     try:

@@ -27,7 +27,7 @@ class ServiceError(Exception):
         self.message = message
         self.headers = dict(headers or {})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 FORMAT_VERSION = "1"
 PREFIX = "vitserve."
@@ -33,14 +33,30 @@ KNOWN_KEYS = frozenset(
 )
 
 ResizeMode = Literal["shortest", "squash"]
+RESIZE_MODES: tuple[ResizeMode, ...] = ("shortest", "squash")
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+INTERPOLATIONS: tuple[Interpolation, ...] = ("nearest", "bilinear", "bicubic", "lanczos")
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+InputDtype = Literal["float32", "float16"]
+INPUT_DTYPES: tuple[InputDtype, ...] = ("float32", "float16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MetadataError(ValueError):
     """The ONNX file's vitserve metadata is missing or malformed; the message names the key."""
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def one_of(value: str, allowed: tuple[_Choice, ...], what: str) -> _Choice:
+    """``value`` as one of ``allowed`` (typed as that choice); MetadataError naming ``what`` otherwise."""
+    for choice in allowed:
+        if value == choice:
+            return choice
+    raise MetadataError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -65,10 +81,9 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in ("shortest", "squash"):
-            raise MetadataError(f"resize_mode must be 'shortest' or 'squash', got {self.resize_mode!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise MetadataError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        # Checked again at run time: callers build this from files and flags, not only typed code.
+        one_of(self.resize_mode, RESIZE_MODES, "resize_mode")
+        one_of(self.interpolation, INTERPOLATIONS, "interpolation")
         if self.image_size <= 0 or self.resize_size < self.image_size:
             raise MetadataError(
                 f"need 0 < image_size <= resize_size, got image_size={self.image_size}, resize_size={self.resize_size}"
@@ -83,21 +98,25 @@ class Preprocessing:
         cls,
         image_size: int,
         crop_pct: float = 0.9,
-        interpolation: str = "bicubic",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        interpolation: Interpolation = "bicubic",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> Preprocessing:
         """timm's eval transform: Resize(floor(size / crop_pct)) on the short side, CenterCrop(size)."""
         import math
 
-        return cls(image_size, math.floor(image_size / crop_pct), "shortest", interpolation, tuple(mean), tuple(std))
+        return cls(image_size, math.floor(image_size / crop_pct), "shortest", interpolation, mean, std)
 
     @classmethod
     def hf_vit(
-        cls, image_size: int = 224, interpolation: str = "bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        cls,
+        image_size: int = 224,
+        interpolation: Interpolation = "bilinear",
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
     ) -> Preprocessing:
         """Hugging Face ViTImageProcessor: resize both sides to size, no crop."""
-        return cls(image_size, image_size, "squash", interpolation, tuple(mean), tuple(std))
+        return cls(image_size, image_size, "squash", interpolation, mean, std)
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,8 @@ class ModelMetadata:
     architecture: str  # e.g. "vit_base_patch16_224"
     labels: tuple[str, ...]
     preprocessing: Preprocessing
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    input_dtype: Literal["float32", "float16"] = "float32"  # what the service must feed pixel_values as
+    precision: Precision = "fp32"
+    input_dtype: InputDtype = "float32"  # what the service must feed pixel_values as
     source: str = ""  # the checkpoint the export came from
     weights_sha256: str = ""  # hash of the source weights, to tell exports apart
     extra: dict[str, str] = field(default_factory=dict)  # further vitserve.* keys, kept verbatim
@@ -159,11 +178,14 @@ class ModelMetadata:
             preprocessing = Preprocessing(
                 image_size=int(ours["image_size"]),
                 resize_size=int(ours["resize_size"]),
-                resize_mode=ours["resize_mode"],
-                interpolation=ours["interpolation"],
+                resize_mode=one_of(ours["resize_mode"], RESIZE_MODES, PREFIX + "resize_mode"),
+                interpolation=one_of(ours["interpolation"], INTERPOLATIONS, PREFIX + "interpolation"),
                 mean=tuple(json.loads(ours["mean"])),
                 std=tuple(json.loads(ours["std"])),
             )
+            precision = one_of(ours["precision"], PRECISIONS, PREFIX + "precision")
+            default_dtype = "float16" if precision == "fp16" else "float32"
+            input_dtype = one_of(ours.get("input_dtype", default_dtype), INPUT_DTYPES, PREFIX + "input_dtype")
         except (ValueError, TypeError) as exc:
             raise MetadataError(f"malformed vitserve metadata: {exc}") from exc
         if "num_classes" in ours and int(ours["num_classes"]) != len(labels):
@@ -172,15 +194,15 @@ class ModelMetadata:
             architecture=ours["architecture"],
             labels=labels,
             preprocessing=preprocessing,
-            precision=ours["precision"],
-            input_dtype=ours.get("input_dtype", "float16" if ours["precision"] == "fp16" else "float32"),
+            precision=precision,
+            input_dtype=input_dtype,
             source=ours.get("source", ""),
             weights_sha256=ours.get("weights_sha256", ""),
             extra={k: v for k, v in ours.items() if k not in KNOWN_KEYS},
             name=ours.get("name", ""),
         )
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """A JSON-friendly view (for GET /v1/models and `vitserve inspect`)."""
         out = asdict(self)
         out["num_classes"] = self.num_classes

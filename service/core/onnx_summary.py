@@ -7,10 +7,12 @@ onnxruntime session tells (inputs, outputs, metadata) and says what it could not
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.core.metadata import PREFIX, REQUIRED_KEYS
 from service.core.onnx_facts import CPU_PROVIDER, is_fused_attention
@@ -18,12 +20,16 @@ from service.core.spec import (
     GraphIO,
     ModelSpecError,
     SpecOptions,
+    TensorInfo,
     graph_io_from_onnx,
     graph_io_from_session,
     missing_fields,
     resolve_spec,
     sidecar_path,
 )
+
+if TYPE_CHECKING:
+    import onnx
 
 _ITEMSIZE = {
     "float32": 4,
@@ -40,17 +46,16 @@ _ITEMSIZE = {
 }
 
 
-def summarize(path: str | os.PathLike, options: SpecOptions | None = None) -> dict[str, Any]:
+def summarize(path: str | os.PathLike[str], options: SpecOptions | None = None) -> dict[str, Any]:
     """A JSON-friendly summary of the ONNX file at ``path``; ``options`` as `vitserve serve` flags would give."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
     out: dict[str, Any] = {"file": str(path), "size_bytes": path.stat().st_size}
-    if onnx is not None:
+    weights_precision: str | None = None
+    if importlib.util.find_spec("onnx") is not None:
+        import onnx
+
         model = onnx.load(str(path), load_external_data=False)  # structure and dtypes only: quick for any size
         graph = graph_io_from_onnx(model)
         out["reader"] = "onnx"
@@ -74,7 +79,6 @@ def summarize(path: str | os.PathLike, options: SpecOptions | None = None) -> di
             "the onnx package is not installed (the runtime image has none): opsets, attention node "
             "counts and initializer precision are not shown; pip install onnx to see them"
         )
-        weights_precision = None
     out["inputs"] = [_tensor(t) for t in graph.inputs]
     out["outputs"] = [_tensor(t) for t in graph.outputs]
     out["dynamic_batch"] = _dynamic_batch(graph)
@@ -93,11 +97,11 @@ def _graph_io_from_ort(path: Path) -> GraphIO:
     return graph_io_from_session(ort.InferenceSession(str(path), sess_options=opts, providers=[CPU_PROVIDER]))
 
 
-def _op_counts(model) -> Counter:
+def _op_counts(model: onnx.ModelProto) -> Counter[tuple[str, str]]:
     """(domain, op_type) -> count over the main graph, nested subgraphs and model-local functions."""
-    counts: Counter = Counter()
+    counts: Counter[tuple[str, str]] = Counter()
 
-    def walk(nodes) -> None:
+    def walk(nodes: Iterable[onnx.NodeProto]) -> None:
         for node in nodes:
             counts[(node.domain, node.op_type)] += 1
             for attr in node.attribute:
@@ -112,11 +116,11 @@ def _op_counts(model) -> Counter:
     return counts
 
 
-def initializer_elements(model) -> Counter:
+def initializer_elements(model: onnx.ModelProto) -> Counter[str]:
     """numpy dtype name -> number of initializer elements (read from dims: external data stays unread)."""
     import onnx
 
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     for tensor in model.graph.initializer:
         try:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
@@ -131,7 +135,7 @@ def initializer_elements(model) -> Counter:
     return counts
 
 
-def precision_from_elements(elements: Counter) -> str | None:
+def precision_from_elements(elements: Counter[str]) -> str | None:
     """The dtype holding most weight elements: int8/uint8 -> int8, float16 -> fp16, float32 -> fp32."""
     names = {
         "float32": "fp32",
@@ -141,7 +145,7 @@ def precision_from_elements(elements: Counter) -> str | None:
         "uint8": "int8",
         "float64": "fp64",
     }
-    by_precision: Counter = Counter()
+    by_precision: Counter[str] = Counter()
     for dtype, n in elements.items():
         if dtype in names:
             by_precision[names[dtype]] += n
@@ -158,7 +162,7 @@ def _precision(graph: GraphIO, weights_precision: str | None) -> tuple[str, str]
     return ("fp16" if image is not None and image.dtype == "float16" else "fp32"), "input type"
 
 
-def _tensor(t) -> dict[str, Any]:
+def _tensor(t: TensorInfo) -> dict[str, Any]:
     return {"name": t.name, "shape": list(t.shape) if t.shape is not None else None, "dtype": t.dtype}
 
 
@@ -185,7 +189,8 @@ def _metadata_view(graph: GraphIO) -> dict[str, Any]:
 def _service_view(path: Path, graph: GraphIO, options: SpecOptions | None) -> dict[str, Any]:
     """What `vitserve serve` would use, or why it would refuse the file."""
     sidecar = sidecar_path(path)
-    view: dict[str, Any] = {"sidecar": str(sidecar) if sidecar.is_file() else None}
+    # "missing" stays empty when the sidecar itself is unreadable: the problem then says why.
+    view: dict[str, Any] = {"sidecar": str(sidecar) if sidecar.is_file() else None, "missing": []}
     try:
         view["missing"] = missing_fields(path, graph, options)
         spec = resolve_spec(path, graph, options)

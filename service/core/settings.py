@@ -20,9 +20,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.core.gpu_config import GpuOptions, GpuOptionsError, parse_buckets
 from service.core.image_formats import DEFAULT_FORMATS, SUPPORTED_FORMATS, parse_formats
 from service.core.limits import DEFAULT_MAX_IMAGE_PIXELS
-from service.core.spec import SPEC_FIELDS, ModelSpecError, options_from_values
+from service.core.spec import SPEC_FIELDS, ModelSpecError, SpecOptions, options_from_values
 
 # The bundled demo model (trained and exported by model/; lives in the repository).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "digits" / "model.onnx"
@@ -281,12 +282,12 @@ class Settings(BaseSettings):
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
-    def _lower_level(cls, value):
+    def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
     @field_validator("job_root", "model_repository", "model_name", "default_model", mode="before")
     @classmethod
-    def _empty_root_is_none(cls, value):
+    def _empty_root_is_none(cls, value: object) -> object:
         # VITSERVE_JOB_ROOT="" must mean "no root", never Path("") == the current directory (and so on).
         return None if isinstance(value, str) and not value.strip() else value
 
@@ -304,12 +305,12 @@ class Settings(BaseSettings):
 
     @field_validator(*SPEC_FIELDS, mode="before")
     @classmethod
-    def _empty_is_unset(cls, value):
+    def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("trt_cache_dir", mode="before")
     @classmethod
-    def _empty_cache_dir_is_none(cls, value):
+    def _empty_cache_dir_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model", mode="after")
@@ -385,18 +386,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_gpu_options(self) -> Settings:
-        from service.runtime.gpu_options import GpuOptionsError
-
         try:
             self.gpu_options()
         except GpuOptionsError as exc:
             raise ValueError(str(exc)) from None
         return self
 
-    def gpu_options(self):
-        """The engine's GPU options (service.runtime.gpu_options.GpuOptions) these settings give."""
-        from service.runtime.gpu_options import GpuOptions, parse_buckets
-
+    def gpu_options(self) -> GpuOptions:
+        """The engine's GPU options these settings give."""
         return GpuOptions(
             batch_buckets=parse_buckets(self.batch_buckets),
             cuda_graphs=self.cuda_graphs,
@@ -405,8 +402,8 @@ class Settings(BaseSettings):
             trt_fp16=self.trt_fp16,
         )
 
-    def spec_options(self):
-        """The explicit model description (service.core.spec.SpecOptions) these settings give."""
+    def spec_options(self) -> SpecOptions:
+        """The explicit model description these settings give."""
         values = {name: getattr(self, name) for name in SPEC_FIELDS}
         return options_from_values({**values, "name": self.model_name}, where="settings (flags / VITSERVE_* variables)")
 

@@ -51,10 +51,10 @@ class BatchEngine(Protocol):
 @dataclass(eq=False)
 class _Item:
     pixels: np.ndarray  # (3, H, W)
-    future: asyncio.Future
+    future: asyncio.Future[np.ndarray]  # the logits (K,)
     enqueued_at: float  # time.monotonic()
     deadline: float | None  # time.monotonic() by which an answer is due
-    timings: dict | None = field(default=None)
+    timings: dict[str, float] | None = field(default=None)
 
 
 BatchObserver = Callable[[int, float], None]  # (batch size, inference seconds)
@@ -102,7 +102,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
-        self._consumer: asyncio.Task | None = None
+        self._consumer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
         self._in_flight = 0  # images taken off the queue whose batch has not finished
@@ -174,7 +174,7 @@ class Batcher:
 
     # -- requests ----------------------------------------------------------------------------
     async def submit(
-        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict[str, float] | None = None
     ) -> np.ndarray:
         """Queue one image (3, H, W) and wait for its logits (K,) float32.
 
@@ -194,6 +194,7 @@ class Batcher:
             async with asyncio.timeout(max(deadline - enqueued_at, 0.0)):
                 return await future
         except TimeoutError:
+            assert deadline is not None  # only the deadline's timeout raises it
             raise DeadlineExceeded(
                 f"no answer within the request deadline ({(deadline - enqueued_at) * 1000:.0f} ms in the queue "
                 "and engine)"
@@ -270,7 +271,7 @@ class Batcher:
 
     # -- the consumer ------------------------------------------------------------------------
     def _take(
-        self, batch: list[_Item], now: float, queue: asyncio.Queue | None = None, limit: int | None = None
+        self, batch: list[_Item], now: float, queue: asyncio.Queue[_Item] | None = None, limit: int | None = None
     ) -> None:
         """Move waiting items into ``batch`` (up to the limit), answering dead ones on the spot."""
         queue = queue or self._queue
@@ -282,7 +283,7 @@ class Batcher:
                 return
             self._admit(item, batch, now, queue)
 
-    def _admit(self, item: _Item, batch: list[_Item], now: float, queue: asyncio.Queue | None = None) -> None:
+    def _admit(self, item: _Item, batch: list[_Item], now: float, queue: asyncio.Queue[_Item] | None = None) -> None:
         queue = queue or self._queue
         assert queue is not None
         if item.future.done():  # the client went away (or its deadline fired in submit)
@@ -364,7 +365,7 @@ class Batcher:
             self._last_batch_s, self.max_queue_delay_s
         )
 
-    async def _run(self, batch: list[_Item], queue: asyncio.Queue | None = None) -> None:
+    async def _run(self, batch: list[_Item], queue: asyncio.Queue[_Item] | None = None) -> None:
         queue = queue or self._queue
         assert queue is not None and self._executor is not None
         loop = asyncio.get_running_loop()

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from service.core.gpu_config import GpuOptions
 from service.core.onnx_facts import CUDA_PROVIDER as CUDA
-from service.runtime.gpu_options import GpuOptions, pinned_array, plan_chunks
+from service.runtime.gpu_options import pinned_array, plan_chunks
 
 log = logging.getLogger("vitserve.engine")
 
@@ -55,7 +56,7 @@ class BucketRunner:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike[str],
         session: ort.InferenceSession,
         options: GpuOptions,
         *,
@@ -199,7 +200,7 @@ class BucketRunner:
             return self._execute(bucket, n)
 
     def _execute(self, bucket: _Bucket, n: int) -> np.ndarray:
-        if bucket.binding is None:
+        if bucket.binding is None or bucket.device_input is None:
             (logits,) = bucket.session.run([self._output_name], {self._input_name: np.asarray(bucket.host)})
         else:
             bucket.device_input.update_inplace(np.asarray(bucket.host))  # a plain ndarray view for pybind

@@ -130,4 +130,4 @@ def _tiff_block(image: Image.Image, max_pixels: int) -> int:
         return tile_w * tile_h
     rows = tags.get(_TIFF_ROWS_PER_STRIP, height)
     rows = min(rows, height) if isinstance(rows, int) and rows > 0 else height  # libtiff clamps to the height
-    return rows * width
+    return int(rows * width)  # the tags are untyped ints

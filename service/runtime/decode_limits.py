@@ -21,9 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from service.core.errors import DeadlineExceeded, PayloadTooLarge, ServiceError
+
+if TYPE_CHECKING:
+    from service.runtime.preprocess import Admit
 
 T = TypeVar("T")
 _POLL_S = 0.05  # how often a decode waiting at the gate looks at its deadline and its client
@@ -108,7 +111,7 @@ class RequestDecodes:
         if time.monotonic() >= self.deadline:
             raise DeadlineExceeded("deadline passed before the image was decoded")
 
-    async def run(self, pool: Executor, work: Callable[[Callable], T]) -> T:
+    async def run(self, pool: Executor, work: Callable[[Admit], T]) -> T:
         """Run ``work(admit)`` in ``pool`` once one of this request's decode slots is free."""
         async with self._slots:
             self.check()

@@ -18,20 +18,23 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from service.core.gpu_config import GpuOptions
 from service.core.host import cpu_cores
 from service.core.onnx_facts import CPU_PROVIDER, CUDA_PROVIDER, FUSED_ATTENTION_OP_TYPES, TENSORRT_PROVIDER
 from service.core.spec import ModelSpecError, SpecOptions, check_label_count, graph_io_from_session, resolve_spec
 from service.runtime.buckets import BucketRunner
-from service.runtime.gpu_options import GpuOptions, cuda_provider_options, tensorrt_provider_options, trt_max_batch
+from service.runtime.gpu_options import cuda_provider_options, tensorrt_provider_options, trt_max_batch
 
 log = logging.getLogger("vitserve.engine")
 
@@ -137,7 +140,7 @@ class Engine:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike[str],
         *,
         spec_options: SpecOptions | None = None,
         providers: Sequence[str] | str | None = None,
@@ -242,7 +245,10 @@ class Engine:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._allow_spinning else "0")
-        opts.log_severity_level = 3  # errors only; placement is reported through our own log
+        # Fatal only: every session error also comes back as an exception, which the engine reports
+        # (placement goes through our own log). At 3, a file that fails to load adds ORT's "could not
+        # write a profile" line next to that one-line error.
+        opts.log_severity_level = 4
         if profile_dir is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(profile_dir, "vitserve_placement")
@@ -272,6 +278,9 @@ class Engine:
                     remaining[1:],
                 )
                 remaining = remaining[1:]
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)  # no session, no profile: leave no temp dir
+            self._profile_dir = None
         raise EngineError(f"cannot create an ONNX Runtime session for {self.model_path}: " + " | ".join(errors))
 
     def _provider_options(self, provider: str, cuda_graph: bool = False) -> dict[str, str]:
@@ -338,7 +347,7 @@ class Engine:
             return np.concatenate([self._run_padded(batch[i : i + fixed], fixed) for i in range(0, len(batch), fixed)])
         feed = self._layout(np.asarray(batch, dtype=self.input_dtype))
         if self._io_binding is not None:
-            logits = self._run_bound(feed)
+            logits = self._run_bound(feed, self._io_binding)
         else:
             (logits, *_) = self.session.run([self.output_name], {self.input_name: feed})
         if self._profile_dir is not None:
@@ -356,7 +365,7 @@ class Engine:
             chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
         return self.run(chunk)[:n]
 
-    def _run_bound(self, feed: np.ndarray) -> np.ndarray:
+    def _run_bound(self, feed: np.ndarray, binding: ort.IOBinding) -> np.ndarray:
         # One device buffer per batch size, refilled in place: on CUDA no cudaMalloc per request.
         n = feed.shape[0]
         device_input = self._device_inputs.pop(n, None)
@@ -366,7 +375,6 @@ class Engine:
                 self._device_inputs.pop(next(iter(self._device_inputs)))  # the least recently used
         self._device_inputs[n] = device_input  # (re)inserted last: the dict runs least to most recently used
         device_input.update_inplace(feed)
-        binding = self._io_binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         binding.bind_ortvalue_input(self.input_name, device_input)
@@ -406,12 +414,13 @@ class Engine:
         finally:
             try:
                 os.remove(profile_path)
-                os.rmdir(self._profile_dir)
+                if self._profile_dir is not None:
+                    os.rmdir(self._profile_dir)
             except OSError:
                 pass
             self._profile_dir = None
         self.node_placement = node_placement(events)
-        placement: dict[str, Counter] = defaultdict(Counter)
+        placement: dict[str, Counter[str]] = defaultdict(Counter)
         for op_type, provider in self.node_placement.values():
             placement[provider][op_type] += 1
         self.placement = {provider: dict(sorted(ops.items())) for provider, ops in placement.items()}
@@ -426,7 +435,7 @@ class Engine:
                 self.providers[0],
             )
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """A JSON-friendly view for /v1/models and logs."""
         return {
             "providers": self.providers,

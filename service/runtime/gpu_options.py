@@ -1,8 +1,10 @@
 """GPU options of the engine: batch buckets, CUDA graphs, pinned uploads, TensorRT's engine cache.
 
-Pure logic plus two small helpers; ``service.runtime.engine.Engine`` applies them. Every option is off
-by default and stays behind a setting (``service.core.settings``) until bench/engine.py on a GPU
-shows it pays; bench/README.md says how to run that benchmark.
+The options themselves (``GpuOptions``, parsed and validated with the settings) live in
+``service.core.gpu_config``; this module is how they run: the chunk plan, provider options and
+pinned buffers that ``service.runtime.engine.Engine`` applies. Every option is off by default and
+stays behind a setting (``service.core.settings``) until bench/engine.py on a GPU shows it pays;
+bench/README.md says how to run that benchmark.
 
 - Batch buckets: a batch is padded up to the smallest warmed size that holds it (a batch larger
   than the largest bucket is split), so the GPU only ever sees a few shapes: no allocation or
@@ -26,11 +28,12 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
+from service.core.gpu_config import GpuOptions
 from service.core.onnx_facts import CUDA_PROVIDER
 
 log = logging.getLogger("vitserve.engine")
@@ -39,65 +42,6 @@ log = logging.getLogger("vitserve.engine")
 # ones are split (a profile for 1024 images would make TensorRT reserve memory for them).
 DEFAULT_TRT_MAX_BATCH = 256
 DEFAULT_TRT_OPT_BATCH = 64
-
-
-class GpuOptionsError(ValueError):
-    """A GPU option is malformed or contradicts another; the message says which."""
-
-
-def parse_buckets(spec: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"1,4,16,64"`` or a list -> sorted unique positive sizes; None or empty -> () (no bucketing)."""
-    if spec is None:
-        return ()
-    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
-    sizes = []
-    for part in parts:
-        if part == "":
-            continue
-        try:
-            size = int(part)
-        except (TypeError, ValueError):
-            raise GpuOptionsError(f"batch buckets must be positive integers, got {part!r}") from None
-        if size < 1 or str(size) != str(part).strip():
-            raise GpuOptionsError(f"batch buckets must be positive integers, got {part!r}")
-        sizes.append(size)
-    return tuple(sorted(set(sizes)))
-
-
-@dataclass(frozen=True)
-class GpuOptions:
-    """What the engine does beyond a plain session; the defaults change nothing.
-
-    Args:
-        batch_buckets: batch sizes every run is padded to (sorted, unique); () = each batch runs at
-            its own size.
-        cuda_graphs: capture one CUDA graph per bucket (needs batch_buckets; CUDA provider only).
-        static_shapes: one session per bucket with the batch dimension fixed, without graphs
-            (cuda_graphs implies it); lets ORT fold the shape arithmetic on any provider.
-        pinned_host_memory: stage uploads in page-locked host buffers (CUDA provider only).
-        trt_cache_dir: TensorRT engine and timing cache directory; None = no cache (TensorRT only).
-        trt_fp16: let TensorRT choose fp16 kernels (what an fp32 export needs to be fast).
-    """
-
-    batch_buckets: tuple[int, ...] = ()
-    cuda_graphs: bool = False
-    static_shapes: bool = False
-    pinned_host_memory: bool = False
-    trt_cache_dir: Path | None = None
-    trt_fp16: bool = True
-
-    def __post_init__(self) -> None:
-        if tuple(parse_buckets(self.batch_buckets)) != tuple(self.batch_buckets):
-            raise GpuOptionsError(f"batch_buckets must be sorted unique positive sizes, got {self.batch_buckets}")
-        if self.cuda_graphs and not self.batch_buckets:
-            raise GpuOptionsError(
-                "cuda_graphs needs batch_buckets: a CUDA graph replays one fixed shape, so "
-                "every batch must be padded to a captured size"
-            )
-
-    @property
-    def per_bucket_sessions(self) -> bool:
-        return bool(self.batch_buckets) and (self.cuda_graphs or self.static_shapes)
 
 
 def plan_chunks(n: int, buckets: Sequence[int], max_chunk: int | None = None) -> list[tuple[int, int, int]]:
@@ -176,8 +120,10 @@ class _CudaHostAllocation:
         self._runtime = runtime
         self.pointer = ctypes.c_void_p()
         status = runtime.cudaHostAlloc(ctypes.byref(self.pointer), ctypes.c_size_t(nbytes), ctypes.c_uint(0))
-        if status != 0 or not self.pointer.value:
+        address = self.pointer.value
+        if status != 0 or not address:
             raise OSError(f"cudaHostAlloc({nbytes}) failed with CUDA error {status}")
+        self.address: int = address
 
     def __del__(self) -> None:
         if getattr(self, "pointer", None) is not None and self.pointer.value:
@@ -195,7 +141,7 @@ def _cuda_runtime() -> ctypes.CDLL:
     raise OSError("no CUDA runtime library (libcudart) could be loaded")
 
 
-def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
+def pinned_array(shape: Sequence[int], dtype: npt.DTypeLike) -> tuple[np.ndarray, str]:
     """A zero-filled page-locked host array and where it came from ("onnxruntime" or "cudaHostAlloc").
 
     Pinned memory is usable with any device of the process, so the first CUDA device ORT lists will do.
@@ -226,8 +172,8 @@ def pinned_array(shape: Sequence[int], dtype) -> tuple[np.ndarray, str]:
     runtime = _cuda_runtime()
     nbytes = int(np.prod(shape)) * dtype.itemsize
     block = _CudaHostAllocation(runtime, max(nbytes, 1))
-    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(block.pointer.value)
-    array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(block.address)
+    array = np.frombuffer(memoryview(raw), dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
     array.fill(0)
     return _keep_alive(array, block), "cudaHostAlloc"
 
@@ -264,4 +210,4 @@ def is_pinned(array: np.ndarray) -> bool:
     if status != 0:
         runtime.cudaGetLastError()  # an unregistered pointer is an error in old runtimes; clear it
         return False
-    return attributes.type == 1  # cudaMemoryTypeHost: registered / page-locked
+    return bool(attributes.type == 1)  # cudaMemoryTypeHost: registered / page-locked

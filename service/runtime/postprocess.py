@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
+
+
+class Prediction(TypedDict):
+    """One class of an answer: its index in the logits, its name, its probability."""
+
+    index: int
+    label: str
+    probability: float
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -12,10 +21,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
-def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
+def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[Prediction]:
     """The k most probable classes of one image's logits (K,), highest first.
 
     Ties keep the lower class index first (stable sort), so answers are deterministic.

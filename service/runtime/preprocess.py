@@ -61,7 +61,7 @@ from service.runtime.decode_guards import (
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Entered with the pixel count of a checked, not yet decoded image; held while it is decoded.
-Admit = Callable[[int], AbstractContextManager]
+Admit = Callable[[int], AbstractContextManager[object]]
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -283,15 +283,13 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(podman: Podman, imag
         # Let the bodies in (120 KB each over loopback) before the signal: the service answers 503 to a
         # request whose body is still arriving when the drain starts.
         time.sleep(0.5)
-        stop_result: dict[str, float] = {}
+        stop_result: dict[str, int] = {}
 
         def stop() -> None:
-            start = time.monotonic()
             # podman stop sends the image's STOPSIGNAL, then SIGKILL after the grace period.
             stop_result["rc"] = podman(
                 "stop", "--time", str(STOP_GRACE_S), container.name, timeout=STOP_GRACE_S + 30, check=False
             ).returncode
-            stop_result["seconds"] = time.monotonic() - start
 
         stopper = threading.Thread(target=stop)
         stopper.start()
@@ -316,7 +314,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(podman: Podman, imag
         accepted = re.search(r"finishing (\d+) accepted", logs)
         assert accepted and int(accepted[1]) >= 1, f"no request was in flight at SIGTERM:\n{logs[-3000:]}"
         assert stop_result["rc"] == 0
-        assert stop_result["seconds"] < STOP_GRACE_S - 5, "the container ran into SIGKILL instead of exiting"
+        # Exit code 0, not 137: the container exited by itself within the grace period, no SIGKILL.
         assert podman.inspect(container.name, "{{.State.ExitCode}}", kind="container") == "0", logs[-3000:]
     finally:
         container.remove()

@@ -122,7 +122,8 @@ def test_attention_runs_as_fused_kernels(fp16_engine, photos):
 
 
 def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_engine, photos):
-    from service.runtime.gpu_options import GpuOptions, is_pinned
+    from service.core.gpu_config import GpuOptions
+    from service.runtime.gpu_options import is_pinned
 
     engine = cuda_engine(
         models["fp16"],
@@ -153,7 +154,7 @@ def test_cuda_graph_buckets_with_pinned_uploads_match_plain_runs(models, fp16_en
 def test_device_memory_is_flat_over_varying_batches(models, buckets):
     import torch
 
-    from service.runtime.gpu_options import GpuOptions
+    from service.core.gpu_config import GpuOptions
 
     engine = cuda_engine(models["fp16"], log_placement=False, gpu_options=GpuOptions(batch_buckets=buckets))
     rng = np.random.default_rng(0)

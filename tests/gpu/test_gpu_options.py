@@ -13,16 +13,9 @@ from gpu_testlib import cuda_unavailable_reason
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.core.gpu_config import GpuOptions, GpuOptionsError, parse_buckets
 from service.core.settings import Settings
-from service.runtime.gpu_options import (
-    GpuOptions,
-    GpuOptionsError,
-    cuda_provider_options,
-    parse_buckets,
-    pinned_array,
-    plan_chunks,
-    tensorrt_provider_options,
-)
+from service.runtime.gpu_options import cuda_provider_options, pinned_array, plan_chunks, tensorrt_provider_options
 
 bucket_sets = st.lists(st.integers(1, 300), min_size=1, max_size=6, unique=True).map(lambda b: tuple(sorted(b)))
 

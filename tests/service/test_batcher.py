@@ -11,6 +11,11 @@ import pytest
 from service.core.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from service.runtime.batcher import Batcher
 
+# Only hangs fail on time: a request that waited for company it was promised not to wait for, or
+# for an engine that never answers, runs into this; how long things take is bench/batcher.py's job.
+HANG_S = 30
+HOUR_MS = 3_600_000
+
 
 def image(marker: float, size: int = 4) -> np.ndarray:
     pixels = np.zeros((3, size, size), dtype=np.float32)
@@ -44,17 +49,18 @@ def test_idle_request_is_dispatched_at_once(make_fake_engine):
     engine = make_fake_engine()
 
     async def main():
-        batcher = Batcher(engine, max_batch_size=32, max_queue_delay_ms=500, max_queue_size=64)
+        # A queue delay far past the test's patience: a request that waited for company would time out.
+        batcher = Batcher(engine, max_batch_size=32, max_queue_delay_ms=HOUR_MS, max_queue_size=64)
         await batcher.start()
-        await batcher.submit(image(1.0))  # first call pays thread-pool start-up
-        started = time.perf_counter()
-        await batcher.submit(image(2.0))
-        elapsed = time.perf_counter() - started
+        # Let the consumer reach its wait, as a server's batcher has long before traffic: an image
+        # queued before the consumer's first look counts as piled up and waits for company.
+        await asyncio.sleep(0)
+        async with asyncio.timeout(HANG_S):
+            await batcher.submit(image(1.0))
+            await batcher.submit(image(2.0))
         await batcher.stop()
-        return elapsed
 
-    elapsed = asyncio.run(main())
-    assert elapsed < 0.1, f"an idle request waited {elapsed * 1000:.0f} ms; the queue delay is 500 ms"
+    asyncio.run(main())
     assert engine.batch_sizes == [1, 1]
 
 
@@ -62,22 +68,20 @@ def test_busy_engine_waits_for_more_but_at_most_the_queue_delay(make_fake_engine
     engine = make_fake_engine(delay_s=0.05)
 
     async def main():
-        batcher = Batcher(engine, max_batch_size=8, max_queue_delay_ms=100, max_queue_size=64)
+        batcher = Batcher(engine, max_batch_size=8, max_queue_delay_ms=500, max_queue_size=64)
         await batcher.start()
         first = asyncio.create_task(batcher.submit(image(0.0)))
         await asyncio.sleep(0.01)  # the engine is now busy with the first request
         second = asyncio.create_task(batcher.submit(image(1.0)))
         await asyncio.sleep(0.06)  # first batch done; the 2nd waits for company
         third = asyncio.create_task(batcher.submit(image(2.0)))
-        started = time.perf_counter()
-        await asyncio.gather(first, second, third)
-        waited = time.perf_counter() - started
+        # The batch of two never fills to 8: it runs once the 2nd's delay is spent, not never.
+        async with asyncio.timeout(HANG_S):
+            await asyncio.gather(first, second, third)
         await batcher.stop()
-        return waited
 
-    waited = asyncio.run(main())
+    asyncio.run(main())
     assert engine.batch_sizes == [1, 2]  # the 2nd and 3rd shared a batch
-    assert waited < 0.2  # bounded by the 100 ms delay (anchored at the 2nd) + a 50 ms run
 
 
 def test_failing_batch_fails_only_its_own_requests(make_fake_engine):
@@ -102,23 +106,22 @@ def test_failing_batch_fails_only_its_own_requests(make_fake_engine):
 
 
 def test_late_requests_get_deadline_exceeded_and_are_not_run(make_fake_engine):
-    engine = make_fake_engine(delay_s=0.4)
+    engine = make_fake_engine(delay_s=1.0)
 
     async def main():
         batcher = Batcher(engine, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=64)
         await batcher.start()
         blocker = asyncio.create_task(batcher.submit(image(0.0)))
         await asyncio.sleep(0.01)
-        started = time.perf_counter()
         with pytest.raises(DeadlineExceeded):
             await batcher.submit(image(99.0), deadline=time.monotonic() + 0.05)
-        answered_after = time.perf_counter() - started
+        # Answered at its deadline, while the engine is still busy with the blocker (1 s).
+        answered_while_busy = not blocker.done()
         await blocker
         await batcher.stop()
-        return answered_after
+        return answered_while_busy
 
-    answered_after = asyncio.run(main())
-    assert answered_after < 0.3  # answered at its deadline (50 ms), not when the engine got to it (400 ms)
+    assert asyncio.run(main())
     assert engine.batch_sizes == [1]  # the late image was skipped, never run
 
 
@@ -132,16 +135,16 @@ def test_full_queue_answers_overloaded_at_once(make_fake_engine):
         await asyncio.sleep(0.02)  # taken off the queue, running
         queued = [asyncio.create_task(batcher.submit(image(float(i)))) for i in (1, 2)]
         await asyncio.sleep(0)
-        started = time.perf_counter()
+        # Refused at once: before the running image or either queued one has been answered.
         with pytest.raises(Overloaded) as info:
             await batcher.submit(image(3.0))
-        rejected_in = time.perf_counter() - started
+        refused_while_full = not any(task.done() for task in (running, *queued))
         await asyncio.gather(running, *queued)
         await batcher.stop()
-        return rejected_in, info.value
+        return refused_while_full, info.value
 
-    rejected_in, error = asyncio.run(main())
-    assert rejected_in < 0.01
+    refused_while_full, error = asyncio.run(main())
+    assert refused_while_full
     assert error.status_code == 429 and int(error.headers["Retry-After"]) >= 1
 
 
@@ -206,12 +209,13 @@ def test_burst_after_a_full_batch_is_gathered_but_a_lone_client_never_waits(make
         second = asyncio.create_task(batcher.submit(image(2.0)))
         await asyncio.gather(first, second)
         await asyncio.sleep(0.3)  # the burst is over: a lone request goes at once
-        started = time.perf_counter()
-        await batcher.submit(image(3.0))
-        lone = time.perf_counter() - started
+        lone = asyncio.create_task(batcher.submit(image(3.0)))
+        # Had the lone request waited for company (up to 200 ms), this one, 100 ms later, would join it.
+        await asyncio.sleep(0.1)
+        later = asyncio.create_task(batcher.submit(image(4.0)))
+        async with asyncio.timeout(HANG_S):
+            await asyncio.gather(lone, later)
         await batcher.stop()
-        return lone
 
-    lone = asyncio.run(main())
-    assert engine.batch_sizes == [4, 2, 1]
-    assert lone < 0.05 + 0.1  # its run (50 ms), without the 200 ms queue delay
+    asyncio.run(main())
+    assert engine.batch_sizes == [4, 2, 1, 1]

@@ -53,40 +53,37 @@ def test_low_priority_items_use_the_idle_engine_and_get_their_own_answers():
     assert sorted(len(b) for b in engine.batches) == [1, 3, 3, 3]  # low_priority_batch_size bounds them
 
 
-def test_online_traffic_starves_the_low_lane_and_keeps_its_latency():
-    """Closed-loop online clients: no job batch may start while they keep the engine busy, and their
-    latency with a full low lane equals their latency without one."""
+def test_online_traffic_starves_the_low_lane():
+    """Closed-loop online clients: no job batch may start while they keep the engine busy (so none
+    of them ever waits behind one); the job finishes once they stop. Their latency with and without
+    a job in the low lane: bench/batcher.py."""
 
-    async def online_latencies(with_job: bool) -> tuple[list[float], LaneRecordingEngine, int]:
-        engine = LaneRecordingEngine(delay_s=0.01)
+    async def main() -> int:
         # idle 100 ms vs the clients' 2 ms turnaround: wide margin for a loaded CI machine
         batcher = Batcher(engine, max_batch_size=4, max_queue_delay_ms=2, low_priority_idle_ms=100)
         await batcher.start()
-        job = [asyncio.create_task(batcher.submit_low(image(LOW, i))) for i in range(40)] if with_job else []
-        latencies: list[float] = []
+        job = [asyncio.create_task(batcher.submit_low(image(LOW, i))) for i in range(40)]
         stop_at = time.monotonic() + 0.6
 
         async def client(n: int) -> None:
             while time.monotonic() < stop_at:
-                started = time.monotonic()
                 await batcher.submit(image(ONLINE, n))
-                latencies.append(time.monotonic() - started)
                 await asyncio.sleep(0.002)  # the client's own turnaround (network, pre-processing)
 
-        await asyncio.gather(*(client(n) for n in range(4)))
-        low_done_during_online = sum(t.done() for t in job)
-        await asyncio.gather(*job)  # once online traffic stops, the job finishes
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(client(n) for n in range(4)))
+            low_done_during_online = sum(t.done() for t in job)
+            await asyncio.gather(*job)  # once online traffic stops, the job finishes
         await batcher.stop()
-        return latencies, engine, low_done_during_online
+        return low_done_during_online
 
-    without, _, _ = asyncio.run(online_latencies(with_job=False))
-    with_job, engine, low_done_during_online = asyncio.run(online_latencies(with_job=True))
+    engine = LaneRecordingEngine(delay_s=0.01)
+    low_done_during_online = asyncio.run(main())
     assert low_done_during_online == 0, "a job batch ran while online clients kept the engine busy"
     assert all(len(set(b)) == 1 for b in engine.batches), "a batch mixed online and job images"
+    last_online = max(i for i, b in enumerate(engine.batches) if ONLINE in b)
+    assert not any(LOW in b for b in engine.batches[:last_online]), engine.batches
     assert sum(b.count(LOW) for b in engine.batches) == 40
-    p50_without, p50_with = float(np.median(without)), float(np.median(with_job))
-    # behind job batches it would be ~one more 10 ms run per request
-    assert p50_with <= p50_without * 1.3 + 0.005, (p50_without, p50_with)
 
 
 def test_online_request_waits_at_most_one_low_batch():
@@ -98,18 +95,16 @@ def test_online_request_waits_at_most_one_low_batch():
         job = [asyncio.create_task(batcher.submit_low(image(LOW, i))) for i in range(40)]
         await asyncio.sleep(0.075)  # a job batch is running now
         started_before = len(engine.batches)
-        started = time.monotonic()
-        await batcher.submit(image(ONLINE, 0))
-        waited = time.monotonic() - started
-        await asyncio.gather(*job)
+        async with asyncio.timeout(30):
+            await batcher.submit(image(ONLINE, 0))
+            await asyncio.gather(*job)
         await batcher.stop()
-        return waited, started_before
+        return started_before
 
-    waited, started_before = asyncio.run(main())
-    # at most the rest of the running job batch (50 ms) + its own run (50 ms); FIFO would be 10 runs
-    assert waited < 0.2, waited
+    started_before = asyncio.run(main())
+    # Right after the job batch that was running (FIFO would put it behind all ten).
     online_at = [i for i, b in enumerate(engine.batches) if ONLINE in b]
-    assert online_at == [started_before], engine.batches  # right after the job batch that was running
+    assert online_at == [started_before], engine.batches
 
 
 def test_stop_fails_waiting_low_items_with_not_ready():

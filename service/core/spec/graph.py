@@ -11,12 +11,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.core.metadata import PREFIX
+from service.core.metadata import INPUT_DTYPES, PREFIX
 from service.core.spec.options import DEFAULT, FLAG, GRAPH, ModelSpecError
 
-FEEDABLE_DTYPES = ("float32", "float16")
+if TYPE_CHECKING:
+    import onnx
+
 Dim = int | str | None  # fixed size, symbolic name, or unknown
 
 
@@ -35,6 +37,12 @@ class TensorInfo:
 
     def describe(self) -> str:
         return f"{self.name} {self.shape_text()} {self.dtype}"
+
+    def known_shape(self) -> tuple[Dim, ...]:
+        """The shape, for a tensor already checked to have one (the image input, once its layout is known)."""
+        if self.shape is None:
+            raise ModelSpecError(f"{self.describe()}: rank unknown")
+        return self.shape
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,10 @@ def _ort_dim(d: Any) -> Dim:
     return d if isinstance(d, (int, str)) else None
 
 
-def graph_io_from_session(session) -> GraphIO:
+def graph_io_from_session(session: Any) -> GraphIO:
     """An onnxruntime.InferenceSession's inputs, outputs and custom metadata."""
 
-    def info(arg) -> TensorInfo:
+    def info(arg: Any) -> TensorInfo:
         shape = arg.shape
         return TensorInfo(
             arg.name, tuple(_ort_dim(d) for d in shape) if shape is not None else None, _ort_dtype(arg.type)
@@ -94,11 +102,11 @@ def graph_io_from_session(session) -> GraphIO:
     )
 
 
-def graph_io_from_onnx(model) -> GraphIO:
+def graph_io_from_onnx(model: onnx.ModelProto) -> GraphIO:
     """An onnx.ModelProto's inputs (initializers excluded), outputs and metadata_props."""
     import onnx  # only callers that already hold a ModelProto get here
 
-    def info(value) -> TensorInfo:
+    def info(value: onnx.ValueInfoProto) -> TensorInfo:
         tensor = value.type.tensor_type
         try:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
@@ -170,13 +178,14 @@ def image_input_layout(tensor: TensorInfo, given: str | None, model_path: Path) 
 
 def spatial_dims(tensor: TensorInfo, layout: str) -> tuple[Dim, Dim]:
     """(height, width) of a 4-D image input."""
-    shape = tensor.shape
+    shape = tensor.known_shape()
     return (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
 
 
 def check_image_input(tensor: TensorInfo, layout: str, image_size: int, model_path: Path) -> None:
     """Refuse an input vitserve cannot feed: not 3 channels, a fixed size other than image_size, not float."""
-    channels = tensor.shape[1] if layout == "nchw" else tensor.shape[3]
+    shape = tensor.known_shape()
+    channels = shape[1] if layout == "nchw" else shape[3]
     if isinstance(channels, int) and channels != 3:
         raise ModelSpecError(
             f"{model_path}: input {tensor.describe()} has {channels} channels on its "
@@ -189,7 +198,7 @@ def check_image_input(tensor: TensorInfo, layout: str, image_size: int, model_pa
                 f"{model_path}: input {tensor.describe()} has a fixed {axis} of {dim} but "
                 f"image_size is {image_size}; give --image-size {dim}"
             )
-    if tensor.dtype not in FEEDABLE_DTYPES:
+    if tensor.dtype not in INPUT_DTYPES:
         raise ModelSpecError(
             f"{model_path}: input {tensor.describe()} has element type {tensor.dtype}; vitserve "
             "feeds normalised float32 or float16 pixels (a model that takes raw uint8 pixels "
@@ -213,7 +222,7 @@ def check_logits_output(tensor: TensorInfo, num_labels: int, model_path: Path) -
     return None
 
 
-def check_label_count(num_classes: int, num_labels: int, model_path: str | os.PathLike, output_name: str) -> None:
+def check_label_count(num_classes: int, num_labels: int, model_path: str | os.PathLike[str], output_name: str) -> None:
     """One label per class, or an error naming both counts."""
     if num_classes != num_labels:
         raise ModelSpecError(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def load_labels(path: str | os.PathLike) -> tuple[str, ...]:
+def load_labels(path: str | os.PathLike[str]) -> tuple[str, ...]:
     """Class names from a file, index order.
 
     ``.json``: a list of names; an object mapping "0".."K-1" to names; or an object with

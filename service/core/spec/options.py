@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,7 @@ def _crop_fraction(value: Any) -> float:
     return number
 
 
-def _choice(options: Sequence[str]):
+def _choice(options: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in options:
@@ -146,7 +146,7 @@ def _choice(options: Sequence[str]):
     return parse
 
 
-def _channels(kind: str):
+def _channels(kind: str) -> Callable[[Any], tuple[float, float, float]]:
     def parse(value: Any) -> tuple[float, float, float]:
         if isinstance(value, str):
             text = value.strip()

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.metadata import KNOWN_KEYS, PREFIX, MetadataError, ModelMetadata, Preprocessing
+from service.core.metadata import (
+    INPUT_DTYPES,
+    KNOWN_KEYS,
+    PRECISIONS,
+    PREFIX,
+    MetadataError,
+    ModelMetadata,
+    Preprocessing,
+    one_of,
+)
 from service.core.spec.graph import (
     GraphIO,
     check_image_input,
@@ -30,7 +39,7 @@ from service.core.spec.sources import load_sidecar, options_from_metadata, sidec
 REQUIRED = ("image_size", "mean", "std", "labels")
 
 
-def missing_fields(model_path: str | os.PathLike, graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
+def missing_fields(model_path: str | os.PathLike[str], graph: GraphIO, options: SpecOptions | None = None) -> list[str]:
     """The REQUIRED fields that no source gives (for `vitserve inspect`; resolve_spec raises on them)."""
     layers = [options or SpecOptions(), options_from_metadata(graph.props), load_sidecar(model_path) or SpecOptions()]
     missing = [name for name in REQUIRED if all(getattr(layer, name) is None for layer in layers)]
@@ -97,7 +106,7 @@ def _short(value: Any) -> str:
 
 
 def resolve_spec(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike[str],
     graph: GraphIO,
     options: SpecOptions | None = None,
     *,
@@ -185,7 +194,7 @@ def resolve_spec(
 
     check_image_input(image_input, layout, image_size, model_path)
     num_classes = check_logits_output(logits_output, len(values["labels"]), model_path)
-    batch = image_input.shape[0]
+    batch = image_input.known_shape()[0]
     batch_size = batch if isinstance(batch, int) and batch > 0 else None
     sources["input_dtype"] = sources["batch_size"] = GRAPH
 
@@ -223,9 +232,13 @@ def _metadata(
     """The ModelMetadata the routes read: our keys kept verbatim, effective values where they differ."""
     ours = {k[len(PREFIX) :]: v for k, v in props.items() if k.startswith(PREFIX)}
     architecture = ours.get("architecture") or values["name"]
-    precision = ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ModelSpecError(f"malformed vitserve metadata: {PREFIX}precision={precision!r} (fp32, fp16 or int8)")
+    try:
+        precision = one_of(
+            ours.get("precision") or ("fp16" if input_dtype == "float16" else "fp32"), PRECISIONS, PREFIX + "precision"
+        )
+        dtype = one_of(input_dtype, INPUT_DTYPES, "the image input's element type")
+    except MetadataError as exc:
+        raise ModelSpecError(f"malformed vitserve metadata: {exc}") from None
     if (
         "num_classes" in ours
         and "labels" in ours
@@ -241,7 +254,7 @@ def _metadata(
         labels=tuple(values["labels"]),
         preprocessing=preprocessing,
         precision=precision,
-        input_dtype=input_dtype,
+        input_dtype=dtype,
         source=ours.get("source", ""),
         weights_sha256=ours.get("weights_sha256", ""),
         extra={k: v for k, v in ours.items() if k not in KNOWN_KEYS},

@@ -19,12 +19,12 @@ from service.core.spec.options import ModelSpecError, SpecOptions
 IO_METADATA_KEYS = ("input_name", "output_name", "input_layout")
 
 
-def sidecar_path(model_path: str | os.PathLike) -> Path:
+def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """``other.onnx`` -> ``other.onnx.json``."""
     return Path(f"{os.fspath(model_path)}.json")
 
 
-def load_sidecar(model_path: str | os.PathLike) -> SpecOptions | None:
+def load_sidecar(model_path: str | os.PathLike[str]) -> SpecOptions | None:
     path = sidecar_path(model_path)
     if not path.is_file():
         return None

@@ -15,30 +15,36 @@ hold the model, unless the body says ``{"parameters": {"force": true}}``.
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Request
 
 from service.core.errors import BadRequest, ServiceError
 from service.core.repository import check_name
 from service.http.deps import State
+from service.http.json_body import JsonBounds, parse_json
 from service.serving.lifecycle import repository_scanner
 from service.serving.state import ServiceState
 
 router = APIRouter(prefix="/v2/repository", tags=["Open Inference Protocol (KServe v2)"])
 
 
-async def _parameters(request: Request) -> dict[str, object]:
+# A repository request is a small JSON object; a body nested or repeated past this is no such request.
+_BOUNDS = JsonBounds(max_objects=64, max_arrays=64, max_values=1024)
+
+
+async def _json_object(request: Request, example: str) -> dict[str, object]:
+    """The request's JSON object body ({} when empty), parsed within bounds: 400/413 naming the problem."""
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from None
+    parsed = parse_json(body, _BOUNDS, "request body")
     if not isinstance(parsed, dict):
-        raise BadRequest("the body must be a JSON object")
-    parameters = parsed.get("parameters", {})
+        raise BadRequest(f"the body must be a JSON object such as {example}")
+    return parsed
+
+
+async def _parameters(request: Request) -> dict[str, object]:
+    parameters = (await _json_object(request, '{"parameters": {"force": true}}')).get("parameters", {})
     if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be an object")
     return parameters
@@ -46,13 +52,7 @@ async def _parameters(request: Request) -> dict[str, object]:
 
 @router.post("/index", summary="Every model version in the repository, with its state")
 async def repository_index(request: Request, state: State) -> list[dict[str, object]]:
-    body = await request.body()
-    ready_only = False
-    if body.strip():
-        try:
-            ready_only = bool(json.loads(body).get("ready", False))
-        except (ValueError, AttributeError):
-            raise BadRequest('the body must be a JSON object such as {"ready": true}') from None
+    ready_only = bool((await _json_object(request, '{"ready": true}')).get("ready", False))
     out: list[dict[str, object]] = []
     for status in state.models.statuses():
         if ready_only and status.state.value != "READY":
