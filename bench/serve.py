@@ -27,23 +27,33 @@ What it does, all bounded in time:
    (from the server's /metrics), and CPU milliseconds per image of the server process next to
    the in-process loop's: on a shared machine wall-clock rates drift with other load, CPU time
    per image shows the overhead regardless.
+
+On a GPU host the one-thread ceiling is the decoder, not the GPU: ``--decode-capacity-s`` measures
+what all the host's cores decode (JPEG -> normalised pixels, one process per core), the bound a
+JPEG service can reach there, and the table gives req/s against it; ``--gpu-memory`` samples the
+device's memory during every level (first, highest, last MiB: it must stay flat);
+``--server-args`` passes flags to `vitserve serve` (e.g. ``--workers 16``); ``--json`` keeps every number.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
+import json
 import multiprocessing
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +116,77 @@ class InProcess:
             self.engine.run(self._pixels(len(times))[None])
             times.append((time.perf_counter() - started) * 1000)
         return statistics.median(times)
+
+
+def _decode_worker(args: tuple[list[bytes], object, float]) -> int:
+    from service.runtime.preprocess import load_pixels
+
+    images, preprocessing, seconds = args
+    done, stop = 0, time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        load_pixels(images[done % len(images)], preprocessing, max_pixels=10**8, jpeg_draft=True)
+        done += 1
+    return done
+
+
+def decode_capacity(images: list[bytes], preprocessing, seconds: float) -> tuple[float, int]:
+    """(images/s, processes): JPEG -> normalised pixels on every core at once, one process each."""
+    cores = len(os.sched_getaffinity(0))
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        started = time.perf_counter()
+        done = sum(pool.map(_decode_worker, [(images, preprocessing, seconds)] * cores))
+        elapsed = time.perf_counter() - started
+    return done / elapsed, cores
+
+
+class DeviceMemory:
+    """Samples the GPU's used memory (nvidia-smi, MiB) in a thread while a level runs: first, highest, last."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def read() -> float | None:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            return float(out.stdout.split()[0]) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> DeviceMemory:
+        self.samples = []
+        self._stop.clear()
+
+        def sample() -> None:
+            while True:
+                value = self.read()
+                if value is None:
+                    return
+                self.samples.append(value)
+                if self._stop.wait(self.interval_s):
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {"first_mib": self.samples[0], "max_mib": max(self.samples), "last_mib": self.samples[-1]}
 
 
 def write_near_free_model(path: Path, image_size: int = 224, classes: int = 1000) -> Path:
@@ -306,6 +387,7 @@ def start_server(args, model: Path, port: int, workers: int) -> subprocess.Popen
     flags += ["--workers", str(workers)]
     if args.intra_op_threads:
         flags += ["--intra-op-threads", str(args.intra_op_threads)]
+    flags += shlex.split(args.server_args)
     return launch_server(model, port, flags, {"VITSERVE_MAX_QUEUE_SIZE": "1024"})
 
 
@@ -334,7 +416,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def measure(args, variant: dict, c: int, images, reference, best) -> dict:
+def measure(args, variant: dict, c: int, images, reference, best, memory: DeviceMemory) -> dict:
     """One concurrency level against one running server, with the in-process reference right before."""
     port, server, name = variant["port"], variant["process"], variant["name"]
     metrics = name != "plain FastAPI"
@@ -345,7 +427,8 @@ def measure(args, variant: dict, c: int, images, reference, best) -> dict:
     batches_before = scrape(port, "vitserve_batch_size_count") if metrics else 0.0
     images_before = scrape(port, "vitserve_batch_size_sum") if metrics else 0.0
     cpu_before = tree_cpu_s(server.pid)
-    result = asyncio.run(load(port, variant["requests"], c, args.warmup_s, args.duration_s))
+    with memory if args.gpu_memory else contextlib.nullcontext():
+        result = asyncio.run(load(port, variant["requests"], c, args.warmup_s, args.duration_s))
     cpu_s = tree_cpu_s(server.pid) - cpu_before
     # Every request is one image; without the server's own count, the load generator's will do.
     sent = (scrape(port, "vitserve_batch_size_sum") - images_before) if metrics else result["n"]
@@ -358,6 +441,7 @@ def measure(args, variant: dict, c: int, images, reference, best) -> dict:
         ceiling_cpu_ms=ceiling_cpu_ms,
         server_cpu_ms=cpu_s * 1000 / max(sent, 1),
         mean_batch=sent / max(batches, 1),
+        device_memory=memory.summary() if args.gpu_memory else {},
     )
     print(
         f"  {name} c={c}: {result['rps']:.1f} req/s (one-core ceiling {ceiling:.1f}), "
@@ -384,6 +468,15 @@ def main() -> int:
     parser.add_argument(
         "--ceiling-seconds", type=float, default=4.0, help="seconds per measurement of the in-process reference"
     )
+    parser.add_argument("--server-args", default="", help="more `vitserve serve` flags, e.g. '--workers 16'")
+    parser.add_argument(
+        "--decode-capacity-s",
+        type=float,
+        default=0.0,
+        help="measure JPEG decode + pre-processing on every core for this long (0 = not measured)",
+    )
+    parser.add_argument("--gpu-memory", action="store_true", help="sample the GPU's used memory during each level")
+    parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     if args.near_free == (args.model is not None):
         parser.error("give --model or --near-free (one of them)")
@@ -396,6 +489,12 @@ def main() -> int:
     best = max(sweep, key=lambda n: sweep[n][0])
     cores = os.cpu_count() or 1
     all_core = all_core_ceiling(model, images, cores, best, args.ceiling_seconds)
+    capacity = (
+        decode_capacity(images, reference.engine.metadata.preprocessing, args.decode_capacity_s)
+        if args.decode_capacity_s > 0
+        else None
+    )
+    memory = DeviceMemory()
     variants = []
     try:
         for workers in (int(w) for w in args.workers.split(",")):
@@ -410,7 +509,7 @@ def main() -> int:
         # Every server runs all along and the levels interleave (c=1 on each, then c=8 on each...),
         # so a change in the machine's load hits every server alike.
         rows = [
-            measure(args, variant, c, images, reference, best)
+            measure(args, variant, c, images, reference, best, memory)
             for c in (int(x) for x in args.concurrency.split(","))
             for variant in variants
         ]
@@ -450,12 +549,42 @@ def main() -> int:
             f"{r['mean_batch']:.1f} | {r['server_cpu_ms']:.2f} | {r['ceiling_cpu_ms']:.2f} | {overhead_us:.0f} | "
             f"{r['errors']} |"
         )
+    if capacity is not None:
+        rate, cores = capacity
+        print(
+            f"\nhost decode capacity (JPEG -> normalised pixels, {cores} processes at once): {rate:.0f} img/s; "
+            + ", ".join(f"c={r['concurrency']}: {r['rps'] / rate:.2f} of it" for r in rows)
+        )
+    if args.gpu_memory:
+        print(
+            "\ndevice memory during each level (nvidia-smi, MiB used on the GPU, every process): "
+            + (
+                "; ".join(
+                    f"c={r['concurrency']}: first {m['first_mib']:.0f}, highest {m['max_mib']:.0f}, "
+                    f"last {m['last_mib']:.0f}"
+                    for r in rows
+                    if (m := r["device_memory"])
+                )
+                or "not available (no nvidia-smi)"
+            )
+        )
     for r in rows:
         if r["concurrency"] == 1:
             print(
                 f"\n{r['variant']}, concurrency 1: p50 {r['p50']:.2f} ms vs in-process single image "
                 f"{r['single_ms']:.2f} ms (difference {r['p50'] - r['single_ms']:+.2f} ms)"
             )
+    if args.json:
+        summary = {
+            "model": model.name,
+            "providers": engine.providers,
+            "server_args": args.server_args,
+            "settings": {k: v for k, v in os.environ.items() if k.startswith("VITSERVE_")},
+            "sweep": {n: {"images_per_s": r, "cpu_ms": c} for n, (r, c) in sweep.items()},
+            "decode_capacity": {"images_per_s": capacity[0], "processes": capacity[1]} if capacity else None,
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(summary, indent=1, default=float))
     return 0
 
 

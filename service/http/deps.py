@@ -28,8 +28,18 @@ def ready_state(request: Request) -> ServiceState:
     return service_state(request).require_ready()
 
 
-State = Annotated[ServiceState, Depends(service_state)]
-ReadyState = Annotated[ServiceState, Depends(ready_state)]
+# The dependencies are async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+# a thread hop (a lock handover and two context switches) on every request for an attribute read.
+async def _service_state_dependency(request: Request) -> ServiceState:
+    return state_of(request.app)
+
+
+async def _ready_state_dependency(request: Request) -> ServiceState:
+    return state_of(request.app).require_ready()
+
+
+State = Annotated[ServiceState, Depends(_service_state_dependency)]
+ReadyState = Annotated[ServiceState, Depends(_ready_state_dependency)]
 
 
 def media_type(request: Request) -> str:

@@ -8,9 +8,11 @@ the batcher (already empty) and frees the pools.
 
 SIGTERM sets ONE deadline, ``shutdown_grace_s`` away, for all of it: the request drain, uvicorn's
 wait for open connections, the batcher and the job runner each get what is left of it, not a
-grace of their own (three in a row took 91 s against compose's 40 s). A watchdog exits the process
-if it is still alive ``_BACKSTOP_S`` after the deadline (a thread stuck in native code would
-otherwise hold the exit), so the orchestrator's SIGKILL never has to.
+grace of their own (three in a row took 91 s against compose's 40 s). A front-end worker of a
+multi-process server takes the server's deadline instead (the supervisor's, set before it signals
+the workers; the engine process drains in what the workers leave of it). A watchdog exits the
+process if it is still alive ``_BACKSTOP_S`` after the deadline (a thread stuck in native code
+would otherwise hold the exit), so the orchestrator's SIGKILL never has to.
 
 Connections are served by ``GuardedHttpProtocol`` (service/http/connection.py): head size and
 deadline, and a cap on open connections.
@@ -63,12 +65,21 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn's configuration.
         app: the service app (its state is drained).
         announce: print the "serving ... on http://..." line once started (one worker of many does).
+        shared_deadline: the server-wide drain deadline (time.monotonic(); None if not set yet), for a
+            worker of a multi-process server; None: this process sets its own at SIGTERM.
     """
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, announce: bool = True) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        announce: bool = True,
+        shared_deadline: Callable[[], float | None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.state = state_of(app)
         self.announce = announce
+        self.shared_deadline = shared_deadline
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -93,9 +104,11 @@ class DrainingServer(uvicorn.Server):
             return
         self._drain_started = True
         grace = self.state.settings.shutdown_grace_s
-        self.state.drain_deadline = time.monotonic() + grace  # plain attributes: safe from a signal handler
+        shared = self.shared_deadline() if self.shared_deadline is not None else None
+        deadline = shared if shared is not None else time.monotonic() + grace
+        self.state.drain_deadline = deadline  # plain attributes: safe from a signal handler
         self.state.draining = True
-        watchdog = threading.Timer(grace + _BACKSTOP_S, _exit_now, args=(grace,))
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()) + _BACKSTOP_S, _exit_now, args=(grace,))
         watchdog.daemon = True
         watchdog.start()
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
@@ -237,6 +250,11 @@ def serve(
 def _serve_worker(settings: Settings, context: WorkerContext) -> int:
     """One front-end worker: the app on the supervisor's listening socket."""
     app = create_app(settings, worker=context)
-    server = DrainingServer(_uvicorn_config(app, settings), app, announce=context.index == 0)
+    server = DrainingServer(
+        _uvicorn_config(app, settings),
+        app,
+        announce=context.index == 0,
+        shared_deadline=lambda: context.control.drain_deadline,
+    )
     server.run(sockets=[context.listener])
     return 0 if server.started else 1

@@ -18,7 +18,7 @@ from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, Servi
 from service.http.deps import ReadyState, State, client_gone, media_type
 from service.http.json_body import JsonBounds, parse_json_off_loop
 from service.runtime.postprocess import top_k as top_k_of
-from service.serving.cache import image_digest
+from service.serving.cache import CacheKey, image_digest
 from service.serving.inference import classify_bytes, request_decodes
 from service.serving.registry import ModelLane, VersionState
 from service.serving.state import ServiceState
@@ -209,7 +209,7 @@ async def _classify(
         k = _check_top_k(state, lane, top_k)
         deadline = state.deadline()
         data = await _single_image(request)
-        key = (lane.name, lane.version, image_digest(data), k)
+        key = _cache_key(state, lane, data, k)
         predictions = state.cache.get(key)
         if predictions is not None:
             timing_ms = {"queue": 0.0, "preprocess": 0.0, "inference": 0.0, "total": 0.0}
@@ -222,6 +222,11 @@ async def _classify(
         return JSONResponse(
             {"model": lane.name, "version": lane.version, "predictions": predictions, "timing_ms": timing_ms}
         )
+
+
+def _cache_key(state: ServiceState, lane: ModelLane, data: bytes, k: int) -> CacheKey:
+    """The response cache's key for one image; without a cache, the image is not hashed (~0.1 ms)."""
+    return (lane.name, lane.version, image_digest(data) if state.cache.enabled else "", k)
 
 
 async def _single_image(request: Request) -> bytes:
@@ -357,7 +362,7 @@ async def _classify_batch(
         async def one(item_id: str, data: bytes | ServiceError) -> tuple[dict, dict | None]:
             if isinstance(data, ServiceError):
                 return {"id": item_id, "error": data.to_dict()}, None
-            key = (lane.name, lane.version, image_digest(data), k)
+            key = _cache_key(state, lane, data, k)
             cached = state.cache.get(key)
             if cached is not None:
                 return {"id": item_id, "predictions": cached}, None

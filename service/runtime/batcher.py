@@ -186,6 +186,34 @@ class Batcher:
         Raises Overloaded (queue full), NotReady (not started or shutting down),
         DeadlineExceeded, InferenceFailed (the batch raised).
         """
+        future = self.enqueue(pixels, deadline=deadline, timings=timings)
+        enqueued_at = time.monotonic()
+        try:
+            if deadline is None:
+                return await future
+            async with asyncio.timeout(max(deadline - enqueued_at, 0.0)):
+                return await future
+        except TimeoutError:
+            assert deadline is not None  # only the deadline's timeout raises it
+            raise DeadlineExceeded(
+                f"no answer within the request deadline ({(deadline - enqueued_at) * 1000:.0f} ms in the queue "
+                "and engine)"
+            ) from None
+        finally:
+            # Client gone (task cancelled) or timed out: mark the item so the consumer skips it.
+            if not future.done():
+                future.cancel()
+
+    def enqueue(
+        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+    ) -> asyncio.Future[np.ndarray]:
+        """Queue one image and return the future of its logits, without waiting: ``submit`` for a
+        caller that answers from a callback (the engine process: no task per image).
+
+        Cancelling the future withdraws the image (the consumer skips it). Nothing times out here:
+        an image still queued at its deadline is answered DeadlineExceeded when a batch is formed.
+        Raises Overloaded, NotReady and DeadlineExceeded (deadline already passed) at once.
+        """
         if not self._accepting or self._queue is None:
             raise NotReady("server is not accepting requests (starting up or shutting down)", retry_after_s=1)
         now = time.monotonic()
@@ -195,31 +223,15 @@ class Batcher:
                 f"the request deadline passed {(now - deadline) * 1000:.0f} ms before the image reached the queue "
                 "(decoding took longer than the time left); not run"
             )
-        loop = asyncio.get_running_loop()
-        item = _Item(pixels, loop.create_future(), now, deadline, timings)
+        item = _Item(pixels, asyncio.get_running_loop().create_future(), now, deadline, timings)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
             raise self._overloaded() from None
-        self._last_online_s = item.enqueued_at
+        self._last_online_s = now
         assert self._wake is not None
         self._wake.set()
-        try:
-            if deadline is None:
-                return await item.future
-            remaining = deadline - time.monotonic()
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await item.future
-        except TimeoutError:
-            assert deadline is not None  # only the deadline's timeout raises it
-            raise DeadlineExceeded(
-                f"no answer within the request deadline "
-                f"({(deadline - item.enqueued_at) * 1000:.0f} ms in the queue and engine)"
-            ) from None
-        finally:
-            # Client gone (task cancelled) or timed out: mark the item so the consumer skips it.
-            if not item.future.done():
-                item.future.cancel()
+        return item.future
 
     def check_room(self) -> None:
         """Raise Overloaded now if the online queue is full (a later ``submit`` may still find it full).
@@ -238,6 +250,15 @@ class Batcher:
         Runs only while the online lane is quiet (see the module docstring); no deadline.
         Raises Overloaded (low lane full), NotReady (not started or shutting down), InferenceFailed.
         """
+        future = self.enqueue_low(pixels)
+        try:
+            return await future
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def enqueue_low(self, pixels: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """``submit_low`` without waiting: the future of the logits (cancel it to withdraw the image)."""
         if not self._accepting or self._low_queue is None or self._wake is None:
             raise NotReady("server is not accepting work (starting up or shutting down)", retry_after_s=1)
         item = _Item(pixels, asyncio.get_running_loop().create_future(), time.monotonic(), None)
@@ -246,11 +267,7 @@ class Batcher:
         except asyncio.QueueFull:
             raise Overloaded(f"low-priority queue full ({self.max_queue_size} images waiting)") from None
         self._wake.set()
-        try:
-            return await item.future
-        finally:
-            if not item.future.done():
-                item.future.cancel()
+        return item.future
 
     # -- the consumer ------------------------------------------------------------------------
     def _take(

@@ -47,6 +47,16 @@ _ALIAS_OF = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
 _MAX_CACHED_DEVICE_INPUTS = 8
 
 
+def node_placement(profile_events: list[dict]) -> dict[str, tuple[str, str]]:
+    """node name -> (op type, provider that ran it), from the events of an ONNX Runtime profile."""
+    placed = {}
+    for event in profile_events:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            placed[event.get("name", "").removesuffix("_kernel_time")] = (args["op_name"], args["provider"])
+    return placed
+
+
 class EngineError(RuntimeError):
     """The model cannot be loaded or run as the service needs (message names the cause)."""
 
@@ -161,7 +171,8 @@ class Engine:
         problem = fallback_problem(explicit, self.providers)
         if problem:
             raise EngineError(f"{self.model_path}: {problem}")
-        self.placement: dict[str, dict[str, int]] = {}
+        self.placement: dict[str, dict[str, int]] = {}  # provider -> op type -> nodes it ran
+        self.node_placement: dict[str, tuple[str, str]] = {}  # node name -> (op type, provider)
         try:
             self.spec = resolve_spec(self.model_path, graph_io_from_session(self.session), spec_options)
         except ModelSpecError as exc:
@@ -408,17 +419,10 @@ class Engine:
             except OSError:
                 pass
             self._profile_dir = None
-        seen: dict[str, str] = {}  # node name -> provider
-        op_of: dict[str, str] = {}
-        for event in events:
-            args = event.get("args") or {}
-            if event.get("cat") == "Node" and "provider" in args and "op_name" in args:
-                node = event.get("name", "").removesuffix("_kernel_time")
-                seen[node] = args["provider"]
-                op_of[node] = args["op_name"]
+        self.node_placement = node_placement(events)
         placement: dict[str, Counter[str]] = defaultdict(Counter)
-        for node, provider in seen.items():
-            placement[provider][op_of[node]] += 1
+        for op_type, provider in self.node_placement.values():
+            placement[provider][op_type] += 1
         self.placement = {provider: dict(sorted(ops.items())) for provider, ops in placement.items()}
         for provider, ops in self.placement.items():
             log.info("node placement: %s ran %s", provider, ", ".join(f"{op} x{n}" for op, n in ops.items()))

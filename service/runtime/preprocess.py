@@ -194,12 +194,22 @@ def resize_and_crop(image: Image.Image, p: Preprocessing) -> Image.Image:
     # torchvision CenterCrop: offsets int(round((size - crop) / 2)) (Python's round: half to even).
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
+    resample = _RESAMPLE[p.interpolation]
     if new_w * new_h <= _MAX_RESIZED_AREA_FACTOR * p.resize_size**2:
-        resized = image.resize((new_w, new_h), _RESAMPLE[p.interpolation])
+        # Pillow resizes in two passes, horizontal then vertical, rounding to uint8 in between; the
+        # vertical pass treats every column alone. So the columns the crop drops are dropped between
+        # the passes: the same pixels bit for bit (what a single resize computes), and 10-20% less
+        # work on landscape photos, whose vertical pass would resize all ~1.5 x crop columns. (Not
+        # with alpha: Pillow premultiplies around each call, so two calls would round twice.)
+        if new_w > crop and image.mode in ("RGB", "L"):
+            rows = image.resize((new_w, height), resample) if new_w != width else image
+            image, width = rows.crop((left, 0, left + crop, height)), crop
+            new_w, left = crop, 0
+        resized = image.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else image
         return resized.crop((left, top, left + crop, top + crop))
     scale_x, scale_y = width / new_w, height / new_h
     box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
-    return image.resize((crop, crop), _RESAMPLE[p.interpolation], box=box)
+    return image.resize((crop, crop), resample, box=box)
 
 
 @lru_cache(maxsize=16)

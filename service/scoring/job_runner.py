@@ -123,11 +123,15 @@ class JobRunner:
             self._store = JobStore(self.db_path)
         return self._store
 
-    async def start(self) -> None:
+    async def start(self, *, remove_orphans: bool = True) -> None:
+        """Resume unfinished jobs; with ``remove_orphans`` first remove the folders no job owns (only
+        when the server starts: a multi-process server's restarted engine process would remove the
+        folders of uploads its workers are receiving)."""
         if self.db_path.exists():
             await asyncio.to_thread(lambda: self.store)
             self._wake.set()  # unfinished jobs from before the restart
-        await asyncio.to_thread(self.remove_orphan_folders)
+        if remove_orphans:
+            await asyncio.to_thread(self.remove_orphan_folders)
         self._task = asyncio.create_task(self._main(), name="vitserve-jobs")
 
     async def stop(self) -> None:
@@ -149,7 +153,7 @@ class JobRunner:
 
         Run at start-up, before any upload is accepted: a folder left by an upload cut short by
         SIGKILL (or a crash before a finished job's clean-up) belongs to nothing and would stay
-        for ever. One process per data dir is assumed (a second one starting would remove the
+        for ever. One server per data dir is assumed (a second one starting would remove the
         first one's uploads in progress).
         """
         jobs = self.settings.data_dir / "jobs"

@@ -3,7 +3,9 @@
 An anonymous shared mapping made by the supervisor before it forks, so the engine process and
 every worker see the same page. Each field has one writer: the engine (ready, queue depth, the
 batch figures a Retry-After is computed from), each worker (its own "up" flag), the supervisor
-(draining, and a dead worker's flag back to 0). Single aligned 8-byte stores: no locks needed.
+(draining, the drain deadline, and a dead worker's flag back to 0). Single aligned 8-byte stores:
+no locks needed. The drain deadline is a ``time.monotonic()`` value: CLOCK_MONOTONIC is one clock
+for every process of the host.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
     _ENGINE_LISTENING,
 ) = range(8)
 _INTS = 8  # integer fields before the worker flags
-_FLOATS = 2  # float fields: last batch seconds, (spare)
+_FLOATS = 2  # float fields: last batch seconds, drain deadline
 
 
 class ControlBlock:
@@ -104,6 +106,16 @@ class ControlBlock:
     @draining.setter
     def draining(self, value: bool) -> None:
         self._ints[_DRAINING] = int(value)
+
+    @property
+    def drain_deadline(self) -> float | None:
+        """time.monotonic() by which every process of the server must have exited; None before SIGTERM."""
+        value = float(self._floats[1])
+        return value if value > 0 else None
+
+    @drain_deadline.setter
+    def drain_deadline(self, value: float) -> None:
+        self._floats[1] = value
 
     def set_worker_up(self, index: int, up: bool) -> None:
         self._ints[_INTS + index] = int(up)

@@ -311,8 +311,8 @@ class EngineClient:
         self._stopping = True
         if self._reconnect is not None:
             self._reconnect.cancel()
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
+        if self._protocol is not None:
+            self._protocol.close()
         for item in self._pending.values():
             if not item.future.done():
                 item.future.set_exception(NotReady("server is shutting down"))

@@ -16,19 +16,24 @@ and refreshes its Prometheus gauges (multiprocess mode) for their /metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.core.errors import BadRequest, ClientClosedRequest, InferenceFailed, ServiceError
 from service.core.settings import Settings
+from service.runtime.batcher import Batcher
 from service.runtime.engine_protocol import InferenceEngine
 from service.runtime.metrics import Metrics
 from service.scoring.job_runner import JobRunner
@@ -43,6 +48,7 @@ log = logging.getLogger("vitserve.engine_process")
 
 _STATUS_EVERY_S = 0.25  # gauges, control-block figures and job rates are refreshed this often
 _HANDSHAKE_TIMEOUT_S = 30.0
+_LAST_DRAIN_S = 0.5  # the engine's own drain when the workers used up the deadline
 
 
 @dataclass(frozen=True)
@@ -63,19 +69,17 @@ class _WorkerConnection:
         self.worker = worker
         self.ring = ring
         self.protocol = wire.FrameProtocol(self._on_frame, self._on_lost)
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.images: dict[int, asyncio.Future[np.ndarray]] = {}  # request id -> its batcher future
         self._loop = asyncio.get_running_loop()
 
     def _on_frame(self, payload: memoryview) -> None:
         op = payload[0]
         if op == wire.SUBMIT:
-            submit = wire.parse_submit(payload)
-            self.tasks[submit.request_id] = self._loop.create_task(self._serve(submit))
-            self._loop.call_soon(self.server.publish_queue_depth)  # after the task has queued the image
+            self._submit(wire.parse_submit(payload))
         elif op == wire.CANCEL:
-            task = self.tasks.get(wire.parse_request_id(payload))
-            if task is not None:
-                task.cancel()
+            future = self.images.get(wire.parse_request_id(payload))
+            if future is not None:
+                future.cancel()  # the batcher skips it; _answer tells the worker
         elif op == wire.JOBS_NOTIFY:
             self.server.jobs.notify()
         elif op == wire.JOBS_CANCEL:
@@ -84,13 +88,12 @@ class _WorkerConnection:
             self._loop.create_task(self._repository(wire.parse_json(payload)))
         else:
             log.error("worker %d sent an unknown message %d; closing its connection", self.worker, op)
-            if self.protocol.transport is not None:
-                self.protocol.transport.close()
+            self.protocol.close()
 
-    async def _serve(self, submit: wire.Submit) -> None:
+    def _submit(self, submit: wire.Submit) -> None:
+        """Queue one image in its version's batcher and answer from the future's callback: no task
+        per image (a task, its coroutine and a timeout cost more than the rest of the hop)."""
         timings: dict[str, float] = {}
-        lane: ModelLane | None = None
-        leased = False
         try:
             lane = self.server.lane_for(submit.model, submit.version)
             size = lane.metadata.preprocessing.image_size
@@ -98,26 +101,40 @@ class _WorkerConnection:
                 pixels = self.ring.view(submit.slot, (3, size, size))
             except ValueError as exc:
                 raise InferenceFailed(f"worker {self.worker}'s image does not fit its ring: {exc}") from None
-            lane.leases += 1  # the registry does not unload a version under an image it holds
-            leased = True
+            batcher = lane.batcher
+            assert isinstance(batcher, Batcher)  # the engine process's lanes hold the real batchers
             if submit.lane == wire.LOW_LANE:
-                logits = await lane.batcher.submit_low(pixels)
+                future = batcher.enqueue_low(pixels)
             else:
-                logits = await lane.batcher.submit(pixels, deadline=submit.deadline, timings=timings)
-            reply = wire.result(submit.request_id, logits, timings)
-        except asyncio.CancelledError:  # the worker withdrew it (client gone) or went away
-            reply = wire.error(submit.request_id, ClientClosedRequest("withdrawn by the front end"))
+                future = batcher.enqueue(pixels, deadline=submit.deadline, timings=timings)
         except ServiceError as exc:
-            reply = wire.error(submit.request_id, exc)
+            self.protocol.send(wire.error(submit.request_id, exc))
+            return
         except Exception as exc:  # noqa: BLE001 - answer every SUBMIT, whatever went wrong
             log.exception("image from worker %d failed", self.worker)
-            reply = wire.error(submit.request_id, InferenceFailed(f"{type(exc).__name__}: {exc}"))
-        finally:
-            self.tasks.pop(submit.request_id, None)
-            if leased and lane is not None:
-                lane.leases -= 1
+            self.protocol.send(wire.error(submit.request_id, InferenceFailed(f"{type(exc).__name__}: {exc}")))
+            return
+        lane.leases += 1  # the registry does not unload a version under an image it holds
+        self.images[submit.request_id] = future
+        future.add_done_callback(functools.partial(self._answer, submit.request_id, lane, timings))
+        self.server.queue_changed()
+
+    def _answer(
+        self, request_id: int, lane: ModelLane, timings: dict[str, float], future: asyncio.Future[np.ndarray]
+    ) -> None:
+        lane.leases -= 1
+        self.images.pop(request_id, None)
+        if future.cancelled():  # the worker withdrew it (client gone) or went away
+            reply = wire.error(request_id, ClientClosedRequest("withdrawn by the front end"))
+        elif (exc := future.exception()) is not None:
+            if not isinstance(exc, ServiceError):
+                log.error("image from worker %d failed: %r", self.worker, exc)
+                exc = InferenceFailed(f"{type(exc).__name__}: {exc}")
+            reply = wire.error(request_id, exc)
+        else:
+            reply = wire.result(request_id, future.result(), timings)
         self.protocol.send(reply)
-        self.server.publish_queue_depth()
+        self.server.queue_changed()
 
     async def _repository(self, body: dict) -> None:
         try:
@@ -133,10 +150,11 @@ class _WorkerConnection:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        for task in list(self.tasks.values()):
-            task.cancel()
+        images = list(self.images.values())
+        for future in images:
+            future.cancel()
         if not self.server.stopping and not self.server.control.draining:
-            log.warning("worker %d disconnected (%s); its %d image(s) withdrawn", self.worker, exc, len(self.tasks))
+            log.warning("worker %d disconnected (%s); its %d image(s) withdrawn", self.worker, exc, len(images))
 
 
 class EngineServer:
@@ -163,6 +181,7 @@ class EngineServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_rates: dict = {}  # the last job figures sent (nothing to send while both stay empty)
         self._last_models: wire.RegistrySnapshot | None = None
+        self._depth_scheduled = False
 
     async def start(self) -> None:
         path = self.context.socket_path
@@ -284,7 +303,14 @@ class EngineServer:
         return worker, ring
 
     # -- figures for the workers and /metrics ---------------------------------------------------------
+    def queue_changed(self) -> None:
+        """An image was queued or answered: publish the depth once, at the end of this loop turn."""
+        if not self._depth_scheduled:
+            self._depth_scheduled = True
+            asyncio.get_running_loop().call_soon(self.publish_queue_depth)
+
     def publish_queue_depth(self) -> None:
+        self._depth_scheduled = False
         # One figure for every lane: the fullest queue (each lane's own bound still decides for good).
         self.control.queue_depth = max((lane.batcher.queue_depth for lane in self.registry.lanes.values()), default=0)
 
@@ -319,8 +345,7 @@ class EngineServer:
         for task in self._tasks:
             task.cancel()
         for connection in list(self.connections):
-            if connection.protocol.transport is not None:
-                connection.protocol.transport.close()
+            connection.protocol.close()
 
 
 def run_engine_process(
@@ -335,13 +360,26 @@ def run_engine_process(
     except (EngineError, FileNotFoundError) as exc:
         print(f"vitserve serve: {exc}", file=sys.stderr, flush=True)
         return 2
-    return asyncio.run(_serve(settings, engine, context))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(settings, engine, context))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (as the workers' uvicorn uses it): the engine process's event loop
+    handles a few messages per image, and uvloop's are several times cheaper than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(settings: Settings, engine: InferenceEngine, context: EngineProcessContext) -> int:
     control = context.control
     state = ServiceState(settings, metrics=Metrics(multiprocess_dir=context.metrics_dir))
-    await lifecycle.start(state, engine)
+    # Only the first engine process removes orphaned job folders: later ones start under workers
+    # that may be receiving uploads into their folders.
+    await lifecycle.start(state, engine, server_start=context.generation == 1)
     jobs = state.jobs
     assert isinstance(jobs, JobRunner)
     stop = asyncio.Event()
@@ -358,7 +396,11 @@ async def _serve(settings: Settings, engine: InferenceEngine, context: EnginePro
     control.engine_ready = state.ready and not stop.is_set()
     ready_watch = asyncio.create_task(_follow_readiness(state, control, stop))
     await stop.wait()
-    log.info("engine process: draining")
+    # The server's one deadline (the supervisor's): the workers drained in most of it, this gets the
+    # rest, and at least a moment to close the jobs database and answer what its batchers hold.
+    shared = control.drain_deadline or time.monotonic() + settings.shutdown_grace_s
+    state.drain_deadline = max(shared, time.monotonic() + _LAST_DRAIN_S)
+    log.info("engine process: draining (%.1f s left)", state.drain_time_left())
     ready_watch.cancel()
     control.engine_ready = False
     await server.stop()

@@ -88,18 +88,18 @@ async def start_worker(state: ServiceState, context: WorkerContext) -> EngineCli
 
 
 async def stop_worker(state: ServiceState, context: WorkerContext, client: EngineClient) -> None:
-    """Drain what this worker sent to the engine (bounded by the grace), then free its parts."""
+    """Drain what this worker sent to the engine (within what is left of the drain deadline), then free its parts."""
     state.draining = True
     if state.warmup_task is not None:
         state.warmup_task.cancel()
     state.ready = False
     state.metrics.ready.set(0)
     context.control.set_worker_up(context.index, False)
-    grace_s = state.settings.shutdown_grace_s
+    left_s = state.drain_time_left()
     try:
-        await asyncio.wait_for(client.stop(drain=True), timeout=grace_s)
+        await asyncio.wait_for(client.stop(drain=True), timeout=left_s)
     except TimeoutError:
-        log.warning("worker %d: the engine did not answer within %.0f s; failing what is left", context.index, grace_s)
+        log.warning("worker %d: the engine did not answer within %.1f s; failing what is left", context.index, left_s)
         await client.stop(drain=False)
     await state.jobs.stop()
     state.preprocess_pool.shutdown(wait=False, cancel_futures=True)

@@ -62,9 +62,11 @@ def repository_scanner(settings: Settings) -> Callable[[], dict[str, ModelEntry]
     return partial(scan_repository, settings.model_repository)
 
 
-async def start(state: ServiceState, engine: InferenceEngine | None = None) -> None:
+async def start(state: ServiceState, engine: InferenceEngine | None = None, *, server_start: bool = True) -> None:
     """Build every part into ``state`` (``engine`` injected, or built from the settings) and
-    schedule the loading of the models; ``state.ready`` turns true when the default one is up."""
+    schedule the loading of the models; ``state.ready`` turns true when the default one is up.
+    ``server_start``: the server is starting (not an engine process restarting under running
+    workers), so job folders no job owns are orphans and are removed."""
     settings = state.settings
     scan = repository_scanner(settings)
     if scan is not None:
@@ -92,7 +94,7 @@ async def start(state: ServiceState, engine: InferenceEngine | None = None) -> N
         decode_threads=settings.job_decode_threads or max(1, cpu_cores() // 2),
         decode_gate=state.pixel_gate,
     )
-    await jobs.start()
+    await jobs.start(remove_orphans=server_start)
     state.metrics.watch_queue(lambda: sum(lane.batcher.queue_depth for lane in state.models.lanes.values()))
     state.metrics.watch_jobs(lambda: state.jobs.store.counts())
     state.warmup_task = asyncio.create_task(bring_up(state, repository), name="vitserve-warmup")

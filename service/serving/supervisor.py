@@ -20,9 +20,12 @@ to the others, instead of being reset with the dead worker's own queue.
 - A worker that dies is replaced (only its own connections' requests fail); an engine process
   that dies turns readiness false, its in-flight images fail with 503 in the workers, and it is
   restarted; a child that keeps dying right after starting is restarted with a growing delay.
-- SIGTERM / SIGINT: stop listening here, SIGTERM every worker (each drains: 503 to new requests,
-  finishes what it accepted), wait for them, then SIGTERM the engine (its job runner stops, its
-  batcher finishes what is left). A second signal forwards SIGTERM again (workers stop at once).
+- SIGTERM / SIGINT: ONE drain deadline, ``shutdown_grace_s`` away, for every process (written in
+  the control block): stop listening here, SIGTERM every worker (each drains within the deadline:
+  503 to new requests, finishes what it accepted), wait for them, then SIGTERM the engine (its job
+  runner stops, its batcher finishes what is left, in what the workers left of the deadline). A
+  child still running ``_KILL_MARGIN_S`` past the deadline is killed. A second signal forwards
+  SIGTERM again (workers stop at once).
 - Children get SIGTERM if this process dies (PR_SET_PDEATHSIG), and their own process group, so
   a terminal's Ctrl-C reaches only this process, which then drains them in order.
 
@@ -58,7 +61,9 @@ log = logging.getLogger("vitserve.supervisor")
 _POLL_S = 0.05
 _QUICK_DEATH_S = 5.0  # a child dying sooner than this after its start counts as crash-looping
 _MAX_BACKOFF_S = 5.0
-_KILL_MARGIN_S = 10.0  # beyond the drain grace, before a child that does not exit is killed
+# Past the drain deadline, before a child that has not exited is killed (a process's own watchdog
+# exits it 4 s past the deadline: service/http/server.py).
+_KILL_MARGIN_S = 6.0
 _PR_SET_PDEATHSIG = 1
 _LISTEN_BACKLOG = 2048
 
@@ -291,16 +296,17 @@ class Supervisor:
             self.listener.close()
             self.listener = None
         clean = True
-        grace = self.settings.shutdown_grace_s + _KILL_MARGIN_S
+        # Set before any child is signalled: each reads it when its SIGTERM comes.
+        self.control.drain_deadline = deadline = time.monotonic() + self.settings.shutdown_grace_s
         for role in ("worker", "engine"):
             group = [c for c in self.children.values() if c.role == role]
             for child in group:
                 _signal(child.pid, signal.SIGTERM)
-            clean &= self._wait_for(group, grace)
+            clean &= self._wait_for(group, max(deadline, time.monotonic()) + _KILL_MARGIN_S)
         return 0 if clean else 1
 
-    def _wait_for(self, group: list[_Child], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
+    def _wait_for(self, group: list[_Child], deadline: float) -> bool:
+        """Reap ``group``; kill what is still running at ``deadline`` (time.monotonic()). True if all exited 0."""
         clean = True
         waiting = {c.pid for c in group}
         while waiting:
@@ -313,7 +319,7 @@ class Supervisor:
             waiting &= set(self.children)
             if waiting and time.monotonic() >= deadline:
                 for pid in waiting:
-                    log.error("pid %d did not exit within %.0f s; killing it", pid, timeout_s)
+                    log.error("pid %d still running %.0f s past the drain deadline; killing it", pid, _KILL_MARGIN_S)
                     _kill(pid)
                 clean = False
                 deadline = time.monotonic() + _KILL_MARGIN_S

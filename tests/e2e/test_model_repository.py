@@ -153,10 +153,12 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_models_and_versions_are_served_and_addressed(start_server, repository, e2e_model, photos):
+# "2": the multi-process server, where the engine process holds the registry and the workers route to it.
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_models_and_versions_are_served_and_addressed(start_server, repository, e2e_model, photos, workers):
     put_version(repository, "tiny", 2, e2e_model, prefix="v2-")
     (repository / "tiny" / "config.json").write_text(json.dumps({"version_policy": {"all": {}}}))
-    server = serve(start_server, repository, VITSERVE_DEFAULT_MODEL="tiny")
+    server = serve(start_server, repository, VITSERVE_DEFAULT_MODEL="tiny", VITSERVE_WORKERS=workers)
     url = server.url
     photo = photos["coffee"]
     listing = httpx.get(f"{url}/v1/models", timeout=10).json()
@@ -197,8 +199,15 @@ def test_models_and_versions_are_served_and_addressed(start_server, repository, 
         client.load_model("nothing-here")
 
 
-def test_five_swaps_under_load_lose_no_request(start_server, repository, e2e_model, photos):
-    server = serve(start_server, repository, VITSERVE_DEFAULT_MODEL="tiny", VITSERVE_REPOSITORY_POLL_S="0.2")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_five_swaps_under_load_lose_no_request(start_server, repository, e2e_model, photos, workers):
+    server = serve(
+        start_server,
+        repository,
+        VITSERVE_DEFAULT_MODEL="tiny",
+        VITSERVE_REPOSITORY_POLL_S="0.2",
+        VITSERVE_WORKERS=workers,
+    )
     url, photo = server.url, photos["chelsea"]
     answers: list[tuple[float, int, str]] = []  # (time, status, label prefix)
     stop = threading.Event()

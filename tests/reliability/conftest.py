@@ -4,6 +4,7 @@ hardened server (API key on, a job root with a symlink out of it). Helpers: reli
 from __future__ import annotations
 
 import secrets
+import stat
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def start_server(reliability_model, tmp_path):
                 server.terminate(timeout_s=15)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+@pytest.fixture(scope="module")
+def fake_gs(tmp_path_factory):
+    """A `gs` on the server's PATH that records being run: Pillow's EPS decoder would call it."""
+    folder = tmp_path_factory.mktemp("fake-gs")
+    marker = folder / "gs-ran"
+    script = folder / "gs"
+    script.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo 10.0 && exit 0\necho "$@" >> {marker}\nexit 1\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder, marker
 
 
 @pytest.fixture(scope="session")

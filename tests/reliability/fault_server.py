@@ -6,7 +6,9 @@ service as usual. The fault knobs live here, in the tests, not in production cod
 - ``RELIABILITY_ENGINE_DELAY_S``: extra seconds every batch takes (a slower model, so queues fill);
 - ``RELIABILITY_FAIL_BATCHES``: comma list of 1-based batch numbers whose ``run`` raises.
 
-Warm-up runs go to the real engine directly and are not counted as batches.
+Warm-up runs go to the real engine directly and are not counted as batches. With
+``VITSERVE_WORKERS`` above 1 the engine is built (and wrapped) in the engine process, as production
+builds it there: an ONNX Runtime session must not cross a fork.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from service.core.settings import Settings
 from service.http.server import serve
 from service.serving.lifecycle import build_engine
+from service.serving.supervisor import resolve_workers
 
 
 class FaultInjectingEngine:
@@ -61,13 +64,19 @@ class FaultInjectingEngine:
 
 def main() -> int:
     settings = Settings()
-    engine = build_engine(settings)  # exactly as production builds it from the same settings
     fail = frozenset(int(v) for v in os.environ.get("RELIABILITY_FAIL_BATCHES", "").split(",") if v.strip())
     delay_s = float(os.environ.get("RELIABILITY_ENGINE_DELAY_S", "0") or 0)
     import logging
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(settings, engine=FaultInjectingEngine(engine, delay_s=delay_s, fail_batches=fail))
+
+    def make_engine() -> FaultInjectingEngine:
+        # exactly as production builds it from the same settings
+        return FaultInjectingEngine(build_engine(settings), delay_s=delay_s, fail_batches=fail)
+
+    if resolve_workers(settings) > 1:
+        return serve(settings, make_engine=make_engine)
+    return serve(settings, engine=make_engine())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import socket
-import stat
 import threading
 import time
 
@@ -33,17 +32,6 @@ SIDE = math.isqrt(LIMIT)
 # bytes per pixel each. Without the guards one TIFF tile bomb alone takes 2 GiB.
 PEAK_RSS_LIMIT_MIB = 260 + 2 * 6 * LIMIT / 2**20
 BATCH = 24
-
-
-@pytest.fixture(scope="module")
-def fake_gs(tmp_path_factory):
-    """A `gs` on the server's PATH that records being run: Pillow's EPS decoder would call it."""
-    folder = tmp_path_factory.mktemp("fake-gs")
-    marker = folder / "gs-ran"
-    script = folder / "gs"
-    script.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo 10.0 && exit 0\necho "$@" >> {marker}\nexit 1\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return folder, marker
 
 
 @pytest.fixture(scope="module")

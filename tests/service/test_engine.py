@@ -61,6 +61,9 @@ def test_metadata_names_and_placement(engine):
     # Placement comes from ORT's profiler: both fused Attention nodes ran on the CPU provider here.
     assert engine.placement[CPU]["Attention"] == 2
     assert "Softmax" not in engine.placement[CPU]
+    # Per node too: each Attention node of the graph by name, and the provider that ran it.
+    attention = {name: where for name, where in engine.node_placement.items() if where[0] == "Attention"}
+    assert len(attention) == 2 and set(attention.values()) == {("Attention", CPU)}
 
 
 def test_rejects_wrong_input_shape(engine):

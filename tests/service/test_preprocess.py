@@ -64,6 +64,41 @@ def test_matches_timm_eval_transform_on_photos(encoded_photos, size, crop_pct, i
         assert np.abs(ours - expected).max() == 0.0, f"{name} {fmt}"
 
 
+def test_matches_timm_eval_transform_on_portrait_and_rescaled_photos():
+    # The photos above are landscape or square; the crop's columns are dropped between Pillow's two
+    # resize passes (service/runtime/preprocess.py), so portraits and up/down-scaled ones are checked too.
+    from timm.data import create_transform, resolve_data_config
+
+    size, crop_pct, interpolation, mean, std = TIMM_CASES[0]
+    config = resolve_data_config(
+        {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std}
+    )
+    reference = create_transform(**config)
+    p = Preprocessing.timm_eval(size, crop_pct, interpolation, mean, std)
+    for name in ("coffee", "rocket"):
+        photo = Image.fromarray(_photo(name)).convert("RGB")
+        for image in (photo.transpose(Image.Transpose.TRANSPOSE), photo.resize((203, 131)), photo.resize((1013, 677))):
+            data = _encode(image, "PNG")
+            expected = reference(image).numpy()
+            ours = load_pixels(data, p, max_pixels=BIG)
+            assert np.abs(ours - expected).max() == 0.0, f"{name} {image.size}"
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "lanczos"])
+def test_resize_and_crop_equals_one_full_resize_then_the_crop(interpolation):
+    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}[interpolation]
+    p = Preprocessing.timm_eval(224, 0.9, interpolation)
+    photo = Image.fromarray(_photo("chelsea")).convert("RGB")
+    for image in (photo, photo.transpose(Image.Transpose.TRANSPOSE), photo.resize((611, 257)), photo.convert("L")):
+        width, height = image.size
+        new_w, new_h = (248, int(248 * height / width)) if width <= height else (int(248 * width / height), 248)
+        left, top = int(round((new_w - 224) / 2.0)), int(round((new_h - 224) / 2.0))
+        full = image.resize((new_w, new_h), resample).crop((left, top, left + 224, top + 224))
+        ours = resize_and_crop(image, p)
+        assert ours.size == (224, 224) and ours.mode == image.mode
+        assert np.array_equal(np.asarray(ours), np.asarray(full)), f"{image.size} {image.mode}"
+
+
 def test_matches_hugging_face_vit_image_processor(encoded_photos):
     from transformers import ViTImageProcessor
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
