@@ -205,7 +205,7 @@ class Batcher:
                 future.cancel()
 
     def enqueue(
-        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict | None = None
+        self, pixels: np.ndarray, *, deadline: float | None = None, timings: dict[str, float] | None = None
     ) -> asyncio.Future[np.ndarray]:
         """Queue one image and return the future of its logits, without waiting: ``submit`` for a
         caller that answers from a callback (the engine process: no task per image).

@@ -47,7 +47,7 @@ _ALIAS_OF = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
 _MAX_CACHED_DEVICE_INPUTS = 8
 
 
-def node_placement(profile_events: list[dict]) -> dict[str, tuple[str, str]]:
+def node_placement(profile_events: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
     """node name -> (op type, provider that ran it), from the events of an ONNX Runtime profile."""
     placed = {}
     for event in profile_events:
