@@ -117,14 +117,30 @@ _NETWORK_MODULES = {
 
 # The server runner binds its listening socket itself, before the model loads, so that a busy
 # port is one line (service/http/server.py bind_listener); it may listen, never connect.
-_LISTENERS = {"service/http/server.py": {"socket"}}
+_LISTENERS = {"service/http/server.py": {"socket"}, "service/serving/supervisor.py": {"socket"}}
+# A front-end worker of the multi-process server reaches its engine process over a Unix socket in the
+# server's private runtime directory: it may connect, but only with AF_UNIX sockets.
+_UNIX_SOCKET_CLIENTS = {
+    "service/serving/engine_client.py",
+    "service/serving/engine_wire.py",
+    "service/serving/engine_process.py",
+    "service/serving/front_end.py",
+}
 
 
 def test_service_code_has_no_network_client():
     """No module of service/ imports anything that could open an outgoing connection."""
     for path in SERVICE.rglob("*.py"):
         tree = ast.parse(path.read_text())
-        allowed = _LISTENERS.get(str(path.relative_to(REPO)), set())
+        relative = str(path.relative_to(REPO))
+        if relative in _UNIX_SOCKET_CLIENTS:
+            sockets = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "socket.socket"]
+            assert all(ast.unparse(n.args[0]) == "socket.AF_UNIX" for n in sockets if n.args), (
+                f"{path} opens IP sockets"
+            )
+            assert all(n.args for n in sockets), f"{path} opens a socket without naming its family"
+            continue
+        allowed = _LISTENERS.get(relative, set())
         if allowed:
             calls = {ast.unparse(n.func).rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Call)}
             assert not calls & {"connect", "connect_ex", "create_connection"}, f"{path} opens a connection"
