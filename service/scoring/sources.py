@@ -341,6 +341,9 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> list[str]:
     return sorted(names)
 
 
+_PATH_MAX = 4096  # Linux's longest path: a longer manifest line cannot name a file
+
+
 def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
     """One path per line, blank lines skipped: a plain path (``a/b.jpg``), or JSON lines, each a
     string (``"a/b.jpg"``) or an object with "path". A line that starts with ``"`` or ``{`` is JSON."""
@@ -352,7 +355,9 @@ def manifest_paths(lines: Iterable[str | bytes]) -> list[str]:
             raise BadRequest(f"manifest line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         if not text.strip():
             continue
-        if not text.lstrip().startswith(('"', "{")):
+        if not text.lstrip().startswith(('"', "{", "[")):
+            if len(text.strip().encode()) > _PATH_MAX:
+                raise BadRequest(f"manifest line {number}: a path of {len(text.strip())} characters, over {_PATH_MAX}")
             paths.append(text.strip())  # a plain path; surrounding white space is never part of a name here
             continue
         try:
