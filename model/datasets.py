@@ -58,7 +58,7 @@ class LabeledFiles:
 
 def _class_order(names: set[str]) -> list[str]:
     """Sorted as ImageFolder sorts, except that all-integer names sort numerically ("2" before "10")."""
-    if names and all(n.lstrip("-").isdigit() for n in names):
+    if names and all(n.lstrip("-").isascii() and n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
 

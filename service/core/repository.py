@@ -79,6 +79,15 @@ class ModelEntry:
         return [self.versions[v] for v in self.policy.select(list(self.versions))]
 
 
+def version_number(text: str) -> int | None:
+    """A version as written in a folder name or URL: ASCII digits, no sign, no leading zero, >= 1.
+
+    str.isdigit alone is not enough: it accepts "²" and other Unicode digits that int() refuses."""
+    if not (text.isascii() and text.isdigit()) or text != str(int(text)) or int(text) < 1:
+        return None
+    return int(text)
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise RepositoryError(
@@ -143,14 +152,15 @@ def read_model(model_dir: Path) -> ModelEntry:
     for child in sorted(model_dir.iterdir()):
         if not child.is_dir():
             continue
-        if not child.name.isdigit() or int(child.name) < 1 or child.name != str(int(child.name)):
+        number = version_number(child.name)
+        if number is None:
             log.warning("model %s: folder %s is not a version number; skipped", name, child.name)
             continue
         onnx_file = child / MODEL_FILE
         if not onnx_file.is_file():
             log.warning("model %s: version %s has no %s; skipped", name, child.name, MODEL_FILE)
             continue
-        versions[int(child.name)] = ModelVersionSource(name, int(child.name), onnx_file)
+        versions[number] = ModelVersionSource(name, number, onnx_file)
     return ModelEntry(name, versions, read_policy(model_dir))
 
 

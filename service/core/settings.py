@@ -345,7 +345,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_warmup(cls, value: str) -> str:
         for part in filter(None, (v.strip() for v in value.split(","))):
-            if not part.isdigit() or int(part) < 1:
+            if not (part.isascii() and part.isdigit()) or int(part) < 1:
                 raise ValueError(f"warmup_batch_sizes must be a comma list of positive integers, got {value!r}")
         return value
 

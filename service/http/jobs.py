@@ -98,7 +98,7 @@ def _input_kind(request: Request, settings: Settings) -> str:
         )
     _check_manifests_allowed(settings)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_manifest_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > settings.max_manifest_bytes:
         raise _manifest_too_large(settings, int(declared))
     return "json" if media_type == "application/json" else "lines"
 

@@ -15,6 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import BadRequest, InvalidImage, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.core.repository import version_number
 from service.http.deps import ReadyState, State, client_gone, media_type
 from service.http.json_body import JsonBounds, parse_json_off_loop
 from service.runtime.postprocess import top_k as top_k_of
@@ -149,9 +150,10 @@ def _check_top_k(state: ServiceState, lane: ModelLane, top_k: int) -> int:
 def _version(version: str | None) -> int | None:
     if version is None:
         return None
-    if not version.isdigit() or int(version) < 1:
+    number = version_number(version)
+    if number is None:
         raise BadRequest(f"model version must be a positive integer, got {version!r}")
-    return int(version)
+    return number
 
 
 async def _form(request: Request, max_files: int):

@@ -24,7 +24,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 # A server whose engine takes DELAY_S per batch and whose top-1 class is the image's grey level / 25.
-# With SLOW_ENGINE_GATE set, every batch first waits until that file exists (the test opens the gate).
+# With SLOW_ENGINE_GATE set, every batch first marks that it has reached the engine (the gate's name +
+# ".reached") and then waits until the gate file exists (the test opens the gate).
 SERVER_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
@@ -40,6 +41,8 @@ SERVER_SCRIPT = textwrap.dedent("""
                                           Preprocessing(16, 16, "squash", "bilinear", (0, 0, 0), (1, 1, 1)))
         def run(self, batch):
             gate = os.environ.get("SLOW_ENGINE_GATE")
+            if gate:
+                open(gate + ".reached", "w").close()
             while gate and not os.path.exists(gate):
                 time.sleep(0.01)
             time.sleep(self.delay_s)
@@ -113,14 +116,23 @@ def test_concurrent_http_requests_run_as_batches(tmp_path):
 
 
 def test_full_queue_answers_429_at_once_and_keeps_serving(tmp_path):
-    # The engine holds its first batch until the test opens the gate, so the server holds exactly 3
-    # requests (1 running, 2 queued): the other 7 must be refused while nothing has finished, that
-    # is without waiting for any batch; once the gate opens the 3 accepted ones are answered.
+    # The engine holds its first batch until the test opens the gate. Once that batch is in the
+    # engine (not before: a queue the batcher has not drained yet holds only 2), the server holds
+    # exactly 3 requests (1 running, 2 queued): the other 7 must be refused while nothing has
+    # finished, that is without waiting for any batch; once the gate opens the 3 accepted ones are answered.
     gate = tmp_path / "gate"
+    reached = tmp_path / "gate.reached"
     settings = {"max_batch_size": 1, "max_queue_size": 2, "max_queue_delay_ms": 0}
     with slow_server(tmp_path, 0.0, gate=gate, **settings) as (base, _, _):
         with ThreadPoolExecutor(10) as pool:
-            futures = [pool.submit(classify, base, 100) for _ in range(10)]
+            futures = [pool.submit(classify, base, 100)]
+            deadline = time.monotonic() + 30
+            while not reached.exists():
+                assert time.monotonic() < deadline and not futures[0].done(), (
+                    "the first request never reached the engine"
+                )
+                time.sleep(0.02)
+            futures += [pool.submit(classify, base, 100) for _ in range(9)]
             deadline = time.monotonic() + 30
             while sum(f.done() for f in futures) < 7:
                 assert time.monotonic() < deadline, "the excess requests were not refused while the engine was busy"

@@ -19,6 +19,7 @@ from model.verify import (
     verify_against_source,
     verify_export,
 )
+from service.core.metadata import PRECISIONS
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -132,8 +133,12 @@ def test_unknown_precision_in_metadata_is_named(tmp_path, exports):
         if prop.key == "vitserve.precision":
             prop.value = "bf16"
     save_onnx(model, tmp_path / "bf16.onnx")
-    with pytest.raises(ExportFileError, match="unknown precision 'bf16'"):
+    with pytest.raises(ExportFileError, match="vitserve.precision must be one of fp32, fp16, int8, got 'bf16'"):
         inspect_export(tmp_path / "bf16.onnx")
+
+
+def test_every_precision_the_metadata_accepts_has_a_tolerance():
+    assert set(TOLERANCES) == set(PRECISIONS)
 
 
 def test_verify_checks_the_file_before_loading_the_source(tmp_path):

@@ -18,6 +18,7 @@ from service.core.repository import (
     parse_policy,
     scan_repository,
     single_file_repository,
+    version_number,
 )
 from service.core.settings import Settings
 from service.runtime.metrics import Metrics
@@ -44,6 +45,9 @@ def test_scan_reads_models_versions_and_policies(tmp_path):
     )
     (root / "a" / "notes").mkdir()  # not a version number: skipped
     (root / "a" / "9").mkdir()  # a version folder without model.onnx: skipped
+    for odd in ("\u00b2", "007", "0"):  # a Unicode digit, a leading zero, zero: not versions
+        (root / "a" / odd).mkdir()
+        (root / "a" / odd / "model.onnx").write_bytes((root / "a" / "1" / "model.onnx").read_bytes())
     models = scan_repository(root)
     assert sorted(models) == ["a", "b", "c"]
     assert sorted(models["a"].versions) == [1, 2, 3]
@@ -51,6 +55,13 @@ def test_scan_reads_models_versions_and_policies(tmp_path):
     assert [s.version for s in models["b"].selected()] == [1, 4]
     assert [s.version for s in models["c"].selected()] == [2, 7]
     assert models["a"].versions[2].path == root / "a" / "2" / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("text", "number"), [("1", 1), ("42", 42), ("0", None), ("01", None), ("-1", None), ("\u00b2", None), ("", None)]
+)
+def test_version_numbers_are_ascii_positive_integers(text, number):
+    assert version_number(text) == number
 
 
 @pytest.mark.parametrize(

@@ -230,6 +230,17 @@ def test_errors_are_answered_in_the_protocols_shape(client, server, reference, e
     expect_error(
         lambda: client.infer(name, [bytes_input([photo], True)], model_version="2"), "404", "unknown version '2'"
     )
+    # "²" passes str.isdigit but not int(): the schema fuzzer found it as a 500 (in the path and the query).
+    body = {
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(photo).decode()]}]
+    }
+    for odd in ("%C2%B2", "%D9%A3", "01", "-1"):
+        for url in (
+            f"{server}/v2/models/{name}/versions/{odd}/infer",
+            f"{server}/v2/models/{name}/infer?model_version={odd}",
+        ):
+            response = httpx.post(url, json=body)
+            assert response.status_code == 404 and "unknown version" in response.json()["error"], (url, response.text)
     expect_error(lambda: client.get_model_metadata("resnet50"), "404", "unknown model")
 
     small = np.zeros((1, 3, 16, 16), np.float32)

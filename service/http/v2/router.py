@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from service.core.errors import BadRequest, NotFound, NotReady, PayloadTooLarge, ServiceError
+from service.core.repository import version_number
 from service.http.deps import ReadyState, State, client_gone
 from service.http.v2 import codec as v2_codec
 from service.serving.inference import classify_bytes, classify_pixels, request_decodes
@@ -54,9 +55,10 @@ def _version(model_name: str, model_version: str | None) -> int | None:
     """The protocol's version string as the registry's number (None: the model's current version)."""
     if model_version is None:
         return None
-    if not model_version.isdigit() or int(model_version) < 1:
+    number = version_number(model_version)
+    if number is None:
         raise NotFound(f"unknown version '{model_version}' of model '{model_name}'; versions are positive integers")
-    return int(model_version)
+    return number
 
 
 def _lane(state: ServiceState, model_name: str, model_version: str | None) -> ModelLane:
